@@ -1,0 +1,24 @@
+"""How good a compressed model is: quality on a task, size, latency, and user plugins."""
+
+from slimsearch.evaluators.base import Direction, EvalContext, Evaluator, LatencySpec, TaskKind
+from slimsearch.evaluators.latency import LatencyMs, time_forward
+from slimsearch.evaluators.quality import Accuracy, Perplexity
+from slimsearch.evaluators.registry import evaluator_names, import_object, make_evaluator, register_evaluator
+from slimsearch.evaluators.size import SizeBytes
+
+__all__ = [
+    "Accuracy",
+    "Direction",
+    "EvalContext",
+    "Evaluator",
+    "LatencyMs",
+    "LatencySpec",
+    "Perplexity",
+    "SizeBytes",
+    "TaskKind",
+    "evaluator_names",
+    "import_object",
+    "make_evaluator",
+    "register_evaluator",
+    "time_forward",
+]

@@ -1,0 +1,53 @@
+"""Task quality: accuracy for classifiers, perplexity for causal LMs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimsearch.evaluators.base import Direction, EvalContext
+
+
+def _require(context: EvalContext, kind: str, name: str) -> None:
+    if context.task != kind:
+        raise ValueError(f"the {name} evaluator needs a {kind} task, but this study's task is {context.task}")
+
+
+class Accuracy:
+    """Percent of evaluation examples whose argmax logit is the label (0-100)."""
+
+    name = "accuracy"
+    direction: Direction = "maximize"
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        _require(context, "classification", self.name)
+        correct = total = 0
+        for batch in context.batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            total += int(batch["labels"].numel())
+        return 100.0 * correct / max(total, 1)
+
+
+class Perplexity:
+    """exp of the mean next-token negative log-likelihood over the evaluation blocks."""
+
+    name = "perplexity"
+    direction: Direction = "minimize"
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        _require(context, "causal-lm", self.name)
+        nll = 0.0
+        count = 0
+        for batch in context.batches:
+            ids = batch["input_ids"]
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            target = ids[:, 1:]
+            nll += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"))
+            count += target.numel()
+        return math.exp(nll / max(count, 1))

@@ -1,0 +1,322 @@
+"""The driver: owns the Optuna study and runs the ask/tell loop.
+
+Only the driver talks to the storage; executors compute and return. A trial that fails is
+told FAILED with its error, and the search goes on. Whatever happens, the run ends by
+writing the Pareto front it has.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import Trial, TrialState
+
+from slimsearch.search import models, pareto
+from slimsearch.search.executors import Executor, make_executor
+from slimsearch.search.log import fmt_seconds, say
+from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, load_study
+from slimsearch.search.worker import TrialJob, TrialResult
+from slimsearch.spaces import CompressionPlan, SearchSpace
+
+MAX_RETRIES = 1
+RUN_INFO = "run.json"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    study: optuna.Study
+    baseline: dict[str, float]
+    front: list[dict[str, Any]]
+    stopped: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def storage_url(spec: StudySpec) -> str:
+    if spec.storage == "sqlite":
+        return f"sqlite:///{spec.output / 'study.db'}"
+    return str(spec.output / "study.journal")
+
+
+def open_storage(kind: str, url: str) -> optuna.storages.BaseStorage | str:
+    if kind == "journal":
+        return JournalStorage(JournalFileBackend(url))
+    return url
+
+
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    s = spec.sampler
+    if s.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size)
+    if s.name == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
+
+
+def constraint_values(spec: StudySpec, values: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+    """Optuna constraint values: <= 0 means satisfied."""
+    out = {}
+    for key, limit in spec.constraints.items():
+        metric = CONSTRAINTS[key]
+        if key == "max_accuracy_drop":
+            out[key] = (baseline[metric] - values[metric]) - limit
+        else:
+            out[key] = values[metric] / baseline[metric] - limit
+    return out
+
+
+class Driver:
+    def __init__(self, spec: StudySpec) -> None:
+        self.spec = spec
+        self.run_dir = spec.output
+        self.objectives = [o.name for o in spec.objectives]
+        self.running: dict[int, tuple[Trial, float]] = {}
+        self.started = time.monotonic()
+
+    # -- set-up -------------------------------------------------------------------------
+    def open_study(self, space: SearchSpace) -> optuna.Study:
+        spec = self.spec
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        url = storage_url(spec)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(
+            study_name=spec.name,
+            storage=open_storage(spec.storage, url),
+            directions=[o.direction for o in spec.objectives],
+            sampler=make_sampler(spec),
+            load_if_exists=True,
+        )
+        fingerprint = {"space": space.fingerprint(), "objectives": self.objectives}
+        stored = study.user_attrs.get("fingerprint")
+        if stored is None:
+            study.set_user_attr("fingerprint", fingerprint)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(self.objectives)
+        elif stored != fingerprint:
+            raise StudyError(
+                f"output: {self.run_dir} holds a study with a different search space or objectives "
+                f"(stored {stored}, now {fingerprint}); resume with the original study file, or "
+                "give a new output folder (--output) to start a fresh study"
+            )
+        info = {"study_name": spec.name, "storage": spec.storage, "url": url, "objectives": self.objectives}
+        (self.run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
+        (self.run_dir / "study.yaml").write_text(yaml.safe_dump(dict(spec.raw), sort_keys=False))
+        return study
+
+    def recover(self, study: optuna.Study) -> None:
+        """Trials left RUNNING by a killed driver: mark FAILED, re-queue their params once."""
+        for t in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
+            study.tell(t.number, state=TrialState.FAIL)
+            retries = int(t.user_attrs.get("retries", 0))
+            if retries < MAX_RETRIES and t.params:
+                study.enqueue_trial(t.params, user_attrs={"retries": retries + 1, "retry_of": t.number})
+            say(f"trial {t.number} was left running by an earlier driver: marked failed"
+                + (", re-queued" if retries < MAX_RETRIES else ", retry cap reached"))
+
+    def job(self, number: int, plan: CompressionPlan, baseline_dir: Path, baseline: dict[str, float]) -> TrialJob:
+        spec = self.spec
+        return TrialJob(
+            number=number,
+            plan_json=plan.to_json(),
+            baseline_dir=str(baseline_dir),
+            cache_dir=str(spec.cache),
+            task=spec.task,
+            objectives=spec.objectives,
+            latency=spec.latency,
+            baseline=baseline,
+            trust_remote_code=spec.model.trust_remote_code,
+        )
+
+    def measure_baseline(self, study: optuna.Study, executor: Executor, baseline_dir: Path) -> dict[str, float]:
+        stored = study.user_attrs.get("baseline")
+        if stored:
+            return dict(stored)
+        say("measuring the uncompressed baseline")
+        executor.submit(self.job(-1, CompressionPlan(), baseline_dir, {}))
+        results: list[TrialResult] = []
+        while not results:
+            results = executor.poll(timeout=5.0)
+        result = results[0]
+        if result.values is None:
+            raise RuntimeError(f"the baseline could not be evaluated: {result.error}\n{result.traceback or ''}")
+        study.set_user_attr("baseline", result.values)
+        study.set_user_attr("baseline_records", result.records)
+        say("baseline: " + ", ".join(f"{k} {v:.4g}" for k, v in result.values.items()))
+        return result.values
+
+    # -- the loop -----------------------------------------------------------------------
+    def finished_count(self, study: optuna.Study) -> int:
+        states = (TrialState.COMPLETE, TrialState.FAIL)
+        return len(study.get_trials(deepcopy=False, states=states))
+
+    def tell(self, study: optuna.Study, result: TrialResult, baseline: dict[str, float]) -> None:
+        trial, _ = self.running.pop(result.number)
+        trial.set_user_attr("seconds", round(result.seconds, 2))
+        trial.set_user_attr("node", result.node)
+        if result.values is None:
+            trial.set_user_attr("error", result.error or "unknown error")
+            trial.set_user_attr("traceback", (result.traceback or "")[-4000:])
+            study.tell(trial, state=TrialState.FAIL)
+            say(f"trial {result.number} FAILED: {result.error}")
+            return
+        trial.set_user_attr("metrics", result.values)
+        trial.set_user_attr("records", result.records)
+        for key, value in constraint_values(self.spec, result.values, baseline).items():
+            trial.set_constraint(key, value)
+        study.tell(trial, [result.values[name] for name in self.objectives])
+
+    def progress(self, study: optuna.Study, result: TrialResult, baseline: dict[str, float]) -> None:
+        trials = study.get_trials(deepcopy=False)
+        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        failed = sum(t.state == TrialState.FAIL for t in trials)
+        front = len(study.best_trials) if done else 0
+        elapsed = time.monotonic() - self.started
+        budget = self.spec.budget
+        eta = ""
+        if budget.trials:
+            per = elapsed / max(1, self.done_here)
+            eta = f", ETA {fmt_seconds(per * max(0, budget.trials - done - failed))}"
+        if result.values:
+            parts = []
+            for name, value in result.values.items():
+                base = baseline.get(name)
+                parts.append(f"{name} {value:.4g}" + (f" ({value / base:.2f}x)" if base and name != "accuracy" else ""))
+            what = ", ".join(parts)
+        else:
+            what = "failed"
+        total = f"/{budget.trials}" if budget.trials else ""
+        say(
+            f"trial {result.number}: {what} [{result.seconds:.1f}s] | {done + failed}{total} done "
+            f"({failed} failed, {len(self.running)} running), front {front}, "
+            f"elapsed {fmt_seconds(elapsed)}{eta}"
+        )
+
+    def run(self) -> RunResult:
+        spec = self.spec
+        baseline_dir = models.prepare_baseline(spec)
+        model, _ = models.load_baseline(baseline_dir, spec.task.kind, spec.model.trust_remote_code)
+        space = SearchSpace(model, spec.space)
+        del model
+        say(f"search space: {space.describe()}")
+        study = self.open_study(space)
+        self.recover(study)
+        distributions = space.distributions()
+        executor = make_executor(
+            spec.executor.kind, self.run_dir, spec.executor.max_in_flight, spec.latency.threads, spec.executor.address
+        )
+        stopped = "budget"
+        self.done_here = 0
+        try:
+            baseline = self.measure_baseline(study, executor, baseline_dir)
+            if spec.seed_uniform and not study.user_attrs.get("seeded"):
+                seeds = space.uniform_params()
+                for params in seeds:
+                    study.enqueue_trial(params, user_attrs={"seed": "uniform"}, skip_if_exists=True)
+                study.set_user_attr("seeded", True)
+                say(f"queued {len(seeds)} uniform configurations first")
+            deadline = self.started + spec.budget.timeout_s if spec.budget.timeout_s else None
+            stopped = self.loop(study, executor, space, distributions, baseline_dir, baseline, deadline)
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+            say("interrupted: cancelling running trials; the front so far is written below")
+        finally:
+            for trial, _ in self.running.values():
+                trial.set_user_attr("error", f"cancelled ({stopped})")
+                study.tell(trial, state=TrialState.FAIL)
+            self.running.clear()
+            executor.shutdown()
+        baseline = dict(study.user_attrs.get("baseline", {}))
+        return self.finish(study, baseline, stopped)
+
+    def loop(
+        self,
+        study: optuna.Study,
+        executor: Executor,
+        space: SearchSpace,
+        distributions: dict[str, Any],
+        baseline_dir: Path,
+        baseline: dict[str, float],
+        deadline: float | None,
+    ) -> str:
+        budget = self.spec.budget.trials
+        stopped = "budget"
+        while True:
+            out_of_time = deadline is not None and time.monotonic() >= deadline
+            if out_of_time:
+                stopped = "timeout"
+            while not out_of_time and executor.in_flight() < executor.capacity:
+                if budget is not None and self.finished_count(study) + len(self.running) >= budget:
+                    break
+                trial = study.ask(fixed_distributions=distributions)
+                plan = space.decode(trial.params)
+                trial.set_user_attr("plan", plan.to_dict())
+                self.running[trial.number] = (trial, time.monotonic())
+                executor.submit(self.job(trial.number, plan, baseline_dir, baseline))
+            if executor.in_flight() == 0:
+                return stopped
+            for result in executor.poll(timeout=1.0):
+                self.tell(study, result, baseline)
+                self.done_here += 1
+                self.progress(study, result, baseline)
+
+    def finish(self, study: optuna.Study, baseline: dict[str, float], stopped: str) -> RunResult:
+        rows = pareto.front_rows(study, self.objectives, baseline) if baseline else []
+        pareto.write_csv(rows, self.run_dir / "pareto.csv")
+        pareto.write_csv(pareto.all_rows(study, self.objectives, baseline), self.run_dir / "trials.csv")
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        counts = {
+            "complete": states.count(TrialState.COMPLETE),
+            "failed": states.count(TrialState.FAIL),
+        }
+        print(f"\nslimsearch: study {self.spec.name!r} stopped ({stopped}) after {fmt_seconds(time.monotonic() - self.started)}: "
+              f"{counts['complete']} trials complete, {counts['failed']} failed")
+        if baseline:
+            print("baseline: " + ", ".join(f"{k} {v:.4g}" for k, v in baseline.items()))
+        if rows:
+            print(f"Pareto front ({len(rows)} trials, feasible only):")
+            print(pareto.format_table(rows))
+        elif counts["complete"]:
+            print("No trial met the constraints; the nearest ones:")
+            print(pareto.format_table(pareto.nearest_infeasible(study, self.objectives, baseline)))
+        else:
+            print("No trial completed.")
+        print(f"front: {self.run_dir / 'pareto.csv'}  all trials: {self.run_dir / 'trials.csv'}  "
+              f"storage: {storage_url(self.spec)}")
+        return RunResult(self.run_dir, study, baseline, rows, stopped, counts)
+
+
+def run_study(
+    study: str | Path | StudySpec,
+    *,
+    trials: int | None = None,
+    timeout_s: float | None = None,
+    executor: str | None = None,
+    address: str | None = None,
+    output: str | Path | None = None,
+) -> RunResult:
+    """Run (or resume) a study from a study file or a StudySpec; options override the file."""
+    spec = study if isinstance(study, StudySpec) else load_study(study)
+    if trials is not None or timeout_s is not None:
+        spec = replace(spec, budget=replace(
+            spec.budget,
+            trials=trials if trials is not None else spec.budget.trials,
+            timeout_s=timeout_s if timeout_s is not None else spec.budget.timeout_s,
+        ))
+    if executor is not None or address is not None:
+        kind = "ray" if address is not None else executor or spec.executor.kind
+        spec = replace(spec, executor=replace(spec.executor, kind=kind, address=address or spec.executor.address))
+    if output is not None:
+        spec = replace(spec, output=Path(output).resolve())
+    return Driver(spec).run()

@@ -1,0 +1,187 @@
+"""The baseline: the uncompressed model every trial starts from.
+
+``prepare_baseline`` builds it once (fine-tuning a classifier head when the study asks)
+and saves it with its tokenizer under ``<cache>/baselines/<key>``, where the key hashes
+everything that decides its weights. Later runs, and every worker, load that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimsearch.search import assets, tasks
+from slimsearch.search.log import fmt_seconds, quiet_libraries, say
+from slimsearch.search.study_file import FinetuneSpec, StudySpec
+
+BASELINE_FORMAT = 1
+
+
+def baseline_key(spec: StudySpec) -> str:
+    parts: dict[str, Any] = {"format": BASELINE_FORMAT, "source": spec.model.source, "config": spec.model.config}
+    if spec.model.finetune is not None or spec.model.source == "config":
+        # The training data (and the tokenizer built from it) decide the weights.
+        parts["finetune"] = asdict(spec.model.finetune) if spec.model.finetune else None
+        task = asdict(spec.task)
+        task.pop("eval_batch_size")
+        parts["task"] = task
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_class(kind: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+
+
+def load_baseline(folder: Path, kind: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    from transformers import AutoTokenizer
+
+    quiet_libraries()
+    model = model_class(kind).from_pretrained(
+        str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer
+
+
+def _word_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """A whitespace word-level tokenizer over ``texts`` for models built from a config."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]"])
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]")
+
+
+def _from_config(spec: StudySpec) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig
+
+    config = dict(spec.model.config or {})
+    model_type = config.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **config)
+    torch.manual_seed(spec.task.seed)
+    model = model_class(spec.task.kind).from_config(cfg)
+    if spec.task.kind == "classification":
+        texts = [t for t, _ in tasks.classification_rows(spec.task, spec.cache)]
+    else:
+        texts = tasks.lm_text(spec.task, spec.cache).split("\n")
+    return model, _word_tokenizer(texts, cfg.vocab_size)
+
+
+def _load_smollm2(cache: Path) -> tuple[nn.Module, Any]:
+    if importlib.util.find_spec("gguf") is None:
+        raise RuntimeError(
+            "SmolLM2 arrives as a GGUF file, which needs the 'gguf' package: "
+            "pip install -e '.[lm]' (make setup does this)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    folder = assets.smollm2_folder(cache)
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    say("dequantizing SmolLM2 from GGUF (about 20 s, once); its weights carry Q4_1 rounding")
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
+    config = loaded.config
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    return model, tokenizer
+
+
+def _load_source(spec: StudySpec) -> tuple[nn.Module, Any]:
+    from transformers import AutoTokenizer
+
+    source = spec.model.source
+    if source == "config":
+        return _from_config(spec)
+    if source == "builtin:smollm2-135m":
+        return _load_smollm2(spec.cache)
+    folder = assets.minilm_folder(spec.cache) if source == "builtin:all-minilm-l6-v2" else Path(source)
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.model.trust_remote_code, "dtype": torch.float32}
+    if spec.task.kind == "classification":
+        kwargs["num_labels"] = 2
+    model = model_class(spec.task.kind).from_pretrained(str(folder), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=spec.model.trust_remote_code)
+    return model, tokenizer
+
+
+def finetune_classifier(model: nn.Module, tokenizer: Any, rows: tasks.Rows, ft: FinetuneSpec, max_length: int, seed: int) -> None:
+    """Plain AdamW fine-tuning with linear warm-up/decay; shows progress with an ETA."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    batches = tasks.classification_batches(tokenizer, rows, max_length, ft.batch_size)
+    steps = max(1, math.ceil(len(batches) * ft.epochs))
+    opt = torch.optim.AdamW(model.parameters(), lr=ft.learning_rate, weight_decay=0.01)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    )
+    model.train()
+    start = time.monotonic()
+    step = 0
+    while step < steps:
+        rng.shuffle(batches)
+        for batch in batches:
+            if step >= steps:
+                break
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+            if step % 20 == 0 or step == steps:
+                rate = (time.monotonic() - start) / step
+                say(f"fine-tuning step {step}/{steps}, loss {loss.item():.3f}, ETA {fmt_seconds(rate * (steps - step))}")
+    model.eval()
+
+
+def prepare_baseline(spec: StudySpec) -> Path:
+    """The cached baseline folder for this study, built the first time."""
+    folder = spec.cache / "baselines" / baseline_key(spec)
+    if (folder / "slimsearch_baseline.json").is_file():
+        return folder
+    say(f"preparing the baseline model ({spec.model.source}) into {folder}")
+    quiet_libraries()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, tokenizer = _load_source(spec)
+    info: dict[str, Any] = {"source": spec.model.source, "format": BASELINE_FORMAT}
+    if spec.model.finetune is not None:
+        if spec.task.kind != "classification":
+            raise ValueError("model.finetune is for classification tasks; remove it for causal-lm")
+        splits = tasks.classification_splits(spec.task, spec.cache)
+        started = time.monotonic()
+        finetune_classifier(model, tokenizer, splits.train, spec.model.finetune, spec.task.max_length, spec.task.seed)
+        info["finetune"] = asdict(spec.model.finetune) | {
+            "train_rows": len(splits.train),
+            "seconds": round(time.monotonic() - started, 1),
+        }
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "slimsearch_baseline.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # appears whole or not at all
+    return folder

@@ -1,0 +1,101 @@
+"""The answer: trials as rows, the Pareto front as a table and CSV."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from slimsearch.spaces import CompressionPlan
+
+CONSTRAINT_PREFIX = "constraints:"
+
+
+def violation(trial: FrozenTrial) -> float:
+    """Total amount by which a trial breaks its constraints (0 when feasible)."""
+    return sum(max(0.0, float(v)) for k, v in trial.system_attrs.items() if k.startswith(CONSTRAINT_PREFIX))
+
+
+def trial_row(trial: FrozenTrial, objectives: Sequence[str], baseline: dict[str, float]) -> dict[str, Any]:
+    row: dict[str, Any] = {"trial": trial.number}
+    values = trial.values or []
+    for name, value in zip(objectives, values, strict=False):
+        row[name] = value
+        base = baseline.get(name)
+        if name == "accuracy" and base is not None:
+            row["accuracy_drop"] = base - value
+        elif base:
+            row[f"{name}_ratio"] = value / base
+    row["feasible"] = violation(trial) == 0.0
+    plan = trial.user_attrs.get("plan")
+    row["plan"] = CompressionPlan.from_dict(plan).summary() if plan else ""
+    return row
+
+
+def front_rows(study: optuna.Study, objectives: Sequence[str], baseline: dict[str, float]) -> list[dict[str, Any]]:
+    """Pareto-optimal feasible trials (Optuna's best_trials), sorted by the first objective."""
+    best = study.best_trials
+    rows = [trial_row(t, objectives, baseline) for t in best]
+    first = objectives[0]
+    reverse = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(rows, key=lambda r: r[first], reverse=reverse)
+
+
+def nearest_infeasible(study: optuna.Study, objectives: Sequence[str], baseline: dict[str, float], n: int = 5) -> list[dict[str, Any]]:
+    done = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
+    done = sorted(done, key=violation)[:n]
+    return [trial_row(t, objectives, baseline) | {"violation": violation(t)} for t in done]
+
+
+def all_rows(study: optuna.Study, objectives: Sequence[str], baseline: dict[str, float]) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE:
+            row = trial_row(t, objectives, baseline)
+        else:
+            row = {"trial": t.number, "plan": "", "feasible": False}
+        row["state"] = t.state.name
+        row["error"] = t.user_attrs.get("error", "")
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if abs(value) >= 1e5:
+            return f"{value / 1e6:.2f}M"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], max_plan: int = 60) -> str:
+    if not rows:
+        return "(no rows)"
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    cells = [[_fmt(row.get(c, ""))[: max_plan if c == "plan" else None] for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns or ["trial"])
+        writer.writeheader()
+        writer.writerows(rows)

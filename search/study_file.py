@@ -1,0 +1,408 @@
+"""Study files: YAML in, a validated, frozen StudySpec out.
+
+Everything is checked before any trial runs, and every error names the field, the value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimsearch.evaluators import LatencySpec, evaluator_names
+from slimsearch.spaces import SpaceConfig, space_config_from_mapping
+
+TASK_KINDS = ("classification", "causal-lm")
+BUILTIN_MODELS = ("builtin:all-minilm-l6-v2", "builtin:smollm2-135m")
+BUILTIN_DATA = ("builtin:movie-reviews", "builtin:uncertainty", "builtin:oanc")
+SAMPLERS = ("tpe", "nsga2", "random")
+EXECUTORS = ("ray", "inprocess")
+STORAGES = ("sqlite", "journal")
+CONSTRAINTS = {
+    "max_accuracy_drop": "accuracy",
+    "max_perplexity_ratio": "perplexity",
+    "max_size_ratio": "size_bytes",
+    "max_latency_ratio": "latency_ms",
+}
+
+
+class StudyError(ValueError):
+    """A study file problem: names the field, the value and the fix."""
+
+
+def _fail(where: str, value: Any, allowed: str) -> StudyError:
+    return StudyError(f"{where}: {value!r} is not valid; {allowed}")
+
+
+def parse_duration(value: Any, where: str = "budget.timeout") -> float | None:
+    """Seconds from 90, '90s', '15m', '8h' or '1h30m'; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise _fail(where, value, "give a positive number of seconds or a duration like '8h'")
+        return float(value)
+    text = str(value).strip().lower()
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+    if not text or parts is None or not any(parts.groups()):
+        raise _fail(where, value, "write a duration like '90s', '15m', '8h' or '1h30m'")
+    h, m, s = (float(g) if g else 0.0 for g in parts.groups())
+    seconds = h * 3600 + m * 60 + s
+    if seconds <= 0:
+        raise _fail(where, value, "the duration must be positive")
+    return seconds
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    epochs: float = 2.0
+    learning_rate: float = 5e-5
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str
+    config: Mapping[str, Any] | None = None
+    finetune: FinetuneSpec | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    kind: str
+    data: str
+    rows: tuple[tuple[str, int], ...] | None = None  # inline data (tests, notebooks)
+    text: str | None = None  # inline LM text
+    train_size: int = 3000
+    test_size: int = 1000
+    max_length: int = 64
+    eval_batch_size: int = 64
+    block_size: int = 256
+    eval_blocks: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str
+    direction: str
+    ref: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str = "tpe"
+    seed: int = 0
+    population_size: int = 20
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    trials: int | None = 30
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    kind: str = "ray"
+    address: str | None = None
+    max_in_flight: int = 1
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    model: ModelSpec
+    task: TaskSpec
+    space: SpaceConfig
+    objectives: tuple[ObjectiveSpec, ...]
+    constraints: Mapping[str, float]
+    latency: LatencySpec
+    sampler: SamplerSpec
+    seed_uniform: bool
+    budget: BudgetSpec
+    executor: ExecutorSpec
+    storage: str
+    output: Path
+    cache: Path
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def objective(self, name: str) -> ObjectiveSpec | None:
+        return next((o for o in self.objectives if o.name == name), None)
+
+
+_TOP_KEYS = {
+    "name", "model", "task", "space", "objectives", "constraints", "latency", "sampler",
+    "seed_uniform", "budget", "executor", "storage", "output", "cache",
+}
+
+
+def _section(data: Mapping[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
+    raw = data.get(key) or {}
+    if not isinstance(raw, Mapping):
+        raise _fail(key, raw, f"'{key}' must be a mapping with keys {sorted(allowed)}")
+    unknown = set(raw) - allowed
+    if unknown:
+        raise StudyError(f"{key}: unknown key(s) {sorted(unknown)}; allowed keys are {sorted(allowed)}")
+    return dict(raw)
+
+
+def _int(value: Any, where: str, low: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise _fail(where, value, f"give a whole number >= {low}")
+    return value
+
+
+def _num(value: Any, where: str, low: float = 0.0) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= low:
+        raise _fail(where, value, f"give a number > {low}")
+    return float(value)
+
+
+def _choice(value: Any, where: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise _fail(where, value, f"choose one of {list(allowed)}")
+    return str(value)
+
+
+def _path(base: Path, value: Any) -> Path:
+    path = Path(str(value)).expanduser()
+    return (path if path.is_absolute() else base / path).resolve()
+
+
+def _model(data: Mapping[str, Any], base_dir: Path) -> ModelSpec:
+    raw = _section(data, "model", {"source", "config", "finetune", "trust_remote_code"})
+    source = raw.get("source")
+    config = raw.get("config")
+    if source is None and config is None:
+        raise StudyError(
+            f"model.source: missing; give one of {list(BUILTIN_MODELS)}, a path to a saved "
+            "transformers model folder, or model.config for a randomly initialised model"
+        )
+    if source is not None and not isinstance(source, str):
+        raise _fail("model.source", source, f"give a string: one of {list(BUILTIN_MODELS)} or a folder path")
+    if source is None:
+        if not isinstance(config, Mapping) or "model_type" not in config:
+            raise _fail("model.config", config, "give a transformers config mapping with a 'model_type'")
+        source = "config"
+    elif source.startswith("builtin:"):
+        _choice(source, "model.source", BUILTIN_MODELS)
+    else:
+        path = _path(base_dir, source)
+        if not (path / "config.json").is_file():
+            raise _fail(
+                "model.source", source,
+                f"no transformers model folder (with config.json) at {path}; "
+                f"give an existing folder or one of {list(BUILTIN_MODELS)}",
+            )
+        source = str(path)
+    finetune = None
+    if raw.get("finetune") is not None:
+        ft = _section(raw, "finetune", {"epochs", "learning_rate", "batch_size"})
+        finetune = FinetuneSpec(
+            epochs=_num(ft.get("epochs", 2.0), "model.finetune.epochs"),
+            learning_rate=_num(ft.get("learning_rate", 5e-5), "model.finetune.learning_rate"),
+            batch_size=_int(ft.get("batch_size", 32), "model.finetune.batch_size"),
+        )
+    trust = raw.get("trust_remote_code", False)
+    if not isinstance(trust, bool):
+        raise _fail("model.trust_remote_code", trust, "write true or false")
+    return ModelSpec(source=str(source), config=config, finetune=finetune, trust_remote_code=trust)
+
+
+def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
+    keys = {
+        "kind", "data", "rows", "text", "train_size", "test_size", "max_length",
+        "eval_batch_size", "block_size", "eval_blocks", "seed",
+    }
+    raw = _section(data, "task", keys)
+    kind = _choice(raw.get("kind"), "task.kind", TASK_KINDS)
+    rows = raw.get("rows")
+    text = raw.get("text")
+    source = raw.get("data")
+    if rows is not None:
+        if not isinstance(rows, (list, tuple)) or not rows:
+            raise _fail("task.rows", rows, "give a list of [text, label] pairs")
+        rows = tuple((str(t), int(label)) for t, label in rows)
+        source = source or "inline"
+    elif text is not None:
+        source = source or "inline"
+    elif source is None:
+        raise StudyError(f"task.data: missing; give one of {list(BUILTIN_DATA)} or a path to a .csv/.txt file")
+    elif str(source).startswith("builtin:"):
+        _choice(source, "task.data", BUILTIN_DATA)
+    else:
+        path = _path(base_dir, source)
+        if not path.is_file():
+            raise _fail("task.data", source, f"no file at {path}; give an existing .csv (text,label) or .txt file")
+        source = str(path)
+    if kind == "causal-lm" and rows is not None:
+        raise StudyError("task.rows: inline rows are for classification; a causal-lm task takes task.text")
+    spec = TaskSpec(
+        kind=kind,
+        data=str(source),
+        rows=rows,
+        text=None if text is None else str(text),
+        train_size=_int(raw.get("train_size", 3000), "task.train_size", 0),
+        test_size=_int(raw.get("test_size", 1000), "task.test_size"),
+        max_length=_int(raw.get("max_length", 64), "task.max_length", 2),
+        eval_batch_size=_int(raw.get("eval_batch_size", 64), "task.eval_batch_size"),
+        block_size=_int(raw.get("block_size", 256), "task.block_size", 2),
+        eval_blocks=_int(raw.get("eval_blocks", 32), "task.eval_blocks"),
+        seed=_int(raw.get("seed", 0), "task.seed", 0),
+    )
+    return spec
+
+
+def _objectives(data: Mapping[str, Any], kind: str) -> tuple[ObjectiveSpec, ...]:
+    from slimsearch.evaluators import make_evaluator
+
+    raw = data.get("objectives")
+    if raw is None:
+        raw = ["accuracy" if kind == "classification" else "perplexity", "size_bytes", "latency_ms"]
+    if not isinstance(raw, list) or not raw:
+        raise _fail("objectives", raw, "give a list such as [accuracy, size_bytes, latency_ms]")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"objectives[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, Mapping) or "name" not in item:
+            raise _fail(where, item, "give an evaluator name or {name: ..., direction: ..., options: {...}}")
+        unknown = set(item) - {"name", "direction", "options"}
+        if unknown:
+            raise StudyError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: name, direction, options")
+        ref = str(item["name"])
+        options = dict(item.get("options") or {})
+        try:
+            evaluator = make_evaluator(ref, options)
+        except (ValueError, TypeError) as exc:
+            raise StudyError(f"{where}.name: {exc}") from None
+        direction = item.get("direction", evaluator.direction)
+        _choice(direction, f"{where}.direction", ("minimize", "maximize"))
+        out.append(ObjectiveSpec(name=evaluator.name, direction=direction, ref=ref, options=options))
+    names = [o.name for o in out]
+    if len(set(names)) != len(names):
+        raise _fail("objectives", names, "each objective may appear once")
+    if kind == "classification" and "perplexity" in names:
+        raise StudyError("objectives: perplexity needs task.kind causal-lm; use accuracy for classification")
+    if kind == "causal-lm" and "accuracy" in names:
+        raise StudyError("objectives: accuracy needs task.kind classification; use perplexity for causal-lm")
+    return tuple(out)
+
+
+def _constraints(data: Mapping[str, Any], objectives: tuple[ObjectiveSpec, ...]) -> dict[str, float]:
+    raw = _section(data, "constraints", set(CONSTRAINTS))
+    names = {o.name for o in objectives}
+    out = {}
+    for key, value in raw.items():
+        if value is None:
+            continue
+        if CONSTRAINTS[key] not in names:
+            raise StudyError(
+                f"constraints.{key}: needs the objective {CONSTRAINTS[key]!r}, which this study "
+                f"does not have (objectives: {sorted(names)})"
+            )
+        low = -1e-12 if key == "max_accuracy_drop" else 0.0
+        out[key] = _num(value, f"constraints.{key}", low)
+    return out
+
+
+def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> StudySpec:
+    """Read and validate a study file. ``overrides`` replace top-level sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file {str(path)!r} does not exist; the shipped studies are in studies/")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise StudyError(f"{path}: a study file is a YAML mapping, got {type(data).__name__}")
+    merged = dict(data)
+    merged.update(overrides or {})
+    return study_from_mapping(merged)
+
+
+def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> StudySpec:
+    """Validate a study given as a mapping (what a YAML file holds).
+
+    Relative paths (model, data, output, cache) are taken from ``base_dir``, by default the
+    current directory.
+    """
+    base = Path(base_dir).resolve()
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise StudyError(f"study: unknown key(s) {sorted(unknown)}; allowed keys are {sorted(_TOP_KEYS)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise _fail("name", name, "give a name of letters, digits, '.', '_' or '-'")
+    model = _model(data, base)
+    task = _task(data, base)
+    try:
+        space = space_config_from_mapping(data.get("space"))
+    except ValueError as exc:
+        raise StudyError(str(exc)) from None
+    objectives = _objectives(data, task.kind)
+    constraints = _constraints(data, objectives)
+
+    lat = _section(data, "latency", {"batch_size", "seq_len", "warmup", "repeats", "threads"})
+    try:
+        latency = LatencySpec(**lat)
+    except ValueError as exc:
+        raise StudyError(str(exc)) from None
+
+    smp = _section(data, "sampler", {"name", "seed", "population_size"})
+    sampler = SamplerSpec(
+        name=_choice(smp.get("name", "tpe"), "sampler.name", SAMPLERS),
+        seed=_int(smp.get("seed", 0), "sampler.seed", 0),
+        population_size=_int(smp.get("population_size", 20), "sampler.population_size", 2),
+    )
+    bud = _section(data, "budget", {"trials", "timeout"})
+    trials = bud.get("trials", 30)
+    budget = BudgetSpec(
+        trials=None if trials is None else _int(trials, "budget.trials"),
+        timeout_s=parse_duration(bud.get("timeout")),
+    )
+    if budget.trials is None and budget.timeout_s is None:
+        raise StudyError("budget: give budget.trials, budget.timeout, or both, so the search ends")
+    exe = _section(data, "executor", {"kind", "address", "max_in_flight"})
+    executor = ExecutorSpec(
+        kind=_choice(exe.get("kind", "ray"), "executor.kind", EXECUTORS),
+        address=exe.get("address"),
+        max_in_flight=_int(exe.get("max_in_flight", 1), "executor.max_in_flight"),
+    )
+    if executor.address is not None and not isinstance(executor.address, str):
+        raise _fail("executor.address", executor.address, "give a Ray address like '127.0.0.1:6379' or 'auto'")
+    seed_uniform = data.get("seed_uniform", True)
+    if not isinstance(seed_uniform, bool):
+        raise _fail("seed_uniform", seed_uniform, "write true or false")
+    output = data.get("output", f"runs/{name}")
+    cache = data.get("cache", str(Path.home() / ".cache" / "slimsearch"))
+    return StudySpec(
+        name=name,
+        model=model,
+        task=task,
+        space=space,
+        objectives=objectives,
+        constraints=constraints,
+        latency=latency,
+        sampler=sampler,
+        seed_uniform=seed_uniform,
+        budget=budget,
+        executor=executor,
+        storage=_choice(data.get("storage", "sqlite"), "storage", STORAGES),
+        output=_path(base, output),
+        cache=_path(base, cache),
+        raw=dict(data),
+    )
+
+
+__all__ = ["StudyError", "StudySpec", "evaluator_names", "load_study", "parse_duration", "study_from_mapping"]

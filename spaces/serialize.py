@@ -1,0 +1,54 @@
+"""The on-disk form of a compressed model: one safetensors file whose metadata holds the plan.
+
+Size objectives are the length of exactly these bytes, so a reported size is what an
+export writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load, save
+from torch import Tensor, nn
+
+from slimsearch.spaces.plan import CompressionPlan
+
+
+def state_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The model's state with shared tensors (tied weights) stored once.
+
+    Returns the tensors and an alias map {dropped name: kept name}.
+    """
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().contiguous()
+    return tensors, aliases
+
+
+def to_bytes(model: nn.Module, plan: CompressionPlan) -> bytes:
+    tensors, aliases = state_tensors(model)
+    metadata = {"slimsearch_plan": plan.to_json(), "aliases": json.dumps(aliases)}
+    return save(tensors, metadata=metadata)
+
+
+def serialized_size(model: nn.Module, plan: CompressionPlan) -> int:
+    """Bytes of the safetensors file ``save_compressed`` would write for this model."""
+    return len(to_bytes(model, plan))
+
+
+def save_compressed(model: nn.Module, plan: CompressionPlan, path: str | Path) -> int:
+    data = to_bytes(model, plan)
+    Path(path).write_bytes(data)
+    return len(data)
+
+
+def load_tensors(path: str | Path) -> dict[str, Tensor]:
+    return load(Path(path).read_bytes())

@@ -1,0 +1,250 @@
+"""A per-layer search space: fixed Optuna distributions in, CompressionPlan out.
+
+Every knob of every searched layer is always a parameter ("off" is a value, never a missing
+parameter), so multivariate samplers see a fixed-dimension space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from torch import nn
+
+from slimsearch.spaces.methods import max_useful_rank
+from slimsearch.spaces.plan import ALLOWED_BITS, CompressionPlan, LayerSettings
+
+# Linears inside numbered Transformer blocks: bert.encoder.layer.3.*, model.layers.11.*, h.0.*
+DEFAULT_LAYERS = r"re:.*\b(layer|layers|h|block|blocks)\.\d+\..*"
+KNOBS = ("sparsity", "bits", "rank")
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return pattern == name
+
+
+@dataclass(frozen=True)
+class Choices:
+    """The values each knob may take. ``rank`` is the fraction of the layer's weights kept by
+    a low-rank factorization (1.0 = off): rank = fraction * in*out/(in+out)."""
+
+    sparsity: tuple[float, ...] = (0.0,)
+    bits: tuple[int, ...] = (32,)
+    rank: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        for name in KNOBS:
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or not values:
+                raise ValueError(f"{name}: give a non-empty list of values, got {values!r}")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name}: values repeat in {list(values)}; list each once")
+        for s in self.sparsity:
+            if not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity: {s!r} is not allowed; use fractions in [0, 1) such as 0.5")
+        for b in self.bits:
+            if b not in ALLOWED_BITS or isinstance(b, bool):
+                raise ValueError(f"bits: {b!r} is not allowed; choose from {list(ALLOWED_BITS)}")
+        for r in self.rank:
+            if not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+                raise ValueError(
+                    f"rank: {r!r} is not allowed; use the fraction of weights kept, in (0, 1], "
+                    "with 1.0 meaning full rank (off)"
+                )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], base: Choices | None = None, where: str = "space") -> Choices:
+        unknown = set(data) - set(KNOBS)
+        if unknown:
+            raise ValueError(f"{where}: unknown knob(s) {sorted(unknown)}; the knobs are {list(KNOBS)}")
+        start = base or cls()
+        values = {}
+        for name, raw in data.items():
+            items = raw if isinstance(raw, (list, tuple)) else [raw]
+            values[name] = tuple(items)
+        try:
+            return replace(start, **values)
+        except ValueError as exc:
+            raise ValueError(f"{where}.{exc}") from None
+
+
+@dataclass(frozen=True)
+class GroupRule:
+    match: str
+    choices: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """Which layers are searched and what each may choose (see the study file docs)."""
+
+    layers: tuple[str, ...] = (DEFAULT_LAYERS,)
+    default: Choices = field(default_factory=Choices)
+    groups: tuple[GroupRule, ...] = ()
+    embeddings: tuple[int, ...] = (32,)
+    lm_head: tuple[int, ...] = (32,)
+
+    def __post_init__(self) -> None:
+        for pattern in self.layers + tuple(g.match for g in self.groups):
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise ValueError(f"space: pattern {pattern!r} is not a valid regex ({exc})") from None
+        for name in ("embeddings", "lm_head"):
+            for b in getattr(self, name):
+                if b not in (32, 16, 8, 4) or isinstance(b, bool):
+                    raise ValueError(f"space.{name}: bits {b!r} not allowed; choose from [32, 16, 8, 4]")
+
+
+@dataclass(frozen=True)
+class Knob:
+    layer: str
+    knob: str
+    choices: tuple[Any, ...]
+
+
+class SearchSpace:
+    """Turns a model's layers into fixed Optuna distributions and decodes params into plans."""
+
+    def __init__(self, model: nn.Module, config: SpaceConfig) -> None:
+        self.config = config
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self.shapes = {n: (m.in_features, m.out_features) for n, m in linears.items()}
+        targets = [n for n in linears if any(_matches(p, n) for p in config.layers)]
+        if not targets:
+            raise ValueError(
+                f"space.layers {list(config.layers)} match no Linear layer of this model; "
+                f"its Linear layers include {list(linears)[:4]}"
+            )
+        per_layer = {n: config.default for n in targets}
+        for i, rule in enumerate(config.groups):
+            hit = [n for n in targets if _matches(rule.match, n)]
+            if not hit:
+                raise ValueError(
+                    f"space.groups[{i}].match {rule.match!r} matches none of the searched "
+                    f"layers; they include {targets[:4]}"
+                )
+            for n in hit:
+                per_layer[n] = Choices.from_mapping(rule.choices, per_layer[n], f"space.groups[{i}]")
+        self.knobs: list[Knob] = []
+        for n in targets:
+            for knob in KNOBS:
+                self.knobs.append(Knob(n, knob, getattr(per_layer[n], knob)))
+        self._add_table_knobs(model, config)
+
+    def _add_table_knobs(self, model: nn.Module, config: SpaceConfig) -> None:
+        get_in = getattr(model, "get_input_embeddings", None)
+        get_out = getattr(model, "get_output_embeddings", None)
+        emb = get_in() if callable(get_in) else None
+        head = get_out() if callable(get_out) else None
+        names = {id(m): n for n, m in model.named_modules()}
+        if isinstance(emb, nn.Embedding):
+            self.knobs.append(Knob(names[id(emb)], "bits", config.embeddings))
+        tied = isinstance(head, nn.Linear) and isinstance(emb, nn.Embedding) and head.weight is emb.weight
+        if isinstance(head, nn.Linear) and not tied:
+            self.knobs.append(Knob(names[id(head)], "bits", config.lm_head))
+
+    @staticmethod
+    def param_name(knob: Knob) -> str:
+        return f"{knob.layer}:{knob.knob}"
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {
+            self.param_name(k): CategoricalDistribution(list(k.choices))
+            for k in self.knobs
+            if len(k.choices) > 1
+        }
+
+    def fingerprint(self) -> str:
+        data = [(self.param_name(k), list(k.choices)) for k in self.knobs]
+        return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+
+    def decode(self, params: Mapping[str, Any]) -> CompressionPlan:
+        chosen: dict[str, dict[str, Any]] = {}
+        for k in self.knobs:
+            value = params.get(self.param_name(k), k.choices[0])
+            if value not in k.choices:
+                raise ValueError(f"param {self.param_name(k)}={value!r} is not one of {list(k.choices)}")
+            chosen.setdefault(k.layer, {})[k.knob] = value
+        layers = {}
+        for layer, values in chosen.items():
+            settings = LayerSettings(
+                sparsity=float(values.get("sparsity", 0.0)),
+                bits=int(values.get("bits", 32)),
+                rank=self._rank(layer, float(values.get("rank", 1.0))),
+            )
+            layers[layer] = settings
+        return CompressionPlan(layers=layers)
+
+    def _rank(self, layer: str, fraction: float) -> int | None:
+        if fraction >= 1.0:
+            return None
+        n_in, n_out = self.shapes[layer]
+        return max(1, int(fraction * max_useful_rank(n_in, n_out)))
+
+    def uniform_params(self) -> list[dict[str, Any]]:
+        """Seed configurations: all off, then each non-off value of one knob in every layer
+        that offers it (embeddings follow the bits choice where they offer it too)."""
+        off = {self.param_name(k): k.choices[0] for k in self.knobs if len(k.choices) > 1}
+        off_values = {"sparsity": 0.0, "bits": 32, "rank": 1.0}
+        for k in self.knobs:
+            if len(k.choices) > 1 and off_values[k.knob] in k.choices:
+                off[self.param_name(k)] = off_values[k.knob]
+        seeds = [dict(off)]
+        for knob in KNOBS:
+            values = sorted({v for k in self.knobs if k.knob == knob for v in k.choices} - {off_values[knob]})
+            for value in values:
+                params = dict(off)
+                for k in self.knobs:
+                    if k.knob == knob and value in k.choices and len(k.choices) > 1:
+                        params[self.param_name(k)] = value
+                if params != off and params not in seeds:
+                    seeds.append(params)
+        return seeds
+
+    def describe(self) -> str:
+        layers = sorted({k.layer for k in self.knobs})
+        dims = len(self.distributions())
+        return f"{len(layers)} layers, {dims} searched parameters"
+
+
+def space_config_from_mapping(data: Mapping[str, Any] | None) -> SpaceConfig:
+    """Build a SpaceConfig from the ``space:`` section of a study file, with clear errors."""
+    data = dict(data or {})
+    allowed = {f.name for f in fields(SpaceConfig)}
+    unknown = set(data) - allowed
+    if unknown:
+        raise ValueError(f"space: unknown key(s) {sorted(unknown)}; allowed keys are {sorted(allowed)}")
+    layers = data.get("layers", [DEFAULT_LAYERS])
+    if isinstance(layers, str):
+        layers = [layers]
+    default = Choices.from_mapping(data.get("default") or {}, where="space.default")
+    groups = []
+    for i, raw in enumerate(data.get("groups") or []):
+        if not isinstance(raw, Mapping) or "match" not in raw:
+            raise ValueError(f"space.groups[{i}]: each group needs 'match' plus knob lists, got {raw!r}")
+        rest = {k: v for k, v in raw.items() if k != "match"}
+        Choices.from_mapping(rest, default, f"space.groups[{i}]")  # validate early
+        groups.append(GroupRule(str(raw["match"]), rest))
+    return SpaceConfig(
+        layers=tuple(str(p) for p in layers),
+        default=default,
+        groups=tuple(groups),
+        embeddings=_bits_tuple(data.get("embeddings", [32]), "space.embeddings"),
+        lm_head=_bits_tuple(data.get("lm_head", [32]), "space.lm_head"),
+    )
+
+
+def _bits_tuple(raw: Any, where: str) -> tuple[int, ...]:
+    items: Sequence[Any] = raw if isinstance(raw, (list, tuple)) else [raw]
+    if not items:
+        raise ValueError(f"{where}: give at least one bit-width, e.g. [32, 8]")
+    return tuple(items)

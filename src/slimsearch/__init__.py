@@ -1,0 +1,1 @@
+"""slimsearch: per-layer compression search for Transformer language models."""

@@ -1,0 +1,63 @@
+"""Tiny models with random weights and tiny in-memory data, for fast offline tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_bert_config() -> dict[str, object]:
+    return {
+        "model_type": "bert",
+        "vocab_size": 96,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+        "num_labels": 2,
+    }
+
+
+def tiny_llama_config() -> dict[str, object]:
+    return {
+        "model_type": "llama",
+        "vocab_size": 96,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+    }
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in tiny_bert_config().items() if k != "model_type"}
+    return BertForSequenceClassification(BertConfig(**cfg)).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in tiny_llama_config().items() if k != "model_type"}
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+POSITIVE = ["good fun film", "a great warm story", "lovely and moving", "great acting and fun"]
+NEGATIVE = ["dull boring mess", "a bad tired plot", "awful and slow", "boring bad acting"]
+
+
+def sentiment_rows(n: int = 48) -> list[tuple[str, int]]:
+    """A tiny two-class corpus that a tiny model can learn."""
+    rows = []
+    for i in range(n):
+        pool, label = (POSITIVE, 1) if i % 2 == 0 else (NEGATIVE, 0)
+        rows.append((pool[(i // 2) % len(pool)] + f" number {i % 7}", label))
+    return rows
+
+
+LM_TEXT = " ".join(
+    "the model reads the text and the text is read by the model again" for _ in range(40)
+)
