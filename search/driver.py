@@ -85,7 +85,7 @@ class Driver:
         self.started = time.monotonic()
 
     # -- set-up -------------------------------------------------------------------------
-    def open_study(self, space: SearchSpace) -> optuna.Study:
+    def open_study(self, space: SearchSpace, baseline_dir: Path) -> optuna.Study:
         spec = self.spec
         self.run_dir.mkdir(parents=True, exist_ok=True)
         url = storage_url(spec)
@@ -110,7 +110,15 @@ class Driver:
                 f"(stored {stored}, now {fingerprint}); resume with the original study file, or "
                 "give a new output folder (--output) to start a fresh study"
             )
-        info = {"study_name": spec.name, "storage": spec.storage, "url": url, "objectives": self.objectives}
+        info = {
+            "study_name": spec.name,
+            "storage": spec.storage,
+            "url": url,
+            "objectives": self.objectives,
+            "task": spec.task.kind,
+            "baseline_dir": str(baseline_dir),
+            "cache_dir": str(spec.cache),
+        }
         (self.run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
         (self.run_dir / "study.yaml").write_text(yaml.safe_dump(dict(spec.raw), sort_keys=False))
         return study
@@ -210,7 +218,7 @@ class Driver:
         space = SearchSpace(model, spec.space)
         del model
         say(f"search space: {space.describe()}")
-        study = self.open_study(space)
+        study = self.open_study(space, baseline_dir)
         self.recover(study)
         distributions = space.distributions()
         executor = make_executor(
