@@ -48,6 +48,8 @@ class Perplexity:
             ids = batch["input_ids"]
             logits = model(input_ids=ids).logits[:, :-1].float()
             target = ids[:, 1:]
-            nll += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"))
+            nll += float(
+                F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum")
+            )
             count += target.numel()
         return math.exp(nll / max(count, 1))

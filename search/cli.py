@@ -44,10 +44,14 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 
     info_path = Path(args.run) / RUN_INFO
     if not info_path.is_file():
-        raise StudyError(f"{args.run}: not a slimsearch run folder (no {RUN_INFO}); give the study's output folder")
+        raise StudyError(
+            f"{args.run}: not a slimsearch run folder (no {RUN_INFO}); give the study's output folder"
+        )
     info = json.loads(info_path.read_text())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=info["study_name"], storage=open_storage(info["storage"], info["url"]))
+    study = optuna.load_study(
+        study_name=info["study_name"], storage=open_storage(info["storage"], info["url"])
+    )
     baseline = dict(study.user_attrs.get("baseline", {}))
     rows = pareto.front_rows(study, info["objectives"], baseline)
     if args.sort:
@@ -61,7 +65,9 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimsearch", description="Per-layer compression search for Transformers")
+    parser = argparse.ArgumentParser(
+        prog="slimsearch", description="Per-layer compression search for Transformers"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run or resume a study")
@@ -81,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("run", help="the study's output folder")
     par.add_argument("--sort", help="column to sort by")
     par.add_argument("--descending", action="store_true")
-    par.add_argument("--max-accuracy-drop", type=float, help="only rows within this many points of the baseline")
+    par.add_argument(
+        "--max-accuracy-drop", type=float, help="only rows within this many points of the baseline"
+    )
     par.set_defaults(func=_cmd_pareto)
     return parser
 

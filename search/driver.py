@@ -64,7 +64,9 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
 
 
-def constraint_values(spec: StudySpec, values: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+def constraint_values(
+    spec: StudySpec, values: dict[str, float], baseline: dict[str, float]
+) -> dict[str, float]:
     """Optuna constraint values: <= 0 means satisfied."""
     out = {}
     for key, limit in spec.constraints.items():
@@ -130,10 +132,14 @@ class Driver:
             retries = int(t.user_attrs.get("retries", 0))
             if retries < MAX_RETRIES and t.params:
                 study.enqueue_trial(t.params, user_attrs={"retries": retries + 1, "retry_of": t.number})
-            say(f"trial {t.number} was left running by an earlier driver: marked failed"
-                + (", re-queued" if retries < MAX_RETRIES else ", retry cap reached"))
+            say(
+                f"trial {t.number} was left running by an earlier driver: marked failed"
+                + (", re-queued" if retries < MAX_RETRIES else ", retry cap reached")
+            )
 
-    def job(self, number: int, plan: CompressionPlan, baseline_dir: Path, baseline: dict[str, float]) -> TrialJob:
+    def job(
+        self, number: int, plan: CompressionPlan, baseline_dir: Path, baseline: dict[str, float]
+    ) -> TrialJob:
         spec = self.spec
         return TrialJob(
             number=number,
@@ -147,7 +153,9 @@ class Driver:
             trust_remote_code=spec.model.trust_remote_code,
         )
 
-    def measure_baseline(self, study: optuna.Study, executor: Executor, baseline_dir: Path) -> dict[str, float]:
+    def measure_baseline(
+        self, study: optuna.Study, executor: Executor, baseline_dir: Path
+    ) -> dict[str, float]:
         stored = study.user_attrs.get("baseline")
         if stored:
             return dict(stored)
@@ -158,7 +166,9 @@ class Driver:
             results = executor.poll(timeout=5.0)
         result = results[0]
         if result.values is None:
-            raise RuntimeError(f"the baseline could not be evaluated: {result.error}\n{result.traceback or ''}")
+            raise RuntimeError(
+                f"the baseline could not be evaluated: {result.error}\n{result.traceback or ''}"
+            )
         study.set_user_attr("baseline", result.values)
         study.set_user_attr("baseline_records", result.records)
         say("baseline: " + ", ".join(f"{k} {v:.4g}" for k, v in result.values.items()))
@@ -200,7 +210,9 @@ class Driver:
             parts = []
             for name, value in result.values.items():
                 base = baseline.get(name)
-                parts.append(f"{name} {value:.4g}" + (f" ({value / base:.2f}x)" if base and name != "accuracy" else ""))
+                parts.append(
+                    f"{name} {value:.4g}" + (f" ({value / base:.2f}x)" if base and name != "accuracy" else "")
+                )
             what = ", ".join(parts)
         else:
             what = "failed"
@@ -222,7 +234,11 @@ class Driver:
         self.recover(study)
         distributions = space.distributions()
         executor = make_executor(
-            spec.executor.kind, self.run_dir, spec.executor.max_in_flight, spec.latency.threads, spec.executor.address
+            spec.executor.kind,
+            self.run_dir,
+            spec.executor.max_in_flight,
+            spec.latency.threads,
+            spec.executor.address,
         )
         stopped = "budget"
         self.done_here = 0
@@ -288,8 +304,11 @@ class Driver:
             "complete": states.count(TrialState.COMPLETE),
             "failed": states.count(TrialState.FAIL),
         }
-        print(f"\nslimsearch: study {self.spec.name!r} stopped ({stopped}) after {fmt_seconds(time.monotonic() - self.started)}: "
-              f"{counts['complete']} trials complete, {counts['failed']} failed")
+        took = fmt_seconds(time.monotonic() - self.started)
+        print(
+            f"\nslimsearch: study {self.spec.name!r} stopped ({stopped}) after {took}: "
+            f"{counts['complete']} trials complete, {counts['failed']} failed"
+        )
         if baseline:
             print("baseline: " + ", ".join(f"{k} {v:.4g}" for k, v in baseline.items()))
         if rows:
@@ -300,8 +319,10 @@ class Driver:
             print(pareto.format_table(pareto.nearest_infeasible(study, self.objectives, baseline)))
         else:
             print("No trial completed.")
-        print(f"front: {self.run_dir / 'pareto.csv'}  all trials: {self.run_dir / 'trials.csv'}  "
-              f"storage: {storage_url(self.spec)}")
+        print(
+            f"front: {self.run_dir / 'pareto.csv'}  all trials: {self.run_dir / 'trials.csv'}  "
+            f"storage: {storage_url(self.spec)}"
+        )
         return RunResult(self.run_dir, study, baseline, rows, stopped, counts)
 
 
@@ -317,14 +338,19 @@ def run_study(
     """Run (or resume) a study from a study file or a StudySpec; options override the file."""
     spec = study if isinstance(study, StudySpec) else load_study(study)
     if trials is not None or timeout_s is not None:
-        spec = replace(spec, budget=replace(
-            spec.budget,
-            trials=trials if trials is not None else spec.budget.trials,
-            timeout_s=timeout_s if timeout_s is not None else spec.budget.timeout_s,
-        ))
+        spec = replace(
+            spec,
+            budget=replace(
+                spec.budget,
+                trials=trials if trials is not None else spec.budget.trials,
+                timeout_s=timeout_s if timeout_s is not None else spec.budget.timeout_s,
+            ),
+        )
     if executor is not None or address is not None:
         kind = "ray" if address is not None else executor or spec.executor.kind
-        spec = replace(spec, executor=replace(spec.executor, kind=kind, address=address or spec.executor.address))
+        spec = replace(
+            spec, executor=replace(spec.executor, kind=kind, address=address or spec.executor.address)
+        )
     if output is not None:
         spec = replace(spec, output=Path(output).resolve())
     return Driver(spec).run()

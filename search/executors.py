@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections import deque
@@ -79,7 +80,7 @@ class RayExecutor:
         if not ray.is_initialized():
             if address:
                 say(f"connecting to the Ray cluster at {address}")
-                ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
             else:
                 temp = _ray_temp_dir(run_dir)
                 temp.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ class RayExecutor:
                     num_cpus=os.cpu_count(),
                     include_dashboard=False,
                     _temp_dir=str(temp),
-                    logging_level="WARNING",
+                    logging_level=logging.WARNING,
                     log_to_driver=True,
                 )
             self._started_here = True
@@ -121,7 +122,9 @@ class RayExecutor:
             self._ray.shutdown()
 
 
-def make_executor(kind: str, run_dir: Path, capacity: int, cpus_per_trial: int, address: str | None) -> Executor:
+def make_executor(
+    kind: str, run_dir: Path, capacity: int, cpus_per_trial: int, address: str | None
+) -> Executor:
     if kind == "inprocess":
         return InProcessExecutor(capacity)
     return RayExecutor(run_dir, capacity, cpus_per_trial, address)

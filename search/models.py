@@ -29,7 +29,11 @@ BASELINE_FORMAT = 1
 
 
 def baseline_key(spec: StudySpec) -> str:
-    parts: dict[str, Any] = {"format": BASELINE_FORMAT, "source": spec.model.source, "config": spec.model.config}
+    parts: dict[str, Any] = {
+        "format": BASELINE_FORMAT,
+        "source": spec.model.source,
+        "config": spec.model.config,
+    }
     if spec.model.finetune is not None or spec.model.source == "config":
         # The training data (and the tokenizer built from it) decide the weights.
         parts["finetune"] = asdict(spec.model.finetune) if spec.model.finetune else None
@@ -66,10 +70,12 @@ def _word_tokenizer(texts: list[str], vocab_size: int) -> Any:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]"])
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]"
+    )
 
 
-def _from_config(spec: StudySpec) -> tuple[nn.Module, Any]:
+def _from_config(spec: StudySpec) -> tuple[Any, Any]:
     from transformers import AutoConfig
 
     config = dict(spec.model.config or {})
@@ -84,7 +90,7 @@ def _from_config(spec: StudySpec) -> tuple[nn.Module, Any]:
     return model, _word_tokenizer(texts, cfg.vocab_size)
 
 
-def _load_smollm2(cache: Path) -> tuple[nn.Module, Any]:
+def _load_smollm2(cache: Path) -> tuple[Any, Any]:
     if importlib.util.find_spec("gguf") is None:
         raise RuntimeError(
             "SmolLM2 arrives as a GGUF file, which needs the 'gguf' package: "
@@ -97,7 +103,7 @@ def _load_smollm2(cache: Path) -> tuple[nn.Module, Any]:
     say("dequantizing SmolLM2 from GGUF (about 20 s, once); its weights carry Q4_1 rounding")
     loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
-    config = loaded.config
+    config: Any = loaded.config
     config.quantization_config = None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -107,7 +113,7 @@ def _load_smollm2(cache: Path) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def _load_source(spec: StudySpec) -> tuple[nn.Module, Any]:
+def _load_source(spec: StudySpec) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     source = spec.model.source
@@ -124,7 +130,9 @@ def _load_source(spec: StudySpec) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def finetune_classifier(model: nn.Module, tokenizer: Any, rows: tasks.Rows, ft: FinetuneSpec, max_length: int, seed: int) -> None:
+def finetune_classifier(
+    model: nn.Module, tokenizer: Any, rows: tasks.Rows, ft: FinetuneSpec, max_length: int, seed: int
+) -> None:
     """Plain AdamW fine-tuning with linear warm-up/decay; shows progress with an ETA."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -151,8 +159,8 @@ def finetune_classifier(model: nn.Module, tokenizer: Any, rows: tasks.Rows, ft: 
             opt.zero_grad()
             step += 1
             if step % 20 == 0 or step == steps:
-                rate = (time.monotonic() - start) / step
-                say(f"fine-tuning step {step}/{steps}, loss {loss.item():.3f}, ETA {fmt_seconds(rate * (steps - step))}")
+                eta = fmt_seconds((time.monotonic() - start) / step * (steps - step))
+                say(f"fine-tuning step {step}/{steps}, loss {loss.item():.3f}, ETA {eta}")
     model.eval()
 
 
@@ -171,7 +179,9 @@ def prepare_baseline(spec: StudySpec) -> Path:
             raise ValueError("model.finetune is for classification tasks; remove it for causal-lm")
         splits = tasks.classification_splits(spec.task, spec.cache)
         started = time.monotonic()
-        finetune_classifier(model, tokenizer, splits.train, spec.model.finetune, spec.task.max_length, spec.task.seed)
+        finetune_classifier(
+            model, tokenizer, splits.train, spec.model.finetune, spec.task.max_length, spec.task.seed
+        )
         info["finetune"] = asdict(spec.model.finetune) | {
             "train_rows": len(splits.train),
             "seconds": round(time.monotonic() - started, 1),

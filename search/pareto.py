@@ -37,7 +37,9 @@ def trial_row(trial: FrozenTrial, objectives: Sequence[str], baseline: dict[str,
     return row
 
 
-def front_rows(study: optuna.Study, objectives: Sequence[str], baseline: dict[str, float]) -> list[dict[str, Any]]:
+def front_rows(
+    study: optuna.Study, objectives: Sequence[str], baseline: dict[str, float]
+) -> list[dict[str, Any]]:
     """Pareto-optimal feasible trials (Optuna's best_trials), sorted by the first objective."""
     best = study.best_trials
     rows = [trial_row(t, objectives, baseline) for t in best]
@@ -46,13 +48,17 @@ def front_rows(study: optuna.Study, objectives: Sequence[str], baseline: dict[st
     return sorted(rows, key=lambda r: r[first], reverse=reverse)
 
 
-def nearest_infeasible(study: optuna.Study, objectives: Sequence[str], baseline: dict[str, float], n: int = 5) -> list[dict[str, Any]]:
+def nearest_infeasible(
+    study: optuna.Study, objectives: Sequence[str], baseline: dict[str, float], n: int = 5
+) -> list[dict[str, Any]]:
     done = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
     done = sorted(done, key=violation)[:n]
     return [trial_row(t, objectives, baseline) | {"violation": violation(t)} for t in done]
 
 
-def all_rows(study: optuna.Study, objectives: Sequence[str], baseline: dict[str, float]) -> list[dict[str, Any]]:
+def all_rows(
+    study: optuna.Study, objectives: Sequence[str], baseline: dict[str, float]
+) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.COMPLETE:

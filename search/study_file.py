@@ -139,8 +139,20 @@ class StudySpec:
 
 
 _TOP_KEYS = {
-    "name", "model", "task", "space", "objectives", "constraints", "latency", "sampler",
-    "seed_uniform", "budget", "executor", "storage", "output", "cache",
+    "name",
+    "model",
+    "task",
+    "space",
+    "objectives",
+    "constraints",
+    "latency",
+    "sampler",
+    "seed_uniform",
+    "budget",
+    "executor",
+    "storage",
+    "output",
+    "cache",
 }
 
 
@@ -198,7 +210,8 @@ def _model(data: Mapping[str, Any], base_dir: Path) -> ModelSpec:
         path = _path(base_dir, source)
         if not (path / "config.json").is_file():
             raise _fail(
-                "model.source", source,
+                "model.source",
+                source,
                 f"no transformers model folder (with config.json) at {path}; "
                 f"give an existing folder or one of {list(BUILTIN_MODELS)}",
             )
@@ -219,8 +232,17 @@ def _model(data: Mapping[str, Any], base_dir: Path) -> ModelSpec:
 
 def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
     keys = {
-        "kind", "data", "rows", "text", "train_size", "test_size", "max_length",
-        "eval_batch_size", "block_size", "eval_blocks", "seed",
+        "kind",
+        "data",
+        "rows",
+        "text",
+        "train_size",
+        "test_size",
+        "max_length",
+        "eval_batch_size",
+        "block_size",
+        "eval_blocks",
+        "seed",
     }
     raw = _section(data, "task", keys)
     kind = _choice(raw.get("kind"), "task.kind", TASK_KINDS)
@@ -235,13 +257,17 @@ def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
     elif text is not None:
         source = source or "inline"
     elif source is None:
-        raise StudyError(f"task.data: missing; give one of {list(BUILTIN_DATA)} or a path to a .csv/.txt file")
+        raise StudyError(
+            f"task.data: missing; give one of {list(BUILTIN_DATA)} or a path to a .csv/.txt file"
+        )
     elif str(source).startswith("builtin:"):
         _choice(source, "task.data", BUILTIN_DATA)
     else:
         path = _path(base_dir, source)
         if not path.is_file():
-            raise _fail("task.data", source, f"no file at {path}; give an existing .csv (text,label) or .txt file")
+            raise _fail(
+                "task.data", source, f"no file at {path}; give an existing .csv (text,label) or .txt file"
+            )
         source = str(path)
     if kind == "causal-lm" and rows is not None:
         raise StudyError("task.rows: inline rows are for classification; a causal-lm task takes task.text")
@@ -380,7 +406,9 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         max_in_flight=_int(exe.get("max_in_flight", 1), "executor.max_in_flight"),
     )
     if executor.address is not None and not isinstance(executor.address, str):
-        raise _fail("executor.address", executor.address, "give a Ray address like '127.0.0.1:6379' or 'auto'")
+        raise _fail(
+            "executor.address", executor.address, "give a Ray address like '127.0.0.1:6379' or 'auto'"
+        )
     seed_uniform = data.get("seed_uniform", True)
     if not isinstance(seed_uniform, bool):
         raise _fail("seed_uniform", seed_uniform, "write true or false")

@@ -49,8 +49,7 @@ def classification_splits(task: TaskSpec, cache: Path) -> Splits:
     need = task.train_size + task.test_size
     if need > len(rows):
         raise ValueError(
-            f"task.train_size + task.test_size = {need} but the data has {len(rows)} rows; "
-            "lower the sizes"
+            f"task.train_size + task.test_size = {need} but the data has {len(rows)} rows; lower the sizes"
         )
     test = [rows[i] for i in order[: task.test_size]]
     train = [rows[i] for i in order[task.test_size : need]]
@@ -65,7 +64,9 @@ def lm_text(task: TaskSpec, cache: Path) -> str:
     return Path(task.data).read_text(encoding="utf-8")
 
 
-def classification_batches(tokenizer: Any, rows: Rows, max_length: int, batch_size: int) -> list[dict[str, Tensor]]:
+def classification_batches(
+    tokenizer: Any, rows: Rows, max_length: int, batch_size: int
+) -> list[dict[str, Tensor]]:
     """Batches sorted by length with padding only to each batch's longest row (cheaper than
     padding everything to max_length; results do not depend on the order)."""
     encoded = tokenizer([t for t, _ in rows], truncation=True, max_length=max_length)["input_ids"]
@@ -85,7 +86,9 @@ def classification_batches(tokenizer: Any, rows: Rows, max_length: int, batch_si
     return batches
 
 
-def lm_blocks(tokenizer: Any, text: str, block_size: int, n_blocks: int, batch_size: int) -> list[dict[str, Tensor]]:
+def lm_blocks(
+    tokenizer: Any, text: str, block_size: int, n_blocks: int, batch_size: int
+) -> list[dict[str, Tensor]]:
     """The first ``n_blocks`` contiguous blocks of ``block_size`` tokens, batched.
 
     Evaluation takes text from the start; training (if any) must use text after it.
@@ -94,6 +97,8 @@ def lm_blocks(tokenizer: Any, text: str, block_size: int, n_blocks: int, batch_s
     ids = tokenizer(text[: block_size * n_blocks * 8])["input_ids"]
     have = len(ids) // block_size
     if have < 1:
-        raise ValueError(f"the text gives {len(ids)} tokens, fewer than one block of task.block_size={block_size}")
+        raise ValueError(
+            f"the text gives {len(ids)} tokens, fewer than one block of task.block_size={block_size}"
+        )
     blocks = torch.tensor(ids[: min(have, n_blocks) * block_size]).view(-1, block_size)
     return [{"input_ids": blocks[i : i + batch_size]} for i in range(0, len(blocks), batch_size)]

@@ -69,10 +69,14 @@ def eval_batches(job: TrialJob, tokenizer: Any) -> list[dict[str, Tensor]]:
         task = job.task
         if task.kind == "classification":
             test = tasks.classification_splits(task, cache).test
-            _BATCHES[key] = tasks.classification_batches(tokenizer, test, task.max_length, task.eval_batch_size)
+            _BATCHES[key] = tasks.classification_batches(
+                tokenizer, test, task.max_length, task.eval_batch_size
+            )
         else:
             text = tasks.lm_text(task, cache)
-            _BATCHES[key] = tasks.lm_blocks(tokenizer, text, task.block_size, task.eval_blocks, task.eval_batch_size)
+            _BATCHES[key] = tasks.lm_blocks(
+                tokenizer, text, task.block_size, task.eval_blocks, task.eval_batch_size
+            )
     return _BATCHES[key]
 
 

@@ -58,6 +58,4 @@ def sentiment_rows(n: int = 48) -> list[tuple[str, int]]:
     return rows
 
 
-LM_TEXT = " ".join(
-    "the model reads the text and the text is read by the model again" for _ in range(40)
-)
+LM_TEXT = " ".join("the model reads the text and the text is read by the model again" for _ in range(40))

@@ -1,0 +1,484 @@
+"""Export one trial's model to a folder, and load such a folder back.
+
+An export folder holds ``model.safetensors`` (the compressed state, its plan in the metadata,
+tied tensors stored once), the baseline's ``config.json``, ``slimsearch_plan.json``, the
+tokenizer files, ``slimsearch_export.json`` (the measurements, machine-readable) and a
+``README.md`` model card. ``load`` needs nothing but that folder: it builds the model class
+from the config, applies the plan to create the compressed module structure, and puts the
+saved tensors in place of the skeleton's.
+
+``export_trial`` rebuilds a trial from its stored plan and the baseline folder only,
+re-validates it on the full test split and re-measures latency against the baseline with
+interleaved timed passes, so the model card's numbers are true of the files beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import shutil
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from slimsearch.evaluators import EvalContext, LatencySpec, make_evaluator
+from slimsearch.evaluators.latency import latency_inputs
+from slimsearch.search import models
+from slimsearch.search.log import quiet_libraries, say
+from slimsearch.search.study_file import StudyError
+from slimsearch.search.worker import TrialJob, eval_batches
+from slimsearch.spaces import CompressionPlan, apply_plan, save_compressed
+from slimsearch.spaces.methods import LowRankLinear, PackedEmbedding, PackedLinear
+
+if TYPE_CHECKING:
+    from slimsearch.search.results import Run
+
+WEIGHTS = "model.safetensors"
+PLAN_FILE = "slimsearch_plan.json"
+INFO_FILE = "slimsearch_export.json"
+CARD_FILE = "README.md"
+EXPORT_FORMAT = 1
+# Objectives that export measures itself: size is the written file, latency is interleaved.
+MEASURED_HERE = ("size_bytes", "latency_ms")
+
+
+# -- latency ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LatencyComparison:
+    baseline_ms: float
+    candidate_ms: float
+    baseline_iqr_ms: float
+    candidate_iqr_ms: float
+    repeats: int
+    threads: int
+    batch_size: int
+    seq_len: int
+
+    @property
+    def ratio(self) -> float:
+        return self.candidate_ms / self.baseline_ms
+
+
+def _iqr(times: list[float]) -> float:
+    if len(times) < 2:
+        return 0.0
+    q = statistics.quantiles(times, n=4)
+    return q[2] - q[0]
+
+
+@torch.no_grad()
+def interleaved_latency(
+    baseline: nn.Module, candidate: nn.Module, inputs: Mapping[str, Tensor], spec: LatencySpec, repeats: int
+) -> LatencyComparison:
+    """Median forward-pass times of both models, timed in alternation.
+
+    Alternating one pass of each (and swapping which goes first every round) exposes both
+    models to the same machine noise, so the ratio is fairer than two separate runs.
+    """
+    torch.set_num_threads(spec.threads)
+    pair = (baseline, candidate)
+    for _ in range(spec.warmup):
+        for model in pair:
+            model(**inputs)
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(repeats):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for which in order:
+            start = time.perf_counter()
+            pair[which](**inputs)
+            times[which].append((time.perf_counter() - start) * 1000.0)
+    return LatencyComparison(
+        baseline_ms=statistics.median(times[0]),
+        candidate_ms=statistics.median(times[1]),
+        baseline_iqr_ms=_iqr(times[0]),
+        candidate_iqr_ms=_iqr(times[1]),
+        repeats=repeats,
+        threads=spec.threads,
+        batch_size=spec.batch_size,
+        seq_len=spec.seq_len,
+    )
+
+
+# -- writing a folder ---------------------------------------------------------------------
+def _prepare_folder(out: Path, overwrite: bool) -> Path:
+    """A fresh temporary sibling of ``out``; the export appears whole or not at all."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export folder {out} is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"export folder {out} is not empty; choose a new folder or pass overwrite (--force)")
+    tmp = out.with_name(out.name + ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_export(
+    model: nn.Module,
+    tokenizer: Any,
+    plan: CompressionPlan,
+    out: str | Path,
+    *,
+    info: Mapping[str, Any] | None = None,
+    card: str | None = None,
+    overwrite: bool = False,
+) -> int:
+    """Write an export folder for an already compressed ``model``; returns the weight bytes.
+
+    ``info`` is stored in slimsearch_export.json with the byte count added; ``card`` is the
+    README.md text (a short default when None).
+    """
+    out = Path(out)
+    tmp = _prepare_folder(out, overwrite)
+    size = save_compressed(model, plan, tmp / WEIGHTS)
+    on_disk = (tmp / WEIGHTS).stat().st_size
+    if size != on_disk:  # cannot happen unless the file system lies; the size claim rests on it
+        raise RuntimeError(f"wrote {size} bytes of weights but {WEIGHTS} holds {on_disk}")
+    model.config.save_pretrained(str(tmp))  # type: ignore[union-attr, operator]
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
+    data = {"format": EXPORT_FORMAT, **dict(info or {}), "size_bytes": size}
+    (tmp / INFO_FILE).write_text(json.dumps(data, indent=2, default=str))
+    (tmp / CARD_FILE).write_text(card or f"# slimsearch export\n\nPlan: {plan.summary()}\n\nWeights: {size} bytes\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return size
+
+
+# -- loading a folder ---------------------------------------------------------------------
+def _read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, str], CompressionPlan | None]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    aliases = json.loads(meta.get("aliases", "{}"))
+    plan_text = meta.get("slimsearch_plan")
+    return tensors, aliases, CompressionPlan.from_json(plan_text) if plan_text else None
+
+
+def _skeleton(config: Any, task: str | None, trust_remote_code: bool) -> nn.Module:
+    """A randomly initialised model of the config's class; its values are replaced later."""
+    import transformers
+
+    archs = list(getattr(config, "architectures", None) or [])
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is not None:
+        model: nn.Module = cls(config)
+        return model
+    if task is None:
+        raise ValueError(
+            f"config.json names architectures {archs}, which transformers does not have, and "
+            f"{INFO_FILE} gives no task kind; add 'task': 'classification' or 'causal-lm' to it"
+        )
+    auto = models.model_class(task)
+    built: nn.Module = auto.from_config(config, trust_remote_code=trust_remote_code)
+    return built
+
+
+def _place(model: nn.Module, name: str, value: Tensor | nn.Parameter) -> None:
+    prefix, _, leaf = name.rpartition(".")
+    module = model.get_submodule(prefix)
+    if leaf in module._parameters:
+        module._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:  # state_dict named it, so this is a bug in the walk, not in the file
+        raise RuntimeError(f"{name}: neither a parameter nor a buffer of {type(module).__name__}")
+
+
+def assign_state(model: nn.Module, tensors: Mapping[str, Tensor], aliases: Mapping[str, str]) -> None:
+    """Replace the model's parameters and buffers by ``tensors`` (not copy_: the packed
+    buffers' lengths depend on the saved weights, not on the skeleton's random ones).
+
+    An alias gets the very object of the name it points to, so tied weights stay tied.
+    """
+    state = model.state_dict(keep_vars=True)
+    expected = set(state)
+    given = set(tensors) | set(aliases)
+    if expected != given:
+        missing = sorted(expected - given)[:5]
+        extra = sorted(given - expected)[:5]
+        raise ValueError(
+            f"the saved weights do not fit the model the plan builds: missing {missing}, unexpected {extra}; "
+            "was this folder written by another slimsearch version or edited by hand?"
+        )
+    objects: dict[str, Tensor | nn.Parameter] = {}
+    for name, tensor in tensors.items():
+        current = state[name]
+        if isinstance(current, nn.Parameter):
+            if tuple(current.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"{name}: saved shape {tuple(tensor.shape)} but the config builds {tuple(current.shape)}; "
+                    "config.json and model.safetensors come from different models"
+                )
+            objects[name] = nn.Parameter(tensor, requires_grad=current.requires_grad)
+        else:
+            objects[name] = tensor
+    for name, target in aliases.items():
+        if target not in objects:
+            raise ValueError(f"alias {name} -> {target}: {target} is not among the saved tensors")
+        objects[name] = objects[target]
+    for name, value in objects.items():
+        _place(model, name, value)
+    for module in model.modules():
+        if isinstance(module, (PackedLinear, PackedEmbedding)):
+            module._cache.clear()  # derived compute forms of the old values
+
+
+def load(folder: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """A ready (eval-mode) transformers model and its tokenizer from an export folder."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(folder)
+    for name in (WEIGHTS, "config.json", PLAN_FILE):
+        if not (folder / name).is_file():
+            raise ValueError(
+                f"{folder} is not a slimsearch export (no {name}); write one with "
+                "`slimsearch export RUN --trial N OUT`"
+            )
+    quiet_libraries()
+    plan = CompressionPlan.from_dict(json.loads((folder / PLAN_FILE).read_text()))
+    tensors, aliases, stored_plan = _read_weights(folder / WEIGHTS)
+    if stored_plan is not None and stored_plan != plan:
+        raise ValueError(
+            f"{folder / PLAN_FILE} differs from the plan inside {WEIGHTS}; the folder was edited: "
+            f"restore {PLAN_FILE} from the weights' metadata or export again"
+        )
+    info = json.loads((folder / INFO_FILE).read_text()) if (folder / INFO_FILE).is_file() else {}
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    model = _skeleton(config, info.get("task"), trust_remote_code)
+    apply_plan(model, plan)
+    assign_state(model, tensors, aliases)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer
+
+
+# -- the model card -----------------------------------------------------------------------
+def realization(model: nn.Module) -> dict[str, int]:
+    """How many Linear/embedding layers run each compute path (what speed can come from)."""
+    counts: dict[str, int] = {}
+
+    def add(key: str) -> None:
+        counts[key] = counts.get(key, 0) + 1
+
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            if module.bits == 8:
+                add("int8 kernel (real int8 matmul)")
+            elif module.bits == 16:
+                add("bf16 matmul")
+            else:
+                add(f"{module.bits}-bit{' sparse' if module.sparse else ''} stored, computed dense fp32 (size only)")
+        elif isinstance(module, PackedEmbedding):
+            add(f"{module.bits}-bit embedding table (dequantized on lookup)")
+        elif isinstance(module, LowRankLinear):
+            add(f"low-rank pair (rank {module.rank}): fewer FLOPs")
+    return counts
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def model_card(report: ExportReport) -> str:
+    lines = [f"# {report.study} - trial {report.trial} (slimsearch export)", ""]
+    if not report.on_front:
+        lines += ["> Note: this trial is **not** on the study's Pareto front.", ""]
+    lines += [
+        f"Compression plan: {report.plan_summary}",
+        "",
+        "## Measurements (re-validated at export)",
+        "",
+        "| metric | this model | baseline | ratio | during the search |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, value in report.measured.items():
+        base = report.baseline.get(name)
+        ratio = f"{value / base:.3f}" if base else ""
+        search = report.search.get(name)
+        lines.append(
+            f"| {name} | {_fmt(value)} | {_fmt(base) if base is not None else ''} | {ratio} | "
+            f"{_fmt(search) if search is not None else ''} |"
+        )
+    lat = report.latency
+    lines += [
+        "",
+        f"- Weights: `{WEIGHTS}` is exactly {report.size_bytes} bytes "
+        f"({report.size_bytes / 1e6:.2f} MB); the baseline serializes to "
+        f"{report.baseline.get('size_bytes', float('nan')):.0f} bytes.",
+        f"- Latency: median of {lat.repeats} forward passes each, baseline and this model timed in "
+        f"alternation (batch {lat.batch_size}, sequence {lat.seq_len}, {lat.threads} threads): "
+        f"{lat.candidate_ms:.3f} ms vs {lat.baseline_ms:.3f} ms, ratio {lat.ratio:.3f} "
+        f"(IQR {lat.candidate_iqr_ms:.3f} / {lat.baseline_iqr_ms:.3f} ms).",
+        f"- Quality was measured on the study's full test split ({report.eval_examples} examples"
+        f"{' of ' + str(report.eval_tokens) + ' tokens' if report.eval_tokens else ''}).",
+        "",
+        "## What is real here",
+        "",
+        "- int8 layers run real int8 kernels (fbgemm dynamic quantization): smaller and faster.",
+        "- bf16 layers run bf16 matmuls: half the bytes, speed depends on the CPU.",
+        "- 4-bit weights and unstructured sparsity are realized for size only: the file holds packed "
+        "4-bit codes and bitmasks, but the forward pass computes with a dense fp32 copy, so they "
+        "bring no speed-up (and can cost a little).",
+        "- Low-rank layers are two smaller Linears: fewer bytes and FLOPs.",
+        "",
+        "Layers by compute path:",
+        "",
+    ]
+    lines += [f"- {n} x {path}" for path, n in sorted(report.paths.items(), key=lambda kv: -kv[1])] or ["- none"]
+    lines += [
+        "",
+        "## Load it",
+        "",
+        "```python",
+        "import slimsearch",
+        f'model, tokenizer = slimsearch.load("{report.out.name}")',
+        "```",
+        "",
+        "The modules are slimsearch's own (packed weights), so loading needs slimsearch installed; "
+        f"`{PLAN_FILE}` is the recipe, applied to the baseline it rebuilds this model.",
+        "",
+        f"Exported {report.created} from run `{report.run}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- exporting a trial --------------------------------------------------------------------
+@dataclass
+class ExportReport:
+    out: Path
+    run: str
+    study: str
+    trial: int
+    task: str
+    on_front: bool
+    plan_summary: str
+    size_bytes: int
+    measured: dict[str, float]
+    search: dict[str, float]
+    baseline: dict[str, float]
+    latency: LatencyComparison
+    eval_examples: int
+    eval_tokens: int = 0
+    paths: dict[str, int] = field(default_factory=dict)
+    created: str = ""
+
+    def info(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        data["latency"] = asdict(self.latency) | {"ratio": self.latency.ratio}
+        return data
+
+
+def _eval_sizes(batches: list[dict[str, Tensor]], task: str) -> tuple[int, int]:
+    if task == "classification":
+        return sum(int(b["labels"].numel()) for b in batches), 0
+    return sum(int(b["input_ids"].shape[0]) for b in batches), sum(int(b["input_ids"].numel()) for b in batches)
+
+
+def export_trial(
+    run: Run | str | Path,
+    trial: int,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    repeats: int | None = None,
+) -> ExportReport:
+    """Rebuild ``trial`` of ``run`` from its plan and the baseline folder, re-validate it,
+    and write an export folder at ``out``."""
+    from slimsearch.search.results import Run, open_run
+
+    run = run if isinstance(run, Run) else open_run(run)
+    frozen = run.trial(trial)
+    front = run.front_numbers()
+    if trial not in front:
+        say(f"warning: trial {trial} is not on the Pareto front (front: {front}); exporting it anyway")
+    spec = run.spec
+    plan = CompressionPlan.from_dict(frozen.user_attrs["plan"])
+    baseline_dir = run.baseline_dir()
+    out = Path(out).resolve()
+    torch.set_num_threads(spec.latency.threads)
+
+    say(f"rebuilding trial {trial} ({plan.summary()}) from {baseline_dir}")
+    base_model, tokenizer = models.load_baseline(baseline_dir, spec.task.kind, spec.model.trust_remote_code)
+    candidate = apply_plan(copy.deepcopy(base_model), plan).eval()
+
+    job = TrialJob(
+        number=trial,
+        plan_json=plan.to_json(),
+        baseline_dir=str(baseline_dir),
+        cache_dir=str(run.cache_dir()),
+        task=spec.task,
+        objectives=spec.objectives,
+        latency=spec.latency,
+        baseline=dict(run.baseline),
+        trust_remote_code=spec.model.trust_remote_code,
+    )
+    batches = eval_batches(job, tokenizer)
+    context = EvalContext(
+        task=spec.task.kind,  # type: ignore[arg-type]
+        batches=batches,
+        vocab_size=len(tokenizer),
+        plan=plan,
+        latency=spec.latency,
+        baseline=dict(run.baseline),
+    )
+    measured: dict[str, float] = {}
+    for objective in spec.objectives:
+        if objective.name in MEASURED_HERE:
+            continue
+        say(f"re-validating {objective.name} on the full test split")
+        evaluator = make_evaluator(objective.ref, dict(objective.options))
+        measured[objective.name] = float(evaluator.evaluate(candidate, context))
+
+    count = repeats or max(spec.latency.repeats, 20)
+    say(f"timing baseline and candidate in alternation ({count} passes each)")
+    inputs = latency_inputs(spec.latency, len(tokenizer))
+    latency = interleaved_latency(base_model, candidate, inputs, spec.latency, count)
+    del base_model
+
+    examples, tokens = _eval_sizes(batches, spec.task.kind)
+    report = ExportReport(
+        out=out,
+        run=str(run.path),
+        study=run.name,
+        trial=trial,
+        task=spec.task.kind,
+        on_front=trial in front,
+        plan_summary=plan.summary(),
+        size_bytes=0,
+        measured=measured,
+        search={k: float(v) for k, v in dict(frozen.user_attrs.get("metrics", {})).items()},
+        baseline={k: float(v) for k, v in run.baseline.items()} | {"latency_ms": latency.baseline_ms},
+        latency=latency,
+        eval_examples=examples,
+        eval_tokens=tokens,
+        paths=realization(candidate),
+        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    # The size is only known once written; write, then fill in the card and info with it.
+    size = write_export(candidate, tokenizer, plan, out, overwrite=overwrite)
+    report.size_bytes = size
+    report.measured["size_bytes"] = float(size)
+    report.measured["latency_ms"] = latency.candidate_ms
+    (out / INFO_FILE).write_text(json.dumps({"format": EXPORT_FORMAT, **report.info()}, indent=2, default=str))
+    (out / CARD_FILE).write_text(model_card(report))
+    say(f"exported trial {trial} to {out} ({size} bytes of weights)")
+    return report
+
+
+def export_info(folder: str | Path) -> dict[str, Any]:
+    """The measurements an export folder reports (its slimsearch_export.json)."""
+    path = Path(folder) / INFO_FILE
+    if not path.is_file():
+        raise StudyError(f"{folder}: no {INFO_FILE}; export the trial with `slimsearch export`")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny study specs and one local Ray per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import sentiment_rows, tiny_bert_config
+
+
+def tiny_study(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    """A study mapping for a tiny BERT on in-memory sentiment rows; finishes in seconds."""
+    data: dict[str, Any] = {
+        "name": "tiny",
+        "model": {
+            "config": tiny_bert_config(),
+            "finetune": {"epochs": 3, "learning_rate": 1e-3, "batch_size": 8},
+        },
+        "task": {
+            "kind": "classification",
+            "rows": sentiment_rows(48),
+            "train_size": 32,
+            "test_size": 16,
+            "max_length": 16,
+        },
+        "space": {
+            "default": {"bits": [32, 8, 4], "sparsity": [0.0, 0.5], "rank": [1.0, 0.5]},
+            "embeddings": [32, 8],
+        },
+        "constraints": {"max_accuracy_drop": 10.0},
+        "latency": {"batch_size": 1, "seq_len": 8, "warmup": 1, "repeats": 3, "threads": 1},
+        "budget": {"trials": 8},
+        "executor": {"kind": "inprocess"},
+        "output": str(tmp_path / "run"),
+        "cache": str(tmp_path / "cache"),
+    }
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """Start Ray once: it costs 5-11 s and most of a GB."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray = pytest.importorskip("ray")
+    temp = tempfile.mkdtemp(prefix="ssray-")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="ERROR")
+    yield
+    ray.shutdown()

@@ -1,0 +1,33 @@
+"""User-style evaluator plugins, loaded by study files as tests.plugins.custom_eval:Name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from slimsearch.evaluators import EvalContext
+
+
+class ParamCount:
+    """Counts the tensors' elements in the state dict (a user-defined size measure)."""
+
+    name = "param_count"
+    direction = "minimize"
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        return float(sum(t.numel() for t in model.state_dict().values()))
+
+
+class Flaky:
+    """Raises for every plan that quantizes to 4 bits: a plugin bug the search must survive."""
+
+    name = "flaky"
+    direction = "minimize"
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        if any(s.bits == 4 for s in context.plan.layers.values()):
+            raise RuntimeError("flaky plugin cannot handle 4-bit layers")
+        return 1.0
+
+
+class NotAnEvaluator:
+    name = "broken"

@@ -1,0 +1,107 @@
+"""Whole tiny studies through the driver: in-process, through local Ray, with failures, resumed."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import tiny_study
+from slimsearch.search.cli import main
+from slimsearch.search.driver import run_study
+from slimsearch.search.study_file import StudyError, study_from_mapping
+from slimsearch.spaces import CompressionPlan
+
+
+def _trials(result_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    """Finished trials (queued seeds that have not run yet are WAITING and left out)."""
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{result_dir / 'study.db'}")
+    return study.get_trials(states=[TrialState.COMPLETE, TrialState.FAIL])
+
+
+def test_tiny_study_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_study(study_from_mapping(tiny_study(tmp_path)))
+    assert result.counts == {"complete": 8, "failed": 0}
+    trials = _trials(result.run_dir)
+    assert len(trials) == 8
+    # Seeded first: the all-off configuration is trial 0 and equals the baseline's accuracy.
+    assert CompressionPlan.from_dict(trials[0].user_attrs["plan"]).summary() == "baseline"
+    assert trials[0].values[0] == result.baseline["accuracy"]
+    for t in trials:
+        assert set(t.user_attrs["metrics"]) == {"accuracy", "size_bytes", "latency_ms"}
+        assert "constraints:max_accuracy_drop" in t.system_attrs
+        CompressionPlan.from_dict(t.user_attrs["plan"])  # the stored recipe parses
+    # Compression really happened: some trial is under half the baseline's bytes.
+    assert min(t.values[1] for t in trials) < 0.5 * result.baseline["size_bytes"]
+    assert result.front and all(r["feasible"] for r in result.front)
+    with (result.run_dir / "pareto.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(result.front)
+    out = capsys.readouterr().out
+    assert "Pareto front" in out and "accuracy_drop" in out
+
+
+def test_failing_plugin_fails_trials_not_the_study(tmp_path: Path) -> None:
+    data = tiny_study(tmp_path, objectives=["accuracy", "size_bytes", "plugins.custom_eval:Flaky"])
+    result = run_study(study_from_mapping(data))
+    trials = _trials(result.run_dir)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert failed and complete and len(trials) == 8
+    for t in failed:
+        assert "flaky plugin cannot handle 4-bit layers" in t.user_attrs["error"]
+        assert "Traceback" in t.user_attrs["traceback"]
+
+
+def test_resume_keeps_trials_and_refuses_a_changed_space(tmp_path: Path) -> None:
+    data = tiny_study(tmp_path, budget={"trials": 4})
+    run_study(study_from_mapping(data))
+    numbers = [t.number for t in _trials(tmp_path / "run")]
+    result = run_study(study_from_mapping(data), trials=6)
+    assert result.counts["complete"] == 6
+    assert [t.number for t in _trials(tmp_path / "run")][:4] == numbers
+    changed = tiny_study(tmp_path, space={"default": {"bits": [32, 8]}})
+    with pytest.raises(StudyError, match="different search space"):
+        run_study(study_from_mapping(changed))
+
+
+def test_stale_running_trials_are_failed_and_requeued(tmp_path: Path) -> None:
+    data = tiny_study(tmp_path, budget={"trials": 3})
+    run_study(study_from_mapping(data))
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    dists = {
+        "bert.encoder.layer.0.attention.self.query:bits": optuna.distributions.CategoricalDistribution(
+            [32, 8, 4]
+        )
+    }
+    orphan = study.ask(fixed_distributions=dists)  # as if the driver died mid-trial
+    result = run_study(study_from_mapping(data), trials=8)
+    trials = _trials(result.run_dir)
+    assert next(t for t in trials if t.number == orphan.number).state == TrialState.FAIL
+    retried = [t for t in trials if t.user_attrs.get("retry_of") == orphan.number]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+
+
+def test_cli_run_and_pareto(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_study(tmp_path, budget={"trials": 3})))
+    assert main(["run", str(path), "--executor", "inprocess"]) == 0
+    capsys.readouterr()
+    assert main(["pareto", str(tmp_path / "run"), "--sort", "size_bytes"]) == 0
+    assert "size_bytes" in capsys.readouterr().out
+    assert main(["pareto", str(tmp_path)]) == 2  # not a run folder: a clear error, exit 2
+
+
+@pytest.mark.ray
+def test_tiny_study_through_local_ray(tmp_path: Path, ray_session: None) -> None:
+    data = tiny_study(tmp_path, executor={"kind": "ray", "max_in_flight": 2}, budget={"trials": 6})
+    result = run_study(study_from_mapping(data))
+    assert result.counts == {"complete": 6, "failed": 0}
+    pids = {t.user_attrs["records"]["pid"] for t in _trials(result.run_dir)}
+    import os
+
+    assert os.getpid() not in pids  # trials ran in Ray workers, not in the driver

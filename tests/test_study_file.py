@@ -1,0 +1,113 @@
+"""Study files are validated before any trial runs; each error names field, value and fix."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import tiny_study
+from slimsearch.search.study_file import StudyError, load_study, parse_duration, study_from_mapping
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    *path, last = dotted.split(".")
+    node = data
+    for key in path:
+        node = node.setdefault(key, {})
+    if value is _DELETE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return data
+
+
+_DELETE = object()
+
+BAD = [
+    ("name", "bad name!", "name"),
+    ("surprise", 1, "unknown key"),
+    ("model.source", "no/such/folder", "model.source"),
+    ("model.source", "builtin:gpt-17", "model.source"),
+    ("model.config", _DELETE, "model.source: missing"),
+    ("task.kind", "regression", "task.kind"),
+    ("task.test_size", 0, "task.test_size"),
+    ("task.rows", _DELETE, "task.data: missing"),
+    ("space.default.bits", [32, 3], "bits: 3"),
+    ("space.default.sparsity", [0.0, 1.5], "sparsity: 1.5"),
+    ("space.default.rank", [0], "rank: 0"),
+    ("space.default.depth", [1], "unknown knob"),
+    ("space.embeddings", [32, 5], "space.embeddings"),
+    ("space.groups", [{"bits": [8]}], "space.groups[0]"),
+    ("objectives", ["accuracy", "nonsense"], "unknown evaluator 'nonsense'"),
+    ("objectives", ["perplexity"], "perplexity needs task.kind causal-lm"),
+    ("objectives", ["no_such_pkg.mod:Thing"], "cannot import module"),
+    ("constraints.max_latency_ratio", 0.5, "needs the objective 'latency_ms'"),
+    ("constraints.max_accuracy_drop", -1, "constraints.max_accuracy_drop"),
+    ("latency.repeats", 0, "latency.repeats"),
+    ("sampler.name", "grid", "sampler.name"),
+    ("budget.timeout", "soon", "budget.timeout"),
+    ("budget.trials", 0, "budget.trials"),
+    ("executor.kind", "slurm", "executor.kind"),
+    ("executor.max_in_flight", 0, "executor.max_in_flight"),
+    ("storage", "redis", "storage"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), BAD, ids=[f"{b[0]}={b[1]!r}" for b in BAD])
+def test_bad_study_is_refused_with_a_clear_error(
+    tmp_path: Path, field: str, value: Any, expected: str
+) -> None:
+    data = _set(tiny_study(tmp_path), field, value)
+    if field == "constraints.max_latency_ratio":
+        data["objectives"] = ["accuracy", "size_bytes"]
+    with pytest.raises(StudyError, match=None) as err:
+        study_from_mapping(data)
+    assert expected in str(err.value), str(err.value)
+
+
+def test_no_budget_at_all_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StudyError, match="budget"):
+        study_from_mapping(_set(tiny_study(tmp_path), "budget", {"trials": None}))
+
+
+def test_layer_pattern_that_matches_nothing_is_refused_before_trials(tmp_path: Path) -> None:
+    from slimsearch.spaces import SearchSpace, space_config_from_mapping
+    from tiny import tiny_bert
+
+    with pytest.raises(ValueError, match="match no Linear"):
+        SearchSpace(tiny_bert(), space_config_from_mapping({"layers": "re:.*decoder.*"}))
+    with pytest.raises(ValueError, match=r"groups\[0\].match"):
+        SearchSpace(
+            tiny_bert(), space_config_from_mapping({"groups": [{"match": "re:nothing", "bits": [8]}]})
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [(90, 90.0), ("90s", 90.0), ("15m", 900.0), ("8h", 28800.0), ("1h30m", 5400.0)]
+)
+def test_durations(text: Any, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("name", ["minilm-sentiment.yaml", "smollm2-perplexity.yaml"])
+def test_shipped_studies_validate(name: str) -> None:
+    spec = load_study(REPO / "studies" / name)
+    assert spec.objectives and spec.budget.trials
+
+
+def test_missing_study_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(StudyError, match="does not exist"):
+        load_study(tmp_path / "nope.yaml")
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(StudyError, match="YAML mapping"):
+        load_study(path)
