@@ -1,7 +1,7 @@
 """How good a compressed model is: quality on a task, size, latency, and user plugins."""
 
 from slimsearch.evaluators.base import Direction, EvalContext, Evaluator, LatencySpec, TaskKind
-from slimsearch.evaluators.latency import LatencyMs, time_forward
+from slimsearch.evaluators.latency import LatencyMs, LatencyRatio, measure, time_forward
 from slimsearch.evaluators.quality import Accuracy, Perplexity
 from slimsearch.evaluators.registry import evaluator_names, import_object, make_evaluator, register_evaluator
 from slimsearch.evaluators.size import SizeBytes
@@ -12,6 +12,7 @@ __all__ = [
     "EvalContext",
     "Evaluator",
     "LatencyMs",
+    "LatencyRatio",
     "LatencySpec",
     "Perplexity",
     "SizeBytes",
@@ -19,6 +20,7 @@ __all__ = [
     "evaluator_names",
     "import_object",
     "make_evaluator",
+    "measure",
     "register_evaluator",
     "time_forward",
 ]

@@ -19,20 +19,42 @@ TaskKind = Literal["classification", "causal-lm"]
 
 @dataclass(frozen=True)
 class LatencySpec:
-    """How latency is measured: forward passes of one input shape, with a fixed thread count."""
+    """How latency is measured (see evaluators/latency.py for the protocol).
+
+    ``shapes`` adds (batch, seq_len) pairs beyond the primary one; ``target`` names the Ray
+    resource of the machines latency must be measured on (None: wherever the trial runs).
+    """
 
     batch_size: int = 1
     seq_len: int = 64
     warmup: int = 5
     repeats: int = 20
     threads: int = 2
+    max_cv: float = 0.15
+    retries: int = 2
+    shapes: tuple[tuple[int, int], ...] = ()
+    target: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "seq_len", "warmup", "repeats", "threads"):
+        for name in ("batch_size", "seq_len", "warmup", "repeats", "threads", "retries"):
             value = getattr(self, name)
-            low = 0 if name == "warmup" else 1
+            low = 0 if name in ("warmup", "retries") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"latency.{name}={value!r}: give an integer >= {low}")
+        if not isinstance(self.max_cv, (int, float)) or not self.max_cv > 0:
+            raise ValueError(f"latency.max_cv={self.max_cv!r}: give a positive fraction such as 0.15")
+        for shape in self.shapes:
+            ok = isinstance(shape, tuple) and len(shape) == 2
+            if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
+                raise ValueError(
+                    f"latency.shapes: {shape!r} is not a [batch_size, seq_len] pair of positive ints"
+                )
+        if self.target is not None and (not isinstance(self.target, str) or not self.target):
+            raise ValueError(f"latency.target={self.target!r}: give the name of a Ray custom resource")
+
+    def all_shapes(self) -> list[tuple[int, int]]:
+        primary = (self.batch_size, self.seq_len)
+        return [primary] + [s for s in self.shapes if s != primary]
 
 
 @dataclass
@@ -40,6 +62,7 @@ class EvalContext:
     """What an evaluator may use. ``batches`` are ready model inputs: for classification
     dicts of input_ids / attention_mask / labels; for causal LMs dicts of input_ids blocks.
     ``records`` collects details an evaluator wants kept with the trial (e.g. latency spread).
+    ``reference`` is the uncompressed baseline model when the caller has it.
     """
 
     task: TaskKind
@@ -48,13 +71,18 @@ class EvalContext:
     plan: CompressionPlan
     latency: LatencySpec = field(default_factory=LatencySpec)
     baseline: dict[str, float] = field(default_factory=dict)
+    reference: nn.Module | None = None  # the uncompressed model, for interleaved timing
     options: dict[str, Any] = field(default_factory=dict)
     records: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """A measurement of a compressed model: ``name``, ``direction`` and ``evaluate``."""
+    """A measurement of a compressed model: ``name``, ``direction`` and ``evaluate``.
+
+    An evaluator may also set ``exclusive = True`` when it must run with no other trial
+    computing on the machine (timing does); the worker then holds a machine-wide lock.
+    """
 
     name: str
     direction: Direction

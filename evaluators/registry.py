@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from slimsearch.evaluators.base import Evaluator
-from slimsearch.evaluators.latency import LatencyMs
+from slimsearch.evaluators.latency import LatencyMs, LatencyRatio
 from slimsearch.evaluators.quality import Accuracy, Perplexity
 from slimsearch.evaluators.size import SizeBytes
 
@@ -20,7 +20,7 @@ def register_evaluator(name: str, factory: Callable[..., Any]) -> None:
     _REGISTRY[name] = factory
 
 
-for _cls in (Accuracy, Perplexity, SizeBytes, LatencyMs):
+for _cls in (Accuracy, Perplexity, SizeBytes, LatencyMs, LatencyRatio):
     register_evaluator(_cls.name, _cls)
 
 

@@ -8,6 +8,7 @@ writing the Pareto front it has.
 from __future__ import annotations
 
 import json
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import Trial, TrialState
 
+from slimsearch.evaluators import make_evaluator
 from slimsearch.search import models, pareto
 from slimsearch.search.executors import Executor, make_executor
 from slimsearch.search.log import fmt_seconds, say
@@ -29,6 +31,9 @@ from slimsearch.spaces import CompressionPlan, SearchSpace
 
 MAX_RETRIES = 1
 RUN_INFO = "run.json"
+# A trial past its timeout first gets TrialTimeout raised inside it; past this much more,
+# its task is killed (code stuck in native calls cannot see the signal).
+KILL_GRACE_S = 10.0
 
 
 @dataclass
@@ -151,6 +156,7 @@ class Driver:
             latency=spec.latency,
             baseline=baseline,
             trust_remote_code=spec.model.trust_remote_code,
+            timeout_s=spec.executor.trial_timeout_s,
         )
 
     def measure_baseline(
@@ -242,6 +248,7 @@ class Driver:
         )
         stopped = "budget"
         self.done_here = 0
+        previous_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
         try:
             baseline = self.measure_baseline(study, executor, baseline_dir)
             if spec.seed_uniform and not study.user_attrs.get("seeded"):
@@ -252,10 +259,13 @@ class Driver:
                 say(f"queued {len(seeds)} uniform configurations first")
             deadline = self.started + spec.budget.timeout_s if spec.budget.timeout_s else None
             stopped = self.loop(study, executor, space, distributions, baseline_dir, baseline, deadline)
+            if spec.remeasure_front:
+                self.remeasure_front(study, executor, space, baseline_dir, baseline)
         except KeyboardInterrupt:
             stopped = "interrupted"
             say("interrupted: cancelling running trials; the front so far is written below")
         finally:
+            signal.signal(signal.SIGTERM, previous_term)
             for trial, _ in self.running.values():
                 trial.set_user_attr("error", f"cancelled ({stopped})")
                 study.tell(trial, state=TrialState.FAIL)
@@ -290,13 +300,68 @@ class Driver:
                 executor.submit(self.job(trial.number, plan, baseline_dir, baseline))
             if executor.in_flight() == 0:
                 return stopped
-            for result in executor.poll(timeout=1.0):
+            results = executor.poll(timeout=1.0) + self.overdue(executor)
+            for result in results:
                 self.tell(study, result, baseline)
                 self.done_here += 1
                 self.progress(study, result, baseline)
 
+    def overdue(self, executor: Executor) -> list[TrialResult]:
+        """Cancel trials running past their timeout plus a grace period."""
+        limit = self.spec.executor.trial_timeout_s
+        if not limit:
+            return []
+        now = time.monotonic()
+        out = []
+        for number, (_, started) in list(self.running.items()):
+            if now - started > limit + KILL_GRACE_S:
+                result = executor.cancel(
+                    number, f"TrialTimeout: killed after {now - started:.0f}s (limit {limit:g}s)"
+                )
+                if result is not None:
+                    out.append(result)
+        return out
+
+    def remeasure_front(
+        self,
+        study: optuna.Study,
+        executor: Executor,
+        space: SearchSpace,
+        baseline_dir: Path,
+        baseline: dict[str, float],
+    ) -> None:
+        """Time the front's trials again, each in a fresh process, interleaved with the baseline."""
+        timing = tuple(
+            o
+            for o in self.spec.objectives
+            if getattr(make_evaluator(o.ref, dict(o.options)), "exclusive", False)
+        )
+        front = [
+            t for t in study.best_trials if str(t.number) not in study.user_attrs.get("final_latency", {})
+        ]
+        if not timing or not front:
+            return
+        say(f"re-measuring the latency of {len(front)} front trials in fresh processes")
+        final = dict(study.user_attrs.get("final_latency", {}))
+        for trial in front:
+            plan = CompressionPlan.from_dict(trial.user_attrs["plan"])
+            job = replace(self.job(trial.number, plan, baseline_dir, baseline), objectives=timing)
+            executor.submit(job, fresh_process=True)
+            results: list[TrialResult] = []
+            while not results:
+                results = executor.poll(timeout=5.0)
+            result = results[0]
+            if result.values is None:
+                say(f"re-measuring trial {trial.number} failed: {result.error}")
+                continue
+            lat = result.records.get("latency", {})
+            final[str(trial.number)] = result.values | {"ratio": lat.get("ratio"), "noisy": lat.get("noisy")}
+        study.set_user_attr("final_latency", final)
+
     def finish(self, study: optuna.Study, baseline: dict[str, float], stopped: str) -> RunResult:
         rows = pareto.front_rows(study, self.objectives, baseline) if baseline else []
+        if rows and study.user_attrs.get("final_latency"):
+            print("latency columns of the front: re-measured at the end in fresh processes")
         pareto.write_csv(rows, self.run_dir / "pareto.csv")
         pareto.write_csv(pareto.all_rows(study, self.objectives, baseline), self.run_dir / "trials.csv")
         states = [t.state for t in study.get_trials(deepcopy=False)]
@@ -324,6 +389,10 @@ class Driver:
             f"storage: {storage_url(self.spec)}"
         )
         return RunResult(self.run_dir, study, baseline, rows, stopped, counts)
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def run_study(

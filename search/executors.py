@@ -2,28 +2,36 @@
 
 - ``InProcessExecutor`` runs each job in the driver's own process (tests, debugging).
 - ``RayExecutor`` runs each job as a Ray task, on a local Ray that it starts itself (files
-  under the run folder, no dashboard) or on an existing cluster given by address.
+  under the run folder, no dashboard, bound to 127.0.0.1) or on an existing cluster given
+  by address. When the study names a latency target (a Ray custom resource), a trial is
+  split in two tasks: quality anywhere, timing only on nodes that carry the target.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 from collections import deque
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from slimsearch.evaluators import make_evaluator
 from slimsearch.search.log import say
+from slimsearch.search.study_file import StudyError
 from slimsearch.search.worker import TrialJob, TrialResult, run_trial
 
 
 class Executor(Protocol):
     capacity: int
 
-    def submit(self, job: TrialJob) -> None: ...
+    def submit(self, job: TrialJob, fresh_process: bool = False) -> None: ...
 
     def poll(self, timeout: float) -> list[TrialResult]: ...
+
+    def cancel(self, number: int, reason: str) -> TrialResult | None: ...
 
     def in_flight(self) -> int: ...
 
@@ -31,19 +39,22 @@ class Executor(Protocol):
 
 
 class InProcessExecutor:
-    """Runs queued jobs one at a time, inside ``poll``."""
+    """Runs queued jobs one at a time, inside ``poll``. Timeouts are enforced by the worker."""
 
     def __init__(self, capacity: int = 1) -> None:
         self.capacity = capacity
         self._queue: deque[TrialJob] = deque()
 
-    def submit(self, job: TrialJob) -> None:
+    def submit(self, job: TrialJob, fresh_process: bool = False) -> None:
         self._queue.append(job)
 
     def poll(self, timeout: float) -> list[TrialResult]:
         if not self._queue:
             return []
         return [run_trial(self._queue.popleft())]
+
+    def cancel(self, number: int, reason: str) -> TrialResult | None:
+        return None  # jobs run synchronously inside poll: nothing is ever left running
 
     def in_flight(self) -> int:
         return len(self._queue)
@@ -66,8 +77,43 @@ def _ray_temp_dir(run_dir: Path) -> Path:
     return short
 
 
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast (before any trial) when a HOST:PORT Ray address does not answer."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise StudyError(f"executor.address: {address!r} is not HOST:PORT (e.g. 127.0.0.1:6379) or 'auto'")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise StudyError(
+            f"executor.address: the Ray cluster at {address!r} did not answer ({exc}); start it with "
+            "`ray start --head --port PORT`, or remove the address to use a local Ray"
+        ) from None
+
+
+def split_job(job: TrialJob) -> list[TrialJob]:
+    """Quality objectives and timing objectives as separate jobs (timing pinned to the target)."""
+    timing = [
+        o for o in job.objectives if getattr(make_evaluator(o.ref, dict(o.options)), "exclusive", False)
+    ]
+    quality = [o for o in job.objectives if o not in timing]
+    if not timing or not quality:
+        return [job]
+    return [replace(job, objectives=tuple(quality)), replace(job, objectives=tuple(timing))]
+
+
+@dataclass
+class _Pending:
+    job: TrialJob
+    refs: list[Any]
+    parts: list[TrialResult] = field(default_factory=list)
+
+
 class RayExecutor:
-    """Runs jobs as Ray tasks; at most ``capacity`` in flight."""
+    """Runs jobs as Ray tasks; at most ``capacity`` trials in flight."""
 
     def __init__(self, run_dir: Path, capacity: int, cpus_per_trial: int, address: str | None = None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -75,10 +121,13 @@ class RayExecutor:
 
         self.capacity = capacity
         self._ray = ray
-        self._pending: dict[Any, TrialJob] = {}
+        self._trials: dict[int, _Pending] = {}
+        self._owner: dict[Any, int] = {}
         self._started_here = False
+        self._cpus = cpus_per_trial
         if not ray.is_initialized():
             if address:
+                check_address(address)
                 say(f"connecting to the Ray cluster at {address}")
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
             else:
@@ -89,37 +138,86 @@ class RayExecutor:
                     num_cpus=os.cpu_count(),
                     include_dashboard=False,
                     _temp_dir=str(temp),
+                    _node_ip_address="127.0.0.1",
                     logging_level=logging.WARNING,
                     log_to_driver=True,
                 )
             self._started_here = True
-        self._remote = ray.remote(num_cpus=cpus_per_trial, max_retries=1, retry_exceptions=False)(run_trial)
+        # max_retries=1: a task whose worker process died is run once more. max_calls=1: the
+        # worker exits after the task, so the next task starts in a fresh process.
+        self._remote = ray.remote(max_retries=1, retry_exceptions=False)(run_trial)
+        self._remote_fresh = ray.remote(max_retries=1, retry_exceptions=False, max_calls=1)(run_trial)
 
-    def submit(self, job: TrialJob) -> None:
-        self._pending[self._remote.remote(job)] = job
+    def _options(self, job: TrialJob) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self._cpus}
+        target = job.latency.target
+        timing = any(
+            getattr(make_evaluator(o.ref, dict(o.options)), "exclusive", False) for o in job.objectives
+        )
+        if target and timing:
+            opts["resources"] = {target: 0.001}
+        return opts
+
+    def submit(self, job: TrialJob, fresh_process: bool = False) -> None:
+        parts = split_job(job) if job.latency.target else [job]
+        remote = self._remote_fresh if fresh_process else self._remote
+        refs = [remote.options(**self._options(p)).remote(p) for p in parts]
+        self._trials[job.number] = _Pending(job, refs)
+        for ref in refs:
+            self._owner[ref] = job.number
 
     def poll(self, timeout: float) -> list[TrialResult]:
-        if not self._pending:
+        if not self._owner:
             return []
-        ready, _ = self._ray.wait(list(self._pending), num_returns=1, timeout=timeout)
-        results = []
+        ready, _ = self._ray.wait(list(self._owner), num_returns=1, timeout=timeout)
+        done = []
         for ref in ready:
-            job = self._pending.pop(ref)
+            number = self._owner.pop(ref)
+            pending = self._trials[number]
             try:
-                results.append(self._ray.get(ref))
-            except Exception as exc:  # the worker died, or Ray could not run the task
-                results.append(TrialResult(job.number, None, {}, error=f"{type(exc).__name__}: {exc}"))
-        return results
+                pending.parts.append(self._ray.get(ref))
+            except Exception as exc:  # the worker died twice, or Ray could not run the task
+                pending.parts.append(TrialResult(number, None, {}, error=f"{type(exc).__name__}: {exc}"))
+            if len(pending.parts) == len(pending.refs):
+                del self._trials[number]
+                done.append(merge_parts(number, pending.parts))
+        return done
+
+    def cancel(self, number: int, reason: str) -> TrialResult | None:
+        pending = self._trials.pop(number, None)
+        if pending is None:
+            return None
+        for ref in pending.refs:
+            self._owner.pop(ref, None)
+            self._ray.cancel(ref, force=True)
+        return TrialResult(number, None, {}, error=reason)
 
     def in_flight(self) -> int:
-        return len(self._pending)
+        return len(self._trials)
 
     def shutdown(self) -> None:
-        for ref in list(self._pending):
-            self._ray.cancel(ref, force=True)
-        self._pending.clear()
+        for number in list(self._trials):
+            self.cancel(number, "shutdown")
         if self._started_here:
             self._ray.shutdown()
+
+
+def merge_parts(number: int, parts: list[TrialResult]) -> TrialResult:
+    errors = [p for p in parts if p.values is None]
+    if errors:
+        first = errors[0]
+        return TrialResult(
+            number, None, {}, first.error, first.traceback, max(p.seconds for p in parts), first.node
+        )
+    if len(parts) == 1:
+        return parts[0]
+    values: dict[str, float] = {}
+    records: dict[str, Any] = {}
+    for p in parts:
+        values |= p.values or {}
+        records |= p.records
+    records["nodes"] = [p.node for p in parts]
+    return TrialResult(number, values, records, seconds=max(p.seconds for p in parts), node=parts[-1].node)
 
 
 def make_executor(

@@ -21,10 +21,19 @@ def violation(trial: FrozenTrial) -> float:
     return sum(max(0.0, float(v)) for k, v in trial.system_attrs.items() if k.startswith(CONSTRAINT_PREFIX))
 
 
-def trial_row(trial: FrozenTrial, objectives: Sequence[str], baseline: dict[str, float]) -> dict[str, Any]:
+def trial_row(
+    trial: FrozenTrial,
+    objectives: Sequence[str],
+    baseline: dict[str, float],
+    final: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One trial as a table row; ``final`` holds re-measured values that replace the trial's."""
     row: dict[str, Any] = {"trial": trial.number}
-    values = trial.values or []
-    for name, value in zip(objectives, values, strict=False):
+    values = dict(zip(objectives, trial.values or [], strict=False))
+    for name, value in (final or {}).items():
+        if name in values and isinstance(value, (int, float)):
+            values[name] = float(value)
+    for name, value in values.items():
         row[name] = value
         base = baseline.get(name)
         if name == "accuracy" and base is not None:
@@ -40,9 +49,12 @@ def trial_row(trial: FrozenTrial, objectives: Sequence[str], baseline: dict[str,
 def front_rows(
     study: optuna.Study, objectives: Sequence[str], baseline: dict[str, float]
 ) -> list[dict[str, Any]]:
-    """Pareto-optimal feasible trials (Optuna's best_trials), sorted by the first objective."""
-    best = study.best_trials
-    rows = [trial_row(t, objectives, baseline) for t in best]
+    """Pareto-optimal feasible trials (Optuna's best_trials), sorted by the first objective.
+
+    Latency values re-measured at the end of the run replace the trial-time ones.
+    """
+    final = study.user_attrs.get("final_latency", {})
+    rows = [trial_row(t, objectives, baseline, final.get(str(t.number))) for t in study.best_trials]
     first = objectives[0]
     reverse = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     return sorted(rows, key=lambda r: r[first], reverse=reverse)

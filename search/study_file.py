@@ -114,6 +114,7 @@ class ExecutorSpec:
     kind: str = "ray"
     address: str | None = None
     max_in_flight: int = 1
+    trial_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class StudySpec:
     latency: LatencySpec
     sampler: SamplerSpec
     seed_uniform: bool
+    remeasure_front: bool
     budget: BudgetSpec
     executor: ExecutorSpec
     storage: str
@@ -153,6 +155,7 @@ _TOP_KEYS = {
     "storage",
     "output",
     "cache",
+    "remeasure_front",
 }
 
 
@@ -379,10 +382,21 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     objectives = _objectives(data, task.kind)
     constraints = _constraints(data, objectives)
 
-    lat = _section(data, "latency", {"batch_size", "seq_len", "warmup", "repeats", "threads"})
+    lat = _section(
+        data,
+        "latency",
+        {"batch_size", "seq_len", "warmup", "repeats", "threads", "max_cv", "retries", "shapes", "target"},
+    )
+    if "shapes" in lat:
+        shapes = lat["shapes"]
+        if not isinstance(shapes, list):
+            raise _fail(
+                "latency.shapes", shapes, "give a list of [batch_size, seq_len] pairs, e.g. [[16, 128]]"
+            )
+        lat["shapes"] = tuple(tuple(s) if isinstance(s, list) else s for s in shapes)
     try:
         latency = LatencySpec(**lat)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise StudyError(str(exc)) from None
 
     smp = _section(data, "sampler", {"name", "seed", "population_size"})
@@ -399,11 +413,12 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     )
     if budget.trials is None and budget.timeout_s is None:
         raise StudyError("budget: give budget.trials, budget.timeout, or both, so the search ends")
-    exe = _section(data, "executor", {"kind", "address", "max_in_flight"})
+    exe = _section(data, "executor", {"kind", "address", "max_in_flight", "trial_timeout"})
     executor = ExecutorSpec(
         kind=_choice(exe.get("kind", "ray"), "executor.kind", EXECUTORS),
         address=exe.get("address"),
         max_in_flight=_int(exe.get("max_in_flight", 1), "executor.max_in_flight"),
+        trial_timeout_s=parse_duration(exe.get("trial_timeout"), "executor.trial_timeout"),
     )
     if executor.address is not None and not isinstance(executor.address, str):
         raise _fail(
@@ -412,6 +427,9 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     seed_uniform = data.get("seed_uniform", True)
     if not isinstance(seed_uniform, bool):
         raise _fail("seed_uniform", seed_uniform, "write true or false")
+    remeasure = data.get("remeasure_front", True)
+    if not isinstance(remeasure, bool):
+        raise _fail("remeasure_front", remeasure, "write true or false")
     output = data.get("output", f"runs/{name}")
     cache = data.get("cache", str(Path.home() / ".cache" / "slimsearch"))
     return StudySpec(
@@ -424,6 +442,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         latency=latency,
         sampler=sampler,
         seed_uniform=seed_uniform,
+        remeasure_front=remeasure,
         budget=budget,
         executor=executor,
         storage=_choice(data.get("storage", "sqlite"), "storage", STORAGES),

@@ -8,9 +8,14 @@ from __future__ import annotations
 import copy
 import math
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,7 @@ from torch import Tensor, nn
 
 from slimsearch.evaluators import EvalContext, LatencySpec, make_evaluator
 from slimsearch.search import models, tasks
+from slimsearch.search.locks import machine_lock
 from slimsearch.search.study_file import ObjectiveSpec, TaskSpec
 from slimsearch.spaces import CompressionPlan, apply_plan
 
@@ -35,6 +41,7 @@ class TrialJob:
     latency: LatencySpec
     baseline: dict[str, float] = field(default_factory=dict)
     trust_remote_code: bool = False
+    timeout_s: float | None = None  # enforced here only in-process; Ray tasks are cancelled
 
 
 @dataclass
@@ -88,28 +95,72 @@ def build_model(job: TrialJob) -> tuple[nn.Module, CompressionPlan]:
     return model.eval(), plan
 
 
+class TrialTimeout(Exception):
+    pass
+
+
+@contextmanager
+def _deadline(seconds: float | None) -> Iterator[None]:
+    """Raise TrialTimeout after ``seconds`` (main thread only: used by the in-process executor)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise TrialTimeout(f"trial exceeded its timeout of {seconds:g}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def node_name() -> str:
+    """The Ray node id when running under Ray (several nodes can share a host), else the host."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return str(ray.get_runtime_context().get_node_id())
+    return socket.gethostname()
+
+
+def _evaluate(job: TrialJob, model: nn.Module, context: EvalContext) -> dict[str, float]:
+    evaluators = [(o.name, make_evaluator(o.ref, dict(o.options))) for o in job.objectives]
+    values: dict[str, float] = {}
+    # Quality first under a shared lock, then timing alone on the machine.
+    for exclusive in (False, True):
+        todo = [(n, e) for n, e in evaluators if bool(getattr(e, "exclusive", False)) == exclusive]
+        if not todo:
+            continue
+        with machine_lock(job.cache_dir, exclusive):
+            for name, evaluator in todo:
+                value = float(evaluator.evaluate(model, context))
+                if math.isnan(value) or math.isinf(value):
+                    raise ValueError(f"evaluator {name!r} returned {value}")
+                values[name] = value
+    return {o.name: values[o.name] for o in job.objectives}
+
+
 def run_trial(job: TrialJob) -> TrialResult:
     started = time.monotonic()
-    node = socket.gethostname()
+    node = node_name()
     try:
-        torch.set_num_threads(job.latency.threads)
-        model, plan = build_model(job)
-        _, tokenizer = _baseline(job)
-        context = EvalContext(
-            task=job.task.kind,  # type: ignore[arg-type]
-            batches=eval_batches(job, tokenizer),
-            vocab_size=len(tokenizer),
-            plan=plan,
-            latency=job.latency,
-            baseline=dict(job.baseline),
-        )
-        values: dict[str, float] = {}
-        for objective in job.objectives:
-            evaluator = make_evaluator(objective.ref, dict(objective.options))
-            value = float(evaluator.evaluate(model, context))
-            if math.isnan(value) or math.isinf(value):
-                raise ValueError(f"evaluator {objective.name!r} returned {value}")
-            values[objective.name] = value
+        with _deadline(job.timeout_s):
+            torch.set_num_threads(job.latency.threads)
+            model, plan = build_model(job)
+            reference, tokenizer = _baseline(job)
+            context = EvalContext(
+                task=job.task.kind,  # type: ignore[arg-type]
+                batches=eval_batches(job, tokenizer),
+                vocab_size=len(tokenizer),
+                plan=plan,
+                latency=job.latency,
+                baseline=dict(job.baseline),
+                reference=reference,
+            )
+            values = _evaluate(job, model, context)
         context.records["pid"] = os.getpid()
         return TrialResult(job.number, values, context.records, seconds=time.monotonic() - started, node=node)
     except Exception as exc:  # a trial's failure must never end the study

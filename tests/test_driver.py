@@ -105,3 +105,16 @@ def test_tiny_study_through_local_ray(tmp_path: Path, ray_session: None) -> None
     import os
 
     assert os.getpid() not in pids  # trials ran in Ray workers, not in the driver
+
+
+def test_trial_past_its_timeout_fails_and_the_search_goes_on(tmp_path: Path) -> None:
+    data = tiny_study(
+        tmp_path,
+        objectives=["accuracy", "plugins.custom_eval:Sleepy"],
+        executor={"kind": "inprocess", "trial_timeout": "2s"},
+        budget={"trials": 4},
+    )
+    result = run_study(study_from_mapping(data))
+    trials = _trials(result.run_dir)
+    timed_out = [t for t in trials if "timeout of 2s" in t.user_attrs.get("error", "")]
+    assert timed_out and result.counts["complete"] >= 2 and len(trials) == 4

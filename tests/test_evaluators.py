@@ -79,9 +79,12 @@ def test_latency_returns_median_and_records_spread() -> None:
     )
     value = LatencyMs().evaluate(tiny_bert(), ctx)
     rec = ctx.records["latency"]
-    assert value == rec["median_ms"] > 0
-    assert rec["iqr_ms"] >= 0 and rec["batch_size"] == 2 and rec["threads"] == 1
+    shape = rec["shapes"][0]
+    assert value == rec["median_ms"] == shape["median_ms"] > 0
+    assert shape["iqr_ms"] >= 0 and shape["batch_size"] == 2 and shape["cv"] >= 0
+    assert rec["environment"]["threads"] == 1 and rec["environment"]["torch"] == torch.__version__
     assert torch.get_num_threads() == 1
+    assert "ratio" not in shape  # no baseline model given, so no ratio is claimed
 
 
 def test_latency_spec_validation() -> None:

@@ -31,3 +31,17 @@ class Flaky:
 
 class NotAnEvaluator:
     name = "broken"
+
+
+class Sleepy:
+    """Sleeps for plans that use 4 bits: a trial that hangs past its timeout."""
+
+    name = "sleepy"
+    direction = "minimize"
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        import time
+
+        if any(s.bits == 4 for s in context.plan.layers.values()):
+            time.sleep(30)
+        return 1.0

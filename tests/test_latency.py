@@ -1,0 +1,68 @@
+"""The latency protocol: interleaved ratio, noise gate, shapes, provenance, exclusivity."""
+
+from __future__ import annotations
+
+import fcntl
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tiny import tiny_bert
+
+from slimsearch.evaluators import EvalContext, LatencyRatio, LatencySpec, measure
+from slimsearch.search.locks import machine_lock
+from slimsearch.spaces import CompressionPlan
+
+SPEC = LatencySpec(batch_size=1, seq_len=8, warmup=1, repeats=9, threads=1)
+
+
+def test_interleaved_ratio_of_a_model_against_itself_is_near_one() -> None:
+    model = tiny_bert()
+    out = measure(model, SPEC, vocab_size=96, reference=model)
+    low, high = out["ratio_ci95"]
+    assert low <= high
+    assert 0.5 < out["ratio"] < 2.0  # same model: the ratio is 1 up to timing noise
+    assert out["baseline_median_ms"] > 0 and out["warmup_passes"] >= SPEC.warmup
+
+
+def test_noise_gate_retries_then_flags_noise() -> None:
+    spec = LatencySpec(batch_size=1, seq_len=8, warmup=0, repeats=5, threads=1, max_cv=1e-9, retries=2)
+    out = measure(tiny_bert(), spec, vocab_size=96)
+    assert out["attempts"] == 3 and out["noisy"] is True
+
+
+def test_several_shapes_and_ratio_evaluator_records_provenance() -> None:
+    spec = LatencySpec(batch_size=1, seq_len=8, warmup=1, repeats=5, threads=1, shapes=((2, 16),))
+    model = tiny_bert()
+    ctx = EvalContext(task="classification", batches=[], vocab_size=96, plan=CompressionPlan(), latency=spec)
+    with pytest.raises(ValueError, match="needs the baseline model"):
+        LatencyRatio().evaluate(model, ctx)
+    ctx.reference = model
+    ratio = LatencyRatio().evaluate(model, ctx)
+    rec = ctx.records["latency"]
+    assert [(s["batch_size"], s["seq_len"]) for s in rec["shapes"]] == [(1, 8), (2, 16)]
+    assert ratio == pytest.approx(rec["ratio"]) and ratio > 0
+    assert {"cpu", "threads", "torch", "node"} <= set(rec["environment"])
+
+
+def test_exclusive_lock_waits_for_shared_holders(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    def reader() -> None:
+        with machine_lock(tmp_path, exclusive=False):
+            events.append("read-start")
+            time.sleep(0.3)
+            events.append("read-end")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.1)
+    with machine_lock(tmp_path, exclusive=True):
+        events.append("timing")
+    thread.join()
+    assert events == ["read-start", "read-end", "timing"]
+    # And while timing holds it, nobody else gets it.
+    with machine_lock(tmp_path, exclusive=True), (tmp_path / "locks" / "measure.lock").open("a") as f:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
