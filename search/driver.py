@@ -25,11 +25,12 @@ from slimsearch.evaluators import make_evaluator
 from slimsearch.search import models, pareto
 from slimsearch.search.executors import Executor, make_executor
 from slimsearch.search.log import fmt_seconds, say
-from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, load_study
+from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, constraint_metric, load_study
 from slimsearch.search.worker import TrialJob, TrialResult
 from slimsearch.spaces import CompressionPlan, SearchSpace
 
 MAX_RETRIES = 1
+RATIO_SHOWN = ("size_bytes", "latency_ms", "perplexity")  # progress shows these against the baseline
 RUN_INFO = "run.json"
 # A trial past its timeout first gets TrialTimeout raised inside it; past this much more,
 # its task is killed (code stuck in native calls cannot see the signal).
@@ -74,10 +75,13 @@ def constraint_values(
 ) -> dict[str, float]:
     """Optuna constraint values: <= 0 means satisfied."""
     out = {}
+    names = [o.name for o in spec.objectives]
     for key, limit in spec.constraints.items():
-        metric = CONSTRAINTS[key]
+        metric = constraint_metric(key, names) or CONSTRAINTS[key]
         if key == "max_accuracy_drop":
             out[key] = (baseline[metric] - values[metric]) - limit
+        elif metric == "latency_ratio":  # already relative to the baseline
+            out[key] = values[metric] - limit
         else:
             out[key] = values[metric] / baseline[metric] - limit
     return out

@@ -156,6 +156,8 @@ class RayExecutor:
         )
         if target and timing:
             opts["resources"] = {target: 0.001}
+        elif target:
+            opts["scheduling_strategy"] = "SPREAD"  # quality work may run on any node
         return opts
 
     def submit(self, job: TrialJob, fresh_process: bool = False) -> None:

@@ -38,7 +38,7 @@ def trial_row(
         base = baseline.get(name)
         if name == "accuracy" and base is not None:
             row["accuracy_drop"] = base - value
-        elif base:
+        elif base and not name.endswith("_ratio"):
             row[f"{name}_ratio"] = value / base
     row["feasible"] = violation(trial) == 0.0
     plan = trial.user_attrs.get("plan")

@@ -327,6 +327,14 @@ def _objectives(data: Mapping[str, Any], kind: str) -> tuple[ObjectiveSpec, ...]
     return tuple(out)
 
 
+def constraint_metric(key: str, objective_names: set[str] | list[str]) -> str | None:
+    """The objective a constraint reads; max_latency_ratio reads latency_ratio when present."""
+    if key == "max_latency_ratio" and "latency_ratio" in objective_names:
+        return "latency_ratio"
+    metric = CONSTRAINTS[key]
+    return metric if metric in objective_names else None
+
+
 def _constraints(data: Mapping[str, Any], objectives: tuple[ObjectiveSpec, ...]) -> dict[str, float]:
     raw = _section(data, "constraints", set(CONSTRAINTS))
     names = {o.name for o in objectives}
@@ -334,7 +342,7 @@ def _constraints(data: Mapping[str, Any], objectives: tuple[ObjectiveSpec, ...])
     for key, value in raw.items():
         if value is None:
             continue
-        if CONSTRAINTS[key] not in names:
+        if constraint_metric(key, names) is None:
             raise StudyError(
                 f"constraints.{key}: needs the objective {CONSTRAINTS[key]!r}, which this study "
                 f"does not have (objectives: {sorted(names)})"

@@ -52,6 +52,8 @@ def ray_session() -> Iterator[None]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray = pytest.importorskip("ray")
     temp = tempfile.mkdtemp(prefix="ssray-")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="ERROR")
+    # Workers import test plugins (tests/plugins) too.
+    env = {"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}}
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="ERROR", runtime_env=env)
     yield
     ray.shutdown()

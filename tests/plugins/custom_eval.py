@@ -45,3 +45,42 @@ class Sleepy:
         if any(s.bits == 4 for s in context.plan.layers.values()):
             time.sleep(30)
         return 1.0
+
+
+class SlowOnce:
+    """Writes its pid and sleeps on the first call per marker folder, so a test can kill the
+    worker mid-trial; later calls (the retry) return at once."""
+
+    name = "slow_once"
+    direction = "minimize"
+
+    def __init__(self, folder: str, seconds: float = 20.0) -> None:
+        self.folder = folder
+        self.seconds = seconds
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        import os
+        import time
+        from pathlib import Path
+
+        marker = Path(self.folder) / "started"
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            time.sleep(self.seconds)
+        return 1.0
+
+
+class Slow:
+    """Takes a fixed time per trial, so a test can kill the driver between trials."""
+
+    name = "slow"
+    direction = "minimize"
+
+    def __init__(self, seconds: float = 0.5) -> None:
+        self.seconds = seconds
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        import time
+
+        time.sleep(self.seconds)
+        return 1.0
