@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -53,10 +54,23 @@ def storage_url(spec: StudySpec) -> str:
     return str(spec.output / "study.journal")
 
 
-def open_storage(kind: str, url: str) -> optuna.storages.BaseStorage | str:
+def _sqlite_pragmas(connection: Any, record: Any) -> None:
+    # WAL with synchronous=NORMAL survives a killed process (only a power cut can lose the
+    # last commits) and makes each commit ~10x cheaper: Optuna commits every parameter of
+    # every ask, which cost 1.8 s per trial on a 109-parameter space with the defaults.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def open_storage(kind: str, url: str) -> optuna.storages.BaseStorage:
     if kind == "journal":
         return JournalStorage(JournalFileBackend(url))
-    return url
+    storage = optuna.storages.RDBStorage(url)
+    sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
+    storage.engine.dispose()  # reconnect with the pragmas
+    return storage
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
