@@ -108,6 +108,7 @@ class Driver:
         self.objectives = [o.name for o in spec.objectives]
         self.running: dict[int, tuple[Trial, float]] = {}
         self.started = time.monotonic()
+        self.known: dict[str, TrialResult] = {}  # plan JSON -> its first complete result
 
     # -- set-up -------------------------------------------------------------------------
     def open_study(self, space: SearchSpace, baseline_dir: Path) -> optuna.Study:
@@ -215,6 +216,9 @@ class Driver:
             return
         trial.set_user_attr("metrics", result.values)
         trial.set_user_attr("records", result.records)
+        if "reused_from" not in result.records:
+            plan = CompressionPlan.from_dict(trial.user_attrs["plan"])
+            self.known.setdefault(plan.to_json(), result)
         for key, value in constraint_values(self.spec, result.values, baseline).items():
             trial.set_constraint(key, value)
         study.tell(trial, [result.values[name] for name in self.objectives])
@@ -238,6 +242,8 @@ class Driver:
                     f"{name} {value:.4g}" + (f" ({value / base:.2f}x)" if base and name != "accuracy" else "")
                 )
             what = ", ".join(parts)
+            if "reused_from" in result.records:
+                what += f" (same plan as trial {result.records['reused_from']}: reused)"
         else:
             what = "failed"
         total = f"/{budget.trials}" if budget.trials else ""
@@ -256,6 +262,11 @@ class Driver:
         say(f"search space: {space.describe()}")
         study = self.open_study(space, baseline_dir)
         self.recover(study)
+        for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]):
+            if "plan" in t.user_attrs and "reused_from" not in t.user_attrs.get("records", {}):
+                key = CompressionPlan.from_dict(t.user_attrs["plan"]).to_json()
+                values = dict(t.user_attrs.get("metrics", {}))
+                self.known.setdefault(key, TrialResult(t.number, values, dict(t.user_attrs.get("records", {}))))
         distributions = space.distributions()
         executor = make_executor(
             spec.executor.kind,
@@ -315,6 +326,13 @@ class Driver:
                 plan = space.decode(trial.params)
                 trial.set_user_attr("plan", plan.to_dict())
                 self.running[trial.number] = (trial, time.monotonic())
+                earlier = self.known.get(plan.to_json())
+                if earlier is not None:  # the same plan was measured before: reuse it
+                    reused = TrialResult(trial.number, dict(earlier.values or {}), {"reused_from": earlier.number})
+                    self.tell(study, reused, baseline)
+                    self.done_here += 1
+                    self.progress(study, reused, baseline)
+                    continue
                 executor.submit(self.job(trial.number, plan, baseline_dir, baseline))
             if executor.in_flight() == 0:
                 return stopped

@@ -118,3 +118,21 @@ def test_trial_past_its_timeout_fails_and_the_search_goes_on(tmp_path: Path) -> 
     trials = _trials(result.run_dir)
     timed_out = [t for t in trials if "timeout of 2s" in t.user_attrs.get("error", "")]
     assert timed_out and result.counts["complete"] >= 2 and len(trials) == 4
+
+
+def test_identical_plans_are_not_measured_twice(tmp_path: Path) -> None:
+    # A one-knob space with two values: after both are measured, every proposal is a repeat.
+    data = tiny_study(
+        tmp_path,
+        space={"layers": "bert.encoder.layer.0.output.dense", "default": {"bits": [32, 8]}},
+        budget={"trials": 6},
+    )
+    result = run_study(study_from_mapping(data))
+    trials = _trials(result.run_dir)
+    reused = [t for t in trials if "reused_from" in t.user_attrs["records"]]
+    measured = [t for t in trials if "reused_from" not in t.user_attrs["records"]]
+    assert result.counts["complete"] == 6
+    assert len(measured) == 2 and len(reused) == 4
+    by_number = {t.number: t for t in trials}
+    for t in reused:
+        assert t.values == by_number[t.user_attrs["records"]["reused_from"]].values
