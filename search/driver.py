@@ -27,7 +27,7 @@ from slimsearch.search import models, pareto
 from slimsearch.search.executors import Executor, make_executor
 from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, constraint_metric, load_study
-from slimsearch.search.worker import TrialJob, TrialResult
+from slimsearch.search.worker import ScreenSpec, TrialJob, TrialResult
 from slimsearch.spaces import CompressionPlan, SearchSpace
 
 MAX_RETRIES = 1
@@ -176,7 +176,15 @@ class Driver:
             baseline=baseline,
             trust_remote_code=spec.model.trust_remote_code,
             timeout_s=spec.executor.trial_timeout_s,
+            screen=self.screen_spec(baseline) if number >= 0 else None,  # never screen the baseline
         )
+
+    def screen_spec(self, baseline: dict[str, float]) -> ScreenSpec | None:
+        s = self.spec.screening
+        drop = self.spec.constraints.get("max_accuracy_drop")
+        if s is None or drop is None or "accuracy" not in baseline or self.spec.task.kind != "classification":
+            return None
+        return ScreenSpec(threshold=baseline["accuracy"] - drop, examples=s.examples, z=s.z)
 
     def measure_baseline(
         self, study: optuna.Study, executor: Executor, baseline_dir: Path
@@ -201,13 +209,17 @@ class Driver:
 
     # -- the loop -----------------------------------------------------------------------
     def finished_count(self, study: optuna.Study) -> int:
-        states = (TrialState.COMPLETE, TrialState.FAIL)
+        states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
         return len(study.get_trials(deepcopy=False, states=states))
 
     def tell(self, study: optuna.Study, result: TrialResult, baseline: dict[str, float]) -> None:
         trial, _ = self.running.pop(result.number)
         trial.set_user_attr("seconds", round(result.seconds, 2))
         trial.set_user_attr("node", result.node)
+        if result.pruned:
+            trial.set_user_attr("records", result.records)
+            study.tell(trial, state=TrialState.PRUNED)
+            return
         if result.values is None:
             trial.set_user_attr("error", result.error or "unknown error")
             trial.set_user_attr("traceback", (result.traceback or "")[-4000:])
@@ -227,13 +239,14 @@ class Driver:
         trials = study.get_trials(deepcopy=False)
         done = sum(t.state == TrialState.COMPLETE for t in trials)
         failed = sum(t.state == TrialState.FAIL for t in trials)
+        screened = sum(t.state == TrialState.PRUNED for t in trials)
         front = len(study.best_trials) if done else 0
         elapsed = time.monotonic() - self.started
         budget = self.spec.budget
         eta = ""
         if budget.trials:
             per = elapsed / max(1, self.done_here)
-            eta = f", ETA {fmt_seconds(per * max(0, budget.trials - done - failed))}"
+            eta = f", ETA {fmt_seconds(per * max(0, budget.trials - done - failed - screened))}"
         if result.values:
             parts = []
             for name, value in result.values.items():
@@ -244,12 +257,15 @@ class Driver:
             what = ", ".join(parts)
             if "reused_from" in result.records:
                 what += f" (same plan as trial {result.records['reused_from']}: reused)"
+        elif result.pruned:
+            scr = result.records.get("screen", {})
+            what = f"screened out (accuracy {scr.get('accuracy', 0):.1f} on {scr.get('examples')} examples)"
         else:
             what = "failed"
         total = f"/{budget.trials}" if budget.trials else ""
         say(
-            f"trial {result.number}: {what} [{result.seconds:.1f}s] | {done + failed}{total} done "
-            f"({failed} failed, {len(self.running)} running), front {front}, "
+            f"trial {result.number}: {what} [{result.seconds:.1f}s] | {done + failed + screened}{total} done "
+            f"({failed} failed, {screened} screened out, {len(self.running)} running), front {front}, "
             f"elapsed {fmt_seconds(elapsed)}{eta}"
         )
 
@@ -266,7 +282,9 @@ class Driver:
             if "plan" in t.user_attrs and "reused_from" not in t.user_attrs.get("records", {}):
                 key = CompressionPlan.from_dict(t.user_attrs["plan"]).to_json()
                 values = dict(t.user_attrs.get("metrics", {}))
-                self.known.setdefault(key, TrialResult(t.number, values, dict(t.user_attrs.get("records", {}))))
+                self.known.setdefault(
+                    key, TrialResult(t.number, values, dict(t.user_attrs.get("records", {})))
+                )
         distributions = space.distributions()
         executor = make_executor(
             spec.executor.kind,
@@ -328,7 +346,9 @@ class Driver:
                 self.running[trial.number] = (trial, time.monotonic())
                 earlier = self.known.get(plan.to_json())
                 if earlier is not None:  # the same plan was measured before: reuse it
-                    reused = TrialResult(trial.number, dict(earlier.values or {}), {"reused_from": earlier.number})
+                    reused = TrialResult(
+                        trial.number, dict(earlier.values or {}), {"reused_from": earlier.number}
+                    )
                     self.tell(study, reused, baseline)
                     self.done_here += 1
                     self.progress(study, reused, baseline)

@@ -104,6 +104,12 @@ class SamplerSpec:
 
 
 @dataclass(frozen=True)
+class ScreeningSpec:
+    examples: int = 200
+    z: float = 2.0
+
+
+@dataclass(frozen=True)
 class BudgetSpec:
     trials: int | None = 30
     timeout_s: float | None = None
@@ -129,6 +135,7 @@ class StudySpec:
     sampler: SamplerSpec
     seed_uniform: bool
     remeasure_front: bool
+    screening: ScreeningSpec | None
     budget: BudgetSpec
     executor: ExecutorSpec
     storage: str
@@ -156,6 +163,7 @@ _TOP_KEYS = {
     "output",
     "cache",
     "remeasure_front",
+    "screening",
 }
 
 
@@ -352,6 +360,21 @@ def _constraints(data: Mapping[str, Any], objectives: tuple[ObjectiveSpec, ...])
     return out
 
 
+def _screening(data: Mapping[str, Any]) -> ScreeningSpec | None:
+    raw = data.get("screening", {})
+    if raw is False or raw is None:
+        return None
+    if raw is True:
+        return ScreeningSpec()
+    if not isinstance(raw, Mapping):
+        raise _fail("screening", raw, "write false, or a mapping {examples: 200, z: 2.0}")
+    raw = _section(data, "screening", {"examples", "z"})
+    return ScreeningSpec(
+        examples=_int(raw.get("examples", 200), "screening.examples"),
+        z=_num(raw.get("z", 2.0), "screening.z"),
+    )
+
+
 def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> StudySpec:
     """Read and validate a study file. ``overrides`` replace top-level sections."""
     path = Path(path)
@@ -438,6 +461,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     remeasure = data.get("remeasure_front", True)
     if not isinstance(remeasure, bool):
         raise _fail("remeasure_front", remeasure, "write true or false")
+    screening = _screening(data)
     output = data.get("output", f"runs/{name}")
     cache = data.get("cache", str(Path.home() / ".cache" / "slimsearch"))
     return StudySpec(
@@ -451,6 +475,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         sampler=sampler,
         seed_uniform=seed_uniform,
         remeasure_front=remeasure,
+        screening=screening,
         budget=budget,
         executor=executor,
         storage=_choice(data.get("storage", "sqlite"), "storage", STORAGES),

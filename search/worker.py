@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import random
 import signal
 import socket
 import sys
@@ -16,18 +17,28 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from slimsearch.evaluators import EvalContext, LatencySpec, make_evaluator
+from slimsearch.evaluators import Accuracy, EvalContext, LatencySpec, make_evaluator
 from slimsearch.search import models, tasks
 from slimsearch.search.locks import machine_lock
 from slimsearch.search.study_file import ObjectiveSpec, TaskSpec
 from slimsearch.spaces import CompressionPlan, apply_plan
+
+
+@dataclass(frozen=True)
+class ScreenSpec:
+    """Low-fidelity screening: score a random subset first; reject the trial when even the
+    upper confidence bound of its accuracy is below ``threshold``."""
+
+    threshold: float  # accuracy (percent) the trial must be able to reach
+    examples: int = 200
+    z: float = 2.0  # ~97.7% one-sided: reject only when clearly below
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,7 @@ class TrialJob:
     baseline: dict[str, float] = field(default_factory=dict)
     trust_remote_code: bool = False
     timeout_s: float | None = None  # enforced here only in-process; Ray tasks are cancelled
+    screen: ScreenSpec | None = None
 
 
 @dataclass
@@ -53,12 +65,14 @@ class TrialResult:
     traceback: str | None = None
     seconds: float = 0.0
     node: str = ""
+    pruned: bool = False  # rejected by screening: not an error, not a full measurement
 
 
 # Per-process caches: the baseline weights and the tokenized evaluation data do not change
 # between trials, so a reused worker loads them once.
 _BASELINES: dict[str, tuple[nn.Module, Any]] = {}
 _BATCHES: dict[tuple[str, TaskSpec], list[dict[str, Tensor]]] = {}
+_SCREEN: dict[tuple[str, TaskSpec, int], list[dict[str, Tensor]]] = {}
 
 
 def _baseline(job: TrialJob) -> tuple[nn.Module, Any]:
@@ -85,6 +99,46 @@ def eval_batches(job: TrialJob, tokenizer: Any) -> list[dict[str, Tensor]]:
                 tokenizer, text, task.block_size, task.eval_blocks, task.eval_batch_size
             )
     return _BATCHES[key]
+
+
+def screen_batches(job: TrialJob, tokenizer: Any, examples: int) -> list[dict[str, Tensor]]:
+    """A fixed random subset of the test split (not the length-sorted head of it)."""
+    key = (job.baseline_dir, job.task, examples)
+    if key not in _SCREEN:
+        task = job.task
+        test = tasks.classification_splits(task, Path(job.cache_dir)).test
+        subset = random.Random(task.seed + 1).sample(test, min(examples, len(test)))
+        _SCREEN[key] = tasks.classification_batches(tokenizer, subset, task.max_length, task.eval_batch_size)
+    return _SCREEN[key]
+
+
+def wilson_upper(correct: int, total: int, z: float) -> float:
+    """Upper Wilson score bound of a binomial proportion, in percent."""
+    if total == 0:
+        return 100.0
+    p = correct / total
+    centre = p + z * z / (2 * total)
+    spread = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return 100.0 * (centre + spread) / (1 + z * z / total)
+
+
+def _screen(job: TrialJob, model: nn.Module, context: EvalContext, tokenizer: Any) -> dict[str, Any] | None:
+    """Screening record when the trial is rejected, else None (and a record of the pass)."""
+    if job.screen is None or job.task.kind != "classification":
+        return None
+    batches = screen_batches(job, tokenizer, job.screen.examples)
+    with machine_lock(job.cache_dir, exclusive=False):
+        accuracy = Accuracy().evaluate(model, replace(context, batches=batches, records={}))
+    total = sum(int(b["labels"].numel()) for b in batches)
+    upper = wilson_upper(round(accuracy * total / 100), total, job.screen.z)
+    record = {
+        "accuracy": accuracy,
+        "examples": total,
+        "upper_bound": upper,
+        "threshold": job.screen.threshold,
+    }
+    context.records["screen"] = record
+    return record if upper < job.screen.threshold else None
 
 
 def build_model(job: TrialJob) -> tuple[nn.Module, CompressionPlan]:
@@ -160,8 +214,20 @@ def run_trial(job: TrialJob) -> TrialResult:
                 baseline=dict(job.baseline),
                 reference=reference,
             )
+            rejected = _screen(job, model, context, tokenizer)
+            if rejected is not None:
+                context.records["fidelity"] = "screen"
+                return TrialResult(
+                    job.number,
+                    None,
+                    context.records,
+                    seconds=time.monotonic() - started,
+                    node=node,
+                    pruned=True,
+                )
             values = _evaluate(job, model, context)
         context.records["pid"] = os.getpid()
+        context.records["fidelity"] = "full"
         return TrialResult(job.number, values, context.records, seconds=time.monotonic() - started, node=node)
     except Exception as exc:  # a trial's failure must never end the study
         return TrialResult(

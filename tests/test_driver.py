@@ -136,3 +136,45 @@ def test_identical_plans_are_not_measured_twice(tmp_path: Path) -> None:
     by_number = {t.number: t for t in trials}
     for t in reused:
         assert t.values == by_number[t.user_attrs["records"]["reused_from"]].values
+
+
+def test_screening_rejects_trials_below_the_threshold_early(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slimsearch.search.driver import Driver
+    from slimsearch.search.worker import ScreenSpec
+
+    # The tiny model keeps its accuracy under any plan, so demand the impossible (101%) from
+    # odd trials and nothing from even ones; screening must reject exactly the odd ones.
+    def screen_spec(self: Driver, baseline: dict[str, float]) -> ScreenSpec:
+        return ScreenSpec(threshold=101.0 if self._next_odd else 0.0, examples=8)
+
+    original_job = Driver.job
+
+    def job(self: Driver, number: int, *args: object) -> object:
+        self._next_odd = number % 2 == 1
+        return original_job(self, number, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Driver, "screen_spec", screen_spec)
+    monkeypatch.setattr(Driver, "job", job)
+    data = tiny_study(tmp_path, screening={"examples": 8})
+    result = run_study(study_from_mapping(data))
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{result.run_dir / 'study.db'}")
+    pruned = study.get_trials(states=[TrialState.PRUNED])
+    complete = study.get_trials(states=[TrialState.COMPLETE])
+    assert [t.number for t in pruned] == [1, 3, 5, 7]
+    assert [t.number for t in complete] == [0, 2, 4, 6]
+    for t in pruned:
+        scr = t.user_attrs["records"]["screen"]
+        assert scr["examples"] == 8 and scr["upper_bound"] < scr["threshold"] == 101.0
+        assert t.user_attrs["records"]["fidelity"] == "screen"
+    for t in complete:
+        assert t.user_attrs["records"]["fidelity"] == "full"
+        assert t.user_attrs["records"]["screen"]["examples"] == 8  # screened, then passed
+
+
+def test_wilson_upper_bound() -> None:
+    from slimsearch.search.worker import wilson_upper
+
+    assert wilson_upper(50, 100, 2.0) == pytest.approx(59.8, abs=0.2)
+    assert wilson_upper(0, 10, 2.0) > 0 and wilson_upper(10, 10, 2.0) == pytest.approx(100.0)
