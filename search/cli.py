@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from slimsearch.search.results_cli import add_commands
 from slimsearch.search.study_file import StudyError, parse_duration
 
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-accuracy-drop", type=float, help="only rows within this many points of the baseline"
     )
     par.set_defaults(func=_cmd_pareto)
+    add_commands(sub)
     return parser
 
 

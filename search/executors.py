@@ -125,9 +125,10 @@ class RayExecutor:
         self._owner: dict[Any, int] = {}
         self._started_here = False
         self._cpus = cpus_per_trial
+        if address:
+            check_address(address)
         if not ray.is_initialized():
             if address:
-                check_address(address)
                 say(f"connecting to the Ray cluster at {address}")
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
             else:

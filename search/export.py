@@ -18,10 +18,8 @@ import copy
 import datetime as dt
 import json
 import shutil
-import statistics
-import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +28,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from slimsearch.evaluators import EvalContext, LatencySpec, make_evaluator
-from slimsearch.evaluators.latency import latency_inputs
+from slimsearch.evaluators.latency import measure_all
 from slimsearch.search import models
 from slimsearch.search.log import quiet_libraries, say
 from slimsearch.search.study_file import StudyError
@@ -53,67 +51,46 @@ MEASURED_HERE = ("size_bytes", "latency_ms")
 # -- latency ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LatencyComparison:
-    baseline_ms: float
+    """The candidate timed against the baseline, pass by pass in alternation (the latency
+    evaluator's protocol), summed over the study's input shapes."""
+
     candidate_ms: float
-    baseline_iqr_ms: float
-    candidate_iqr_ms: float
+    baseline_ms: float
+    ratio: float  # geometric mean over shapes of the per-shape median ratios
+    ratio_ci95: tuple[float, float] | None  # bootstrap interval, primary shape
+    noisy: bool
     repeats: int
     threads: int
-    batch_size: int
-    seq_len: int
+    shapes: tuple[tuple[int, int], ...]
 
-    @property
-    def ratio(self) -> float:
-        return self.candidate_ms / self.baseline_ms
-
-
-def _iqr(times: list[float]) -> float:
-    if len(times) < 2:
-        return 0.0
-    q = statistics.quantiles(times, n=4)
-    return q[2] - q[0]
-
-
-@torch.no_grad()
-def interleaved_latency(
-    baseline: nn.Module, candidate: nn.Module, inputs: Mapping[str, Tensor], spec: LatencySpec, repeats: int
-) -> LatencyComparison:
-    """Median forward-pass times of both models, timed in alternation.
-
-    Alternating one pass of each (and swapping which goes first every round) exposes both
-    models to the same machine noise, so the ratio is fairer than two separate runs.
-    """
-    torch.set_num_threads(spec.threads)
-    pair = (baseline, candidate)
-    for _ in range(spec.warmup):
-        for model in pair:
-            model(**inputs)
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(repeats):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for which in order:
-            start = time.perf_counter()
-            pair[which](**inputs)
-            times[which].append((time.perf_counter() - start) * 1000.0)
-    return LatencyComparison(
-        baseline_ms=statistics.median(times[0]),
-        candidate_ms=statistics.median(times[1]),
-        baseline_iqr_ms=_iqr(times[0]),
-        candidate_iqr_ms=_iqr(times[1]),
-        repeats=repeats,
-        threads=spec.threads,
-        batch_size=spec.batch_size,
-        seq_len=spec.seq_len,
-    )
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], spec: LatencySpec) -> LatencyComparison:
+        shapes = list(record["shapes"])
+        baseline_ms = sum(float(s["baseline_median_ms"]) for s in shapes)
+        ci = shapes[0].get("ratio_ci95")
+        return cls(
+            candidate_ms=float(record["median_ms"]),
+            baseline_ms=baseline_ms,
+            ratio=float(record.get("ratio", float(record["median_ms"]) / baseline_ms)),
+            ratio_ci95=(float(ci[0]), float(ci[1])) if ci else None,
+            noisy=bool(record.get("noisy", False)),
+            repeats=spec.repeats,
+            threads=spec.threads,
+            shapes=tuple((int(s["batch_size"]), int(s["seq_len"])) for s in shapes),
+        )
 
 
 # -- writing a folder ---------------------------------------------------------------------
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"export folder {out} is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise StudyError(f"export folder {out} is not empty; choose a new folder or pass overwrite (--force)")
+
+
 def _prepare_folder(out: Path, overwrite: bool) -> Path:
     """A fresh temporary sibling of ``out``; the export appears whole or not at all."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"export folder {out} is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"export folder {out} is not empty; choose a new folder or pass overwrite (--force)")
+    check_out_folder(out, overwrite)
     tmp = out.with_name(out.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -141,12 +118,18 @@ def write_export(
     on_disk = (tmp / WEIGHTS).stat().st_size
     if size != on_disk:  # cannot happen unless the file system lies; the size claim rests on it
         raise RuntimeError(f"wrote {size} bytes of weights but {WEIGHTS} holds {on_disk}")
-    model.config.save_pretrained(str(tmp))  # type: ignore[union-attr, operator]
+    # Name the model's class in the config (as save_pretrained of a model does), so load()
+    # builds the right class; a copy, so the caller's model is left as it was.
+    config: Any = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
     data = {"format": EXPORT_FORMAT, **dict(info or {}), "size_bytes": size}
     (tmp / INFO_FILE).write_text(json.dumps(data, indent=2, default=str))
-    (tmp / CARD_FILE).write_text(card or f"# slimsearch export\n\nPlan: {plan.summary()}\n\nWeights: {size} bytes\n")
+    (tmp / CARD_FILE).write_text(
+        card or f"# slimsearch export\n\nPlan: {plan.summary()}\n\nWeights: {size} bytes\n"
+    )
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -215,8 +198,8 @@ def assign_state(model: nn.Module, tensors: Mapping[str, Tensor], aliases: Mappi
         if isinstance(current, nn.Parameter):
             if tuple(current.shape) != tuple(tensor.shape):
                 raise ValueError(
-                    f"{name}: saved shape {tuple(tensor.shape)} but the config builds {tuple(current.shape)}; "
-                    "config.json and model.safetensors come from different models"
+                    f"{name}: saved shape {tuple(tensor.shape)} but the config builds "
+                    f"{tuple(current.shape)}; config.json and model.safetensors come from different models"
                 )
             objects[name] = nn.Parameter(tensor, requires_grad=current.requires_grad)
         else:
@@ -275,7 +258,8 @@ def realization(model: nn.Module) -> dict[str, int]:
             elif module.bits == 16:
                 add("bf16 matmul")
             else:
-                add(f"{module.bits}-bit{' sparse' if module.sparse else ''} stored, computed dense fp32 (size only)")
+                sparse = " sparse" if module.sparse else ""
+                add(f"{module.bits}-bit{sparse} stored, computed dense fp32 (size only)")
         elif isinstance(module, PackedEmbedding):
             add(f"{module.bits}-bit embedding table (dequantized on lookup)")
         elif isinstance(module, LowRankLinear):
@@ -314,9 +298,10 @@ def model_card(report: ExportReport) -> str:
         f"({report.size_bytes / 1e6:.2f} MB); the baseline serializes to "
         f"{report.baseline.get('size_bytes', float('nan')):.0f} bytes.",
         f"- Latency: median of {lat.repeats} forward passes each, baseline and this model timed in "
-        f"alternation (batch {lat.batch_size}, sequence {lat.seq_len}, {lat.threads} threads): "
-        f"{lat.candidate_ms:.3f} ms vs {lat.baseline_ms:.3f} ms, ratio {lat.ratio:.3f} "
-        f"(IQR {lat.candidate_iqr_ms:.3f} / {lat.baseline_iqr_ms:.3f} ms).",
+        f"alternation (shapes (batch, sequence) {', '.join(map(str, lat.shapes))}, {lat.threads} "
+        f"threads): {lat.candidate_ms:.3f} ms vs {lat.baseline_ms:.3f} ms, ratio {lat.ratio:.3f}"
+        + (f" (95% interval {lat.ratio_ci95[0]:.3f}-{lat.ratio_ci95[1]:.3f})" if lat.ratio_ci95 else "")
+        + (" - the machine was noisy: treat the ratio as rough." if lat.noisy else "."),
         f"- Quality was measured on the study's full test split ({report.eval_examples} examples"
         f"{' of ' + str(report.eval_tokens) + ' tokens' if report.eval_tokens else ''}).",
         "",
@@ -324,15 +309,18 @@ def model_card(report: ExportReport) -> str:
         "",
         "- int8 layers run real int8 kernels (fbgemm dynamic quantization): smaller and faster.",
         "- bf16 layers run bf16 matmuls: half the bytes, speed depends on the CPU.",
-        "- 4-bit weights and unstructured sparsity are realized for size only: the file holds packed "
-        "4-bit codes and bitmasks, but the forward pass computes with a dense fp32 copy, so they "
+        "- 4- and 2-bit weights and unstructured sparsity are realized for size only: the file holds packed "
+        "low-bit codes and bitmasks, but the forward pass computes with a dense fp32 copy, so they "
         "bring no speed-up (and can cost a little).",
-        "- Low-rank layers are two smaller Linears: fewer bytes and FLOPs.",
+        "- Low-rank layers are two smaller Linears, and structured pruning (heads, FFN neurons) "
+        "really shrinks the Linears: fewer bytes and fewer FLOPs.",
         "",
         "Layers by compute path:",
         "",
     ]
-    lines += [f"- {n} x {path}" for path, n in sorted(report.paths.items(), key=lambda kv: -kv[1])] or ["- none"]
+    lines += [f"- {n} x {path}" for path, n in sorted(report.paths.items(), key=lambda kv: -kv[1])] or [
+        "- none"
+    ]
     lines += [
         "",
         "## Load it",
@@ -374,14 +362,16 @@ class ExportReport:
     def info(self) -> dict[str, Any]:
         data = asdict(self)
         data["out"] = str(self.out)
-        data["latency"] = asdict(self.latency) | {"ratio": self.latency.ratio}
+        data["latency"] = asdict(self.latency)
         return data
 
 
 def _eval_sizes(batches: list[dict[str, Tensor]], task: str) -> tuple[int, int]:
     if task == "classification":
         return sum(int(b["labels"].numel()) for b in batches), 0
-    return sum(int(b["input_ids"].shape[0]) for b in batches), sum(int(b["input_ids"].numel()) for b in batches)
+    return sum(int(b["input_ids"].shape[0]) for b in batches), sum(
+        int(b["input_ids"].numel()) for b in batches
+    )
 
 
 def export_trial(
@@ -405,6 +395,7 @@ def export_trial(
     plan = CompressionPlan.from_dict(frozen.user_attrs["plan"])
     baseline_dir = run.baseline_dir()
     out = Path(out).resolve()
+    check_out_folder(out, overwrite)  # before minutes of work, not after
     torch.set_num_threads(spec.latency.threads)
 
     say(f"rebuilding trial {trial} ({plan.summary()}) from {baseline_dir}")
@@ -423,27 +414,31 @@ def export_trial(
         trust_remote_code=spec.model.trust_remote_code,
     )
     batches = eval_batches(job, tokenizer)
+    timing = replace(spec.latency, repeats=repeats or max(spec.latency.repeats, 20))
     context = EvalContext(
         task=spec.task.kind,  # type: ignore[arg-type]
         batches=batches,
         vocab_size=len(tokenizer),
         plan=plan,
-        latency=spec.latency,
+        latency=timing,
         baseline=dict(run.baseline),
+        reference=base_model,  # latency evaluators time the candidate against it, interleaved
     )
     measured: dict[str, float] = {}
     for objective in spec.objectives:
-        if objective.name in MEASURED_HERE:
-            continue
-        say(f"re-validating {objective.name} on the full test split")
+        if objective.name == "size_bytes":
+            continue  # the bytes of the file written below, not an estimate
+        say(f"re-measuring {objective.name}")
         evaluator = make_evaluator(objective.ref, dict(objective.options))
         measured[objective.name] = float(evaluator.evaluate(candidate, context))
-
-    count = repeats or max(spec.latency.repeats, 20)
-    say(f"timing baseline and candidate in alternation ({count} passes each)")
-    inputs = latency_inputs(spec.latency, len(tokenizer))
-    latency = interleaved_latency(base_model, candidate, inputs, spec.latency, count)
-    del base_model
+    # Latency against the baseline even when the study did not optimize it (cached otherwise).
+    latency = LatencyComparison.from_record(measure_all(candidate, context, base_model), timing)
+    if latency.noisy:
+        say(
+            "warning: the latency passes varied a lot (other processes on these cores?); the ratio is "
+            "rough: export again on a quiet machine for one to trust"
+        )
+    del base_model, context
 
     examples, tokens = _eval_sizes(batches, spec.task.kind)
     report = ExportReport(
@@ -468,17 +463,10 @@ def export_trial(
     size = write_export(candidate, tokenizer, plan, out, overwrite=overwrite)
     report.size_bytes = size
     report.measured["size_bytes"] = float(size)
-    report.measured["latency_ms"] = latency.candidate_ms
-    (out / INFO_FILE).write_text(json.dumps({"format": EXPORT_FORMAT, **report.info()}, indent=2, default=str))
+    report.measured.setdefault("latency_ms", latency.candidate_ms)
+    (out / INFO_FILE).write_text(
+        json.dumps({"format": EXPORT_FORMAT, **report.info()}, indent=2, default=str)
+    )
     (out / CARD_FILE).write_text(model_card(report))
     say(f"exported trial {trial} to {out} ({size} bytes of weights)")
     return report
-
-
-def export_info(folder: str | Path) -> dict[str, Any]:
-    """The measurements an export folder reports (its slimsearch_export.json)."""
-    path = Path(folder) / INFO_FILE
-    if not path.is_file():
-        raise StudyError(f"{folder}: no {INFO_FILE}; export the trial with `slimsearch export`")
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data

@@ -86,6 +86,17 @@ def classification_batches(
     return batches
 
 
+def eval_chars(block_size: int, n_blocks: int) -> int:
+    """Characters at the start of an LM text reserved for evaluation (~8 a token is generous);
+    training and calibration text comes only after them."""
+    return block_size * n_blocks * 8
+
+
+def lm_train_text(task: TaskSpec, cache: Path) -> str:
+    """The LM text held apart from the perplexity text."""
+    return lm_text(task, cache)[eval_chars(task.block_size, task.eval_blocks) :]
+
+
 def lm_blocks(
     tokenizer: Any, text: str, block_size: int, n_blocks: int, batch_size: int
 ) -> list[dict[str, Tensor]]:
@@ -93,8 +104,7 @@ def lm_blocks(
 
     Evaluation takes text from the start; training (if any) must use text after it.
     """
-    # Tokenize only as much text as needed: about 8 characters a token is generous.
-    ids = tokenizer(text[: block_size * n_blocks * 8])["input_ids"]
+    ids = tokenizer(text[: eval_chars(block_size, n_blocks)])["input_ids"]
     have = len(ids) // block_size
     if have < 1:
         raise ValueError(

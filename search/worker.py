@@ -141,11 +141,35 @@ def _screen(job: TrialJob, model: nn.Module, context: EvalContext, tokenizer: An
     return record if upper < job.screen.threshold else None
 
 
+_CALIBRATION: dict[tuple[str, TaskSpec], dict[str, Tensor]] = {}
+CALIBRATION_ROWS = 32
+
+
+def calibration_batch(job: TrialJob, tokenizer: Any) -> dict[str, Tensor]:
+    """A few training examples (never test data) that structured pruning ranks units on."""
+    key = (job.baseline_dir, job.task)
+    if key not in _CALIBRATION:
+        task, cache = job.task, Path(job.cache_dir)
+        if task.kind == "classification":
+            train = (
+                tasks.classification_splits(task, cache).train
+                or tasks.classification_splits(task, cache).test
+            )
+            rows = random.Random(task.seed + 2).sample(train, min(CALIBRATION_ROWS, len(train)))
+            batch = tasks.classification_batches(tokenizer, rows, task.max_length, len(rows))[0]
+        else:
+            text = tasks.lm_train_text(task, cache) or tasks.lm_text(task, cache)
+            batch = tasks.lm_blocks(tokenizer, text, task.block_size, 2, 2)[0]
+        _CALIBRATION[key] = {k: v for k, v in batch.items() if k != "labels"}
+    return _CALIBRATION[key]
+
+
 def build_model(job: TrialJob) -> tuple[nn.Module, CompressionPlan]:
-    base, _ = _baseline(job)
+    base, tokenizer = _baseline(job)
     plan = CompressionPlan.from_json(job.plan_json)
     model = copy.deepcopy(base)
-    apply_plan(model, plan)
+    calibration = calibration_batch(job, tokenizer) if plan.structured else None
+    apply_plan(model, plan, calibration=calibration)
     return model.eval(), plan
 
 
@@ -214,6 +238,7 @@ def run_trial(job: TrialJob) -> TrialResult:
                 baseline=dict(job.baseline),
                 reference=reference,
             )
+            context.records["realized"] = plan.realized()
             rejected = _screen(job, model, context, tokenizer)
             if rejected is not None:
                 context.records["fidelity"] = "screen"

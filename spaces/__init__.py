@@ -1,20 +1,32 @@
 """What can be chosen and how a choice is applied: search spaces, plans, compression methods."""
 
-from slimsearch.spaces.apply import apply_plan, compressible_modules
-from slimsearch.spaces.plan import PLAN_VERSION, CompressionPlan, LayerSettings
-from slimsearch.spaces.serialize import save_compressed, serialized_size
-from slimsearch.spaces.space import Choices, SearchSpace, SpaceConfig, space_config_from_mapping
+from slimsearch.spaces.apply import apply_plan, compressible_modules, structured_blocks
+from slimsearch.spaces.methods.realized import REALIZED
+from slimsearch.spaces.plan import PLAN_VERSION, CompressionPlan, LayerSettings, StructuredSettings
+from slimsearch.spaces.serialize import load_compressed, save_compressed, serialized_size
+from slimsearch.spaces.space import (
+    Choices,
+    SearchSpace,
+    SpaceConfig,
+    StructuredChoices,
+    space_config_from_mapping,
+)
 
 __all__ = [
     "PLAN_VERSION",
+    "REALIZED",
     "Choices",
     "CompressionPlan",
     "LayerSettings",
     "SearchSpace",
     "SpaceConfig",
+    "StructuredChoices",
+    "StructuredSettings",
     "apply_plan",
     "compressible_modules",
+    "load_compressed",
     "save_compressed",
     "serialized_size",
     "space_config_from_mapping",
+    "structured_blocks",
 ]

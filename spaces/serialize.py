@@ -7,11 +7,14 @@ export writes.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import load, save
 from torch import Tensor, nn
 
+from slimsearch.spaces.apply import apply_plan
 from slimsearch.spaces.plan import CompressionPlan
 
 
@@ -52,3 +55,25 @@ def save_compressed(model: nn.Module, plan: CompressionPlan, path: str | Path) -
 
 def load_tensors(path: str | Path) -> dict[str, Tensor]:
     return load(Path(path).read_bytes())
+
+
+def read_metadata(path: str | Path) -> tuple[CompressionPlan, dict[str, str]]:
+    """The plan and alias map stored in a file written by ``save_compressed``."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata: Mapping[str, str] = handle.metadata() or {}
+    if "slimsearch_plan" not in metadata:
+        raise ValueError(f"{path} holds no slimsearch plan: it was not written by save_compressed")
+    return CompressionPlan.from_json(metadata["slimsearch_plan"]), json.loads(metadata.get("aliases", "{}"))
+
+
+def load_compressed(path: str | Path, skeleton: nn.Module) -> tuple[nn.Module, CompressionPlan]:
+    """Rebuild a saved compressed model: apply its plan to ``skeleton`` (an uncompressed model
+    of the same config, any weights), which gives every layer its compressed shape, then load
+    the saved tensors into it. Returns the model (in eval mode) and its plan."""
+    plan, aliases = read_metadata(path)
+    apply_plan(skeleton, plan)  # no calibration: only the shapes matter, weights are replaced
+    tensors = load_tensors(path)
+    for dropped, kept in aliases.items():
+        tensors[dropped] = tensors[kept]
+    skeleton.load_state_dict(tensors, strict=True)
+    return skeleton.eval(), plan

@@ -17,11 +17,15 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from torch import nn
 
 from slimsearch.spaces.methods import max_useful_rank
-from slimsearch.spaces.plan import ALLOWED_BITS, CompressionPlan, LayerSettings
+from slimsearch.spaces.methods.packed import EMBEDDING_BITS
+from slimsearch.spaces.methods.structured import Kind, find_units, shrunk_shapes
+from slimsearch.spaces.plan import ALLOWED_BITS, CompressionPlan, LayerSettings, StructuredSettings
 
 # Linears inside numbered Transformer blocks: bert.encoder.layer.3.*, model.layers.11.*, h.0.*
 DEFAULT_LAYERS = r"re:.*\b(layer|layers|h|block|blocks)\.\d+\..*"
 KNOBS = ("sparsity", "bits", "rank")
+STRUCTURED_KNOBS: tuple[Kind, ...] = ("heads", "neurons")
+OFF_VALUES: dict[str, Any] = {"sparsity": 0.0, "bits": 32, "rank": 1.0, "heads": 0.0, "neurons": 0.0}
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -60,10 +64,13 @@ class Choices:
                 )
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], base: Choices | None = None, where: str = "space") -> Choices:
+    def from_mapping(
+        cls, data: Mapping[str, Any], base: Choices | None = None, where: str = "space"
+    ) -> Choices:
         unknown = set(data) - set(KNOBS)
         if unknown:
-            raise ValueError(f"{where}: unknown knob(s) {sorted(unknown)}; the knobs are {list(KNOBS)}")
+            hint = " (heads and neurons go under space.structured)" if unknown & set(STRUCTURED_KNOBS) else ""
+            raise ValueError(f"{where}: unknown knob(s) {sorted(unknown)}; the knobs are {list(KNOBS)}{hint}")
         start = base or cls()
         values = {}
         for name, raw in data.items():
@@ -82,6 +89,61 @@ class GroupRule:
 
 
 @dataclass(frozen=True)
+class StructuredChoices:
+    """Structured pruning per Transformer block: fractions of attention heads (whole key/value
+    groups under GQA) and of FFN neurons removed; 0.0 is off. ``blocks`` are block names or
+    ``re:`` patterns (e.g. ``re:.*layer\\.[1-5]``); by default every block found."""
+
+    heads: tuple[float, ...] = (0.0,)
+    neurons: tuple[float, ...] = (0.0,)
+    blocks: tuple[str, ...] = ("re:.*",)
+
+    def __post_init__(self) -> None:
+        for name in STRUCTURED_KNOBS:
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or not values:
+                raise ValueError(
+                    f"space.structured.{name}: give a non-empty list of fractions, got {values!r}"
+                )
+            if len(set(values)) != len(values):
+                raise ValueError(f"space.structured.{name}: values repeat in {list(values)}; list each once")
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                    raise ValueError(
+                        f"space.structured.{name}: {v!r} is not allowed; use fractions removed in "
+                        "[0, 1) such as [0.0, 0.25, 0.5], with 0.0 meaning off"
+                    )
+        for pattern in self.blocks:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise ValueError(
+                        f"space.structured.blocks: {pattern!r} is not a valid regex ({exc})"
+                    ) from None
+
+    @property
+    def searched(self) -> bool:
+        return len(self.heads) > 1 or len(self.neurons) > 1 or self.heads != (0.0,) or self.neurons != (0.0,)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> StructuredChoices:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"space.structured: give a mapping with heads/neurons/blocks, got {data!r}")
+        allowed = {f.name for f in fields(cls)}
+        unknown = set(data) - allowed
+        if unknown:
+            raise ValueError(
+                f"space.structured: unknown key(s) {sorted(unknown)}; allowed keys are {sorted(allowed)}"
+            )
+        values: dict[str, Any] = {}
+        for name, raw in data.items():
+            items = raw if isinstance(raw, (list, tuple)) else [raw]
+            values[name] = tuple(str(i) for i in items) if name == "blocks" else tuple(items)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class SpaceConfig:
     """Which layers are searched and what each may choose (see the study file docs)."""
 
@@ -90,6 +152,7 @@ class SpaceConfig:
     groups: tuple[GroupRule, ...] = ()
     embeddings: tuple[int, ...] = (32,)
     lm_head: tuple[int, ...] = (32,)
+    structured: StructuredChoices = field(default_factory=StructuredChoices)
 
     def __post_init__(self) -> None:
         for pattern in self.layers + tuple(g.match for g in self.groups):
@@ -98,10 +161,11 @@ class SpaceConfig:
                     re.compile(pattern[3:])
                 except re.error as exc:
                     raise ValueError(f"space: pattern {pattern!r} is not a valid regex ({exc})") from None
-        for name in ("embeddings", "lm_head"):
+        allowed = {"embeddings": (32, *EMBEDDING_BITS), "lm_head": ALLOWED_BITS}
+        for name, bits in allowed.items():
             for b in getattr(self, name):
-                if b not in (32, 16, 8, 4) or isinstance(b, bool):
-                    raise ValueError(f"space.{name}: bits {b!r} not allowed; choose from [32, 16, 8, 4]")
+                if b not in bits or isinstance(b, bool):
+                    raise ValueError(f"space.{name}: bits {b!r} not allowed; choose from {list(bits)}")
 
 
 @dataclass(frozen=True)
@@ -135,10 +199,34 @@ class SearchSpace:
             for n in hit:
                 per_layer[n] = Choices.from_mapping(rule.choices, per_layer[n], f"space.groups[{i}]")
         self.knobs: list[Knob] = []
+        self.units = find_units(model)
+        self._add_structured_knobs(config.structured)
         for n in targets:
             for knob in KNOBS:
                 self.knobs.append(Knob(n, knob, getattr(per_layer[n], knob)))
         self._add_table_knobs(model, config)
+
+    def _add_structured_knobs(self, choices: StructuredChoices) -> None:
+        # Only when asked for, so spaces without structured pruning keep their fingerprint.
+        if not choices.searched:
+            return
+        blocks = list(dict.fromkeys(u.block for u in self.units))
+        chosen = [b for b in blocks if any(_matches(p, b) for p in choices.blocks)]
+        if not blocks:
+            raise ValueError(
+                "space.structured: this model has no attention or MLP block that structured "
+                "pruning knows; remove the structured section"
+            )
+        if not chosen:
+            raise ValueError(
+                f"space.structured.blocks {list(choices.blocks)} match no block of this model; "
+                f"its blocks include {blocks[:4]}"
+            )
+        kinds = {(u.block, u.kind) for u in self.units}
+        for block in chosen:
+            for kind in STRUCTURED_KNOBS:
+                if (block, kind) in kinds:
+                    self.knobs.append(Knob(block, kind, getattr(choices, kind)))
 
     def _add_table_knobs(self, model: nn.Module, config: SpaceConfig) -> None:
         get_in = getattr(model, "get_input_embeddings", None)
@@ -174,33 +262,47 @@ class SearchSpace:
             if value not in k.choices:
                 raise ValueError(f"param {self.param_name(k)}={value!r} is not one of {list(k.choices)}")
             chosen.setdefault(k.layer, {})[k.knob] = value
+        structured: dict[str, StructuredSettings] = {}
+        fractions: dict[tuple[str, Kind], float] = {}
+        for block, values in chosen.items():
+            if not any(kind in values for kind in STRUCTURED_KNOBS):
+                continue
+            settings = StructuredSettings(
+                heads=float(values.get("heads", 0.0)), neurons=float(values.get("neurons", 0.0))
+            )
+            structured[block] = settings
+            fractions[(block, "heads")] = settings.heads
+            fractions[(block, "neurons")] = settings.neurons
+        # Ranks are fractions of the limit of the shape each Linear has after structured pruning.
+        shapes = shrunk_shapes(self.units, fractions, self.shapes) if fractions else self.shapes
         layers = {}
         for layer, values in chosen.items():
-            settings = LayerSettings(
+            if layer in structured:
+                continue
+            layers[layer] = LayerSettings(
                 sparsity=float(values.get("sparsity", 0.0)),
                 bits=int(values.get("bits", 32)),
-                rank=self._rank(layer, float(values.get("rank", 1.0))),
+                rank=self._rank(shapes, layer, float(values.get("rank", 1.0))),
             )
-            layers[layer] = settings
-        return CompressionPlan(layers=layers)
+        return CompressionPlan(layers=layers, structured=structured)
 
-    def _rank(self, layer: str, fraction: float) -> int | None:
+    @staticmethod
+    def _rank(shapes: Mapping[str, tuple[int, int]], layer: str, fraction: float) -> int | None:
         if fraction >= 1.0:
             return None
-        n_in, n_out = self.shapes[layer]
+        n_in, n_out = shapes[layer]
         return max(1, int(fraction * max_useful_rank(n_in, n_out)))
 
     def uniform_params(self) -> list[dict[str, Any]]:
         """Seed configurations: all off, then each non-off value of one knob in every layer
         that offers it (embeddings follow the bits choice where they offer it too)."""
         off = {self.param_name(k): k.choices[0] for k in self.knobs if len(k.choices) > 1}
-        off_values = {"sparsity": 0.0, "bits": 32, "rank": 1.0}
         for k in self.knobs:
-            if len(k.choices) > 1 and off_values[k.knob] in k.choices:
-                off[self.param_name(k)] = off_values[k.knob]
+            if len(k.choices) > 1 and OFF_VALUES[k.knob] in k.choices:
+                off[self.param_name(k)] = OFF_VALUES[k.knob]
         seeds = [dict(off)]
-        for knob in KNOBS:
-            values = sorted({v for k in self.knobs if k.knob == knob for v in k.choices} - {off_values[knob]})
+        for knob in (*STRUCTURED_KNOBS, *KNOBS):
+            values = sorted({v for k in self.knobs if k.knob == knob for v in k.choices} - {OFF_VALUES[knob]})
             for value in values:
                 params = dict(off)
                 for k in self.knobs:
@@ -220,6 +322,8 @@ def space_config_from_mapping(data: Mapping[str, Any] | None) -> SpaceConfig:
     """Build a SpaceConfig from the ``space:`` section of a study file, with clear errors."""
     data = dict(data or {})
     allowed = {f.name for f in fields(SpaceConfig)}
+    if not isinstance(data.get("default") or {}, Mapping):
+        raise ValueError(f"space.default: give a mapping of knob lists, got {data['default']!r}")
     unknown = set(data) - allowed
     if unknown:
         raise ValueError(f"space: unknown key(s) {sorted(unknown)}; allowed keys are {sorted(allowed)}")
@@ -240,6 +344,7 @@ def space_config_from_mapping(data: Mapping[str, Any] | None) -> SpaceConfig:
         groups=tuple(groups),
         embeddings=_bits_tuple(data.get("embeddings", [32]), "space.embeddings"),
         lm_head=_bits_tuple(data.get("lm_head", [32]), "space.lm_head"),
+        structured=StructuredChoices.from_mapping(data.get("structured") or {}),
     )
 
 

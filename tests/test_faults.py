@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,9 +16,9 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import tiny_study
 from optuna.trial import TrialState
 
+from conftest import tiny_study
 from slimsearch.search.driver import run_study
 from slimsearch.search.study_file import StudyError, study_from_mapping
 
@@ -163,7 +164,11 @@ def test_study_on_a_real_two_node_ray_cluster(tmp_path: Path) -> None:
         )
         data = tiny_study(
             tmp_path,
-            objectives=["accuracy", "latency_ms", {"name": "plugins.custom_eval:Slow", "options": {"seconds": 1}}],
+            objectives=[
+                "accuracy",
+                "latency_ms",
+                {"name": "plugins.custom_eval:Slow", "options": {"seconds": 1}},
+            ],
             executor={"kind": "ray", "max_in_flight": 2},
             latency={
                 "batch_size": 1,
@@ -207,7 +212,5 @@ def _kill_cluster(temp: str) -> None:
         except OSError:
             continue
         if temp in cmdline:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import tiny_bert
 
 from slimsearch.evaluators import EvalContext, LatencyRatio, LatencySpec, measure
 from slimsearch.search.locks import machine_lock
 from slimsearch.spaces import CompressionPlan
+from tiny import tiny_bert
 
 SPEC = LatencySpec(batch_size=1, seq_len=8, warmup=1, repeats=9, threads=1)
 
@@ -63,6 +63,6 @@ def test_exclusive_lock_waits_for_shared_holders(tmp_path: Path) -> None:
     thread.join()
     assert events == ["read-start", "read-end", "timing"]
     # And while timing holds it, nobody else gets it.
-    with machine_lock(tmp_path, exclusive=True), (tmp_path / "locks" / "measure.lock").open("a") as f:
-        with pytest.raises(BlockingIOError):
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    lock_file = tmp_path / "locks" / "measure.lock"
+    with machine_lock(tmp_path, exclusive=True), lock_file.open("a") as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)

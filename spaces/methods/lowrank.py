@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from slimsearch.spaces.methods.realized import REALIZED
+
 
 def max_useful_rank(in_features: int, out_features: int) -> int:
     """Largest rank r whose two factors, r * (in + out) weights, are smaller than in * out."""
@@ -15,7 +17,9 @@ def max_useful_rank(in_features: int, out_features: int) -> int:
 class LowRankLinear(nn.Module):
     """``up(down(x))``: a Linear of shape (out, in) replaced by (r, in) and (out, r) factors."""
 
-    def __init__(self, down: nn.Module, up: nn.Module, in_features: int, out_features: int, rank: int) -> None:
+    def __init__(
+        self, down: nn.Module, up: nn.Module, in_features: int, out_features: int, rank: int
+    ) -> None:
         super().__init__()
         self.down = down
         self.up = up
@@ -42,6 +46,11 @@ class LowRankLinear(nn.Module):
             if linear.bias is not None:
                 up.bias.copy_(linear.bias.detach())
         return cls(down, up, n_in, n_out, rank)
+
+    @property
+    def realized(self) -> str:
+        """Within the rank limit, fewer weights and fewer multiply-adds (methods/realized.py)."""
+        return REALIZED["rank"]
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.up(self.down(x))

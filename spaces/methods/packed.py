@@ -1,14 +1,16 @@
 """Modules whose state dict holds the compressed form of a weight, not a float copy.
 
-``PackedLinear`` stores a Linear's weight as fp32, bf16, int8 codes or packed 4-bit codes
-(with one fp32 scale per output row), optionally sparse (a packed bitmask plus the kept
-values only). ``PackedEmbedding`` does the same for an embedding table, one scale per row.
+``PackedLinear`` stores a Linear's weight as fp32, bf16, int8 codes with one fp32 scale per
+row, or packed 4- or 2-bit codes with group-wise fp16 scales and offsets (see
+quantize.py), optionally sparse (a packed bitmask, one bit per weight, plus the kept values
+only: the index overhead is part of the stored bytes). ``PackedEmbedding`` does the same
+for an embedding table, row by row.
 
 Compute forms are derived lazily and never saved: 8-bit Linears run on the fbgemm/x86
 int8 kernel (real int8 matmuls, dynamic per-tensor activation quantization), 16-bit on bf16
 matmuls, everything else on a dense fp32 copy. So size on disk is always real, while
-speed comes only from 8 and 16 bits; 4-bit and sparsity are realized for size only, and
-the latency evaluator measures whatever the model really does.
+speed comes only from 8 and 16 bits; 4-, 2-bit and sparsity are realized for size only
+(methods/realized.py), and the latency evaluator measures whatever the model really does.
 """
 
 from __future__ import annotations
@@ -22,26 +24,45 @@ from torch import Tensor, nn
 
 from slimsearch.spaces.methods.pruning import magnitude_mask
 from slimsearch.spaces.methods.quantize import (
-    decode_codes,
-    encode_codes,
+    GROUPED_BITS,
+    dequantize_groups,
     pack_bits,
+    pack_codes,
+    quantize_groups,
     quantize_rows,
     unpack_bits,
+    unpack_codes,
 )
+from slimsearch.spaces.methods.realized import REALIZED, SIZE
+
+LINEAR_BITS = (32, 16, 8, 4, 2)
+EMBEDDING_BITS = (16, 8, 4, 2)
 
 
-def _store_values(weight: Tensor, bits: int) -> tuple[Tensor, Tensor | None]:
-    """Full-matrix values in their stored dtype, plus per-row scales for integer bits."""
+def _encode(weight: Tensor, bits: int, keep: Tensor | None) -> dict[str, Tensor]:
+    """The buffers that store ``weight`` at ``bits``: "values" (only the kept entries when
+    ``keep`` is a mask) plus scales, and offsets for group-wise bits."""
+    w = weight.detach().float()
+    pick = (lambda t: t[keep]) if keep is not None else (lambda t: t.reshape(-1))
     if bits == 32:
-        return weight.detach().float().clone(), None
+        return {"values": pick(w).clone()}
     if bits == 16:
-        return weight.detach().to(torch.bfloat16).clone(), None
-    codes, scale = quantize_rows(weight, bits)
-    return codes, scale
+        return {"values": pick(w.to(torch.bfloat16)).clone()}
+    if bits == 8:
+        codes, scale = quantize_rows(w, 8)
+        return {"values": pick(codes).clone(), "scale": scale}
+    codes, gscale, offset = quantize_groups(w, bits)
+    return {"values": pack_codes(pick(codes), bits), "scale": gscale, "offset": offset}
 
 
 class PackedLinear(nn.Module):
     """A Linear layer whose weight is stored compressed; see the module docstring."""
+
+    # Buffers (registered in from_linear; "scale", "offset" and "mask" only where used).
+    values: Tensor
+    scale: Tensor
+    offset: Tensor
+    mask: Tensor
 
     def __init__(self, in_features: int, out_features: int, bits: int, sparse: bool) -> None:
         super().__init__()
@@ -53,18 +74,17 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 32, sparsity: float = 0.0) -> PackedLinear:
+        if bits not in LINEAR_BITS:
+            raise ValueError(f"bits={bits!r} is not supported for a Linear; choose from {list(LINEAR_BITS)}")
         weight = linear.weight.detach().float()
         out = cls(linear.in_features, linear.out_features, bits, sparse=sparsity > 0)
-        full, scale = _store_values(weight, bits)
+        keep = None
         if sparsity > 0:
-            mask = magnitude_mask(weight, sparsity)
-            out.register_buffer("mask", pack_bits(mask))
-            full = full[mask]
-        if bits in (8, 4):
-            out.register_buffer("values", encode_codes(full, bits))
-            out.register_buffer("scale", scale)
-        else:
-            out.register_buffer("values", full.reshape(-1))
+            keep = magnitude_mask(weight, sparsity)
+            out.register_buffer("mask", pack_bits(keep))
+            weight = weight * keep  # group scales then fit the weights that remain
+        for name, tensor in _encode(weight, bits, keep).items():
+            out.register_buffer(name, tensor)
         if linear.bias is not None:
             out.register_buffer("bias", linear.bias.detach().float().clone())
         return out
@@ -79,10 +99,11 @@ class PackedLinear(nn.Module):
         return int(unpack_bits(self.mask, self.numel).sum())
 
     def _dense_stored(self) -> Tensor:
-        """The weight matrix in its stored value domain (codes for int bits), zeros filled in."""
+        """The weight matrix in its stored value domain (codes for integer bits), with zeros
+        where entries were pruned."""
         count = self.kept_count()
-        if self.bits in (8, 4):
-            flat = decode_codes(self.values, self.bits, count)
+        if self.bits in GROUPED_BITS:
+            flat = unpack_codes(self.values, self.bits, count)
         else:
             flat = self.values[:count]
         if self.sparse:
@@ -94,9 +115,21 @@ class PackedLinear(nn.Module):
     def dense_weight(self) -> Tensor:
         """Dequantized fp32 weight (what the layer computes with, up to kernel rounding)."""
         stored = self._dense_stored()
-        if self.bits in (8, 4):
+        if self.bits == 8:
             return stored.float() * self.scale[:, None]
+        if self.bits in GROUPED_BITS:
+            weight = dequantize_groups(stored, self.scale, self.offset)
+            if self.sparse:
+                weight = weight * unpack_bits(self.mask, self.numel).view_as(weight)
+            return weight
         return stored.float()
+
+    @property
+    def realized(self) -> str:
+        """What this layer's storage buys: see methods/realized.py."""
+        if self.bits == 32:
+            return SIZE if self.sparse else "nothing"
+        return REALIZED[f"bits{self.bits}"]
 
     def reset_cache(self) -> None:
         self._cache.clear()
@@ -109,9 +142,7 @@ class PackedLinear(nn.Module):
                 # The quantized-tensor constructors warn that they are deprecated; they
                 # are still the fastest int8 CPU path in torch 2.13 (see DESIGN.md).
                 warnings.simplefilter("ignore")
-                qweight = torch._make_per_channel_quantized_tensor(
-                    codes, self.scale.double(), zero, 0
-                )
+                qweight = torch._make_per_channel_quantized_tensor(codes, self.scale.double(), zero, 0)
                 bias = getattr(self, "bias", None)
                 self._cache["int8"] = torch.ops.quantized.linear_prepack(qweight, bias)
         return self._cache["int8"]
@@ -150,7 +181,11 @@ class PackedLinear(nn.Module):
 
 
 class PackedEmbedding(nn.Module):
-    """An embedding table stored in 16, 8 or 4 bits; rows are dequantized as they are looked up."""
+    """An embedding table stored in 16, 8, 4 or 2 bits; rows are dequantized as they are looked up."""
+
+    values: Tensor
+    scale: Tensor
+    offset: Tensor
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, padding_idx: int | None) -> None:
         super().__init__()
@@ -162,30 +197,40 @@ class PackedEmbedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, bits: int) -> PackedEmbedding:
-        if bits not in (16, 8, 4):
-            raise ValueError(f"embeddings take bits 16, 8 or 4 (32 is off), not {bits!r}")
+        if bits not in EMBEDDING_BITS:
+            raise ValueError(f"embeddings take bits {list(EMBEDDING_BITS)} (32 is off), not {bits!r}")
         out = cls(emb.num_embeddings, emb.embedding_dim, bits, emb.padding_idx)
-        values, scale = _store_values(emb.weight, bits)
-        if bits == 4 and emb.embedding_dim % 2:
-            values = F.pad(values, (0, 1))  # keep each row's codes in whole bytes
-        out.register_buffer("values", encode_codes(values, bits) if scale is not None else values)
-        if scale is not None:
-            out.register_buffer("scale", scale)
+        weight = emb.weight.detach().float()
+        if bits in GROUPED_BITS:
+            codes, scale, offset = quantize_groups(weight, bits)
+            # Pad each row's codes to whole bytes so a looked-up row unpacks on its own.
+            codes = F.pad(codes, (0, out._row_bytes() * (8 // bits) - emb.embedding_dim))
+            buffers = {"values": pack_codes(codes, bits), "scale": scale, "offset": offset}
+        else:
+            buffers = _encode(weight, bits, None)
+        for name, tensor in buffers.items():
+            out.register_buffer(name, tensor)
         return out
 
-    def _row_width(self) -> int:
-        return (self.embedding_dim + 1) // 2 if self.bits == 4 else self.embedding_dim
+    def _row_bytes(self) -> int:
+        per_byte = 8 // self.bits
+        return -(-self.embedding_dim // per_byte)
+
+    @property
+    def realized(self) -> str:
+        # A lookup does no matmul: every embedding width is realized for size only.
+        return SIZE
 
     def forward(self, ids: Tensor) -> Tensor:
-        table = self.values.view(self.num_embeddings, self._row_width())
         if self.bits == 16:
-            return F.embedding(ids, table).float()
+            return F.embedding(ids, self.values.view(self.num_embeddings, -1)).float()
         if self.bits == 8:
+            table = self.values.view(self.num_embeddings, self.embedding_dim)
             return F.embedding(ids, table).float() * F.embedding(ids, self.scale[:, None])
-        rows = F.embedding(ids, table)
-        codes = decode_codes(rows.reshape(-1), 4, rows.numel() * 2).view(*ids.shape, -1)
-        codes = codes[..., : self.embedding_dim]
-        return codes.float() * F.embedding(ids, self.scale[:, None])
+        rows = F.embedding(ids, self.values.view(self.num_embeddings, self._row_bytes()))
+        codes = unpack_codes(rows, self.bits, rows.numel() * (8 // self.bits))
+        codes = codes.view(*ids.shape, -1)[..., : self.embedding_dim]
+        return dequantize_groups(codes, F.embedding(ids, self.scale), F.embedding(ids, self.offset))
 
     def dense_weight(self) -> Tensor:
         if "dense" not in self._cache:
@@ -214,6 +259,11 @@ class TiedHead(nn.Module):
     def __init__(self, embedding: PackedEmbedding) -> None:
         super().__init__()
         self._embedding = [embedding]  # a list, so the table is not registered (saved) twice
+
+    @property
+    def realized(self) -> str:
+        # It computes with the dequantized fp32 table: the saving is the embedding's bytes.
+        return SIZE
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self._embedding[0].dense_weight())

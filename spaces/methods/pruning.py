@@ -14,7 +14,7 @@ def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity!r} must be in [0, 1)")
     flat = weight.detach().abs().reshape(-1)
-    n_drop = int(round(sparsity * flat.numel()))
+    n_drop = round(sparsity * flat.numel())
     mask = torch.ones(flat.numel(), dtype=torch.bool)
     if n_drop:
         # A stable sort makes ties resolve by position, so masks are reproducible.

@@ -1,0 +1,314 @@
+"""Structured pruning: remove whole attention heads and FFN neurons by shrinking Linears.
+
+Both are one operation. A *unit* is a set of equal-width channel groups that some Linears
+produce (their output rows) and one Linear consumes (its input columns): the query/key/
+value projections and the attention output projection, or the up (and gate) projections and
+the down projection. Removing a group deletes its rows from every producer and its columns
+from the consumer, so the model computes exactly what it did minus that group.
+
+Under grouped-query attention a group is one key/value head together with the query heads
+that share it, so the ratio of query to key/value heads (``num_key_value_groups``) never
+changes. Multi-head attention is the case of one query head per group.
+
+Importance (which groups go): with a calibration batch, each consumer column j scores
+``||W[:, j]|| * ||X_j||`` (weight times the norm of its input activation over the batch's
+real tokens, as in Wanda); a group scores the sum of its columns. Without calibration the
+score falls back to weights alone: the norm of the group's consumer columns times the norm
+of its producer rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+Kind = Literal["heads", "neurons"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One prunable structure. ``producers`` are (Linear name, output rows per group);
+    ``consumer`` is (Linear name, input columns per group)."""
+
+    kind: Kind
+    block: str
+    owner: str
+    producers: tuple[tuple[str, int], ...]
+    consumer: tuple[str, int]
+    groups: int
+    heads_per_group: int = 1
+    head_dim: int = 0
+
+
+def _parent(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _width(module: nn.Module, attr: str) -> int:
+    value = getattr(module, attr, None)
+    if not isinstance(value, int):
+        raise ValueError(f"{type(module).__name__} has no integer {attr!r}; cannot prune it structurally")
+    return value
+
+
+def _llama_attention(name: str, module: nn.Module) -> Unit | None:
+    """q_proj/k_proj/v_proj/o_proj with a ``head_dim`` (Llama, Mistral, Qwen2, SmolLM2, ...)."""
+    if not all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+        return None
+    head_dim = _width(module, "head_dim")
+    heads = _width(module.get_submodule("q_proj"), "out_features") // head_dim
+    kv_heads = _width(module.get_submodule("k_proj"), "out_features") // head_dim
+    per_group = heads // kv_heads
+    return Unit(
+        kind="heads",
+        block=_parent(name),
+        owner=name,
+        producers=(
+            (_join(name, "q_proj"), per_group * head_dim),
+            (_join(name, "k_proj"), head_dim),
+            (_join(name, "v_proj"), head_dim),
+        ),
+        consumer=(_join(name, "o_proj"), per_group * head_dim),
+        groups=kv_heads,
+        heads_per_group=per_group,
+        head_dim=head_dim,
+    )
+
+
+def _bert_attention(name: str, module: nn.Module) -> Unit | None:
+    """BertAttention-like: ``self`` with query/key/value, ``output.dense`` consumes them."""
+    inner = getattr(module, "self", None)
+    out = getattr(getattr(module, "output", None), "dense", None)
+    if inner is None or out is None or not all(hasattr(inner, a) for a in ("query", "key", "value")):
+        return None
+    head_dim = _width(inner, "attention_head_size")
+    owner = _join(name, "self")
+    return Unit(
+        kind="heads",
+        block=_parent(name),
+        owner=owner,
+        producers=tuple((_join(owner, p), head_dim) for p in ("query", "key", "value")),
+        consumer=(_join(name, "output.dense"), head_dim),
+        groups=_width(inner, "num_attention_heads"),
+        head_dim=head_dim,
+    )
+
+
+def _gated_mlp(name: str, module: nn.Module) -> Unit | None:
+    if not all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
+        return None
+    return Unit(
+        kind="neurons",
+        block=_parent(name),
+        owner=name,
+        producers=((_join(name, "gate_proj"), 1), (_join(name, "up_proj"), 1)),
+        consumer=(_join(name, "down_proj"), 1),
+        groups=_width(module.get_submodule("up_proj"), "out_features"),
+    )
+
+
+def _bert_mlp(name: str, module: nn.Module) -> Unit | None:
+    """BertLayer-like: ``intermediate.dense`` feeds ``output.dense`` (beside ``attention``)."""
+    hidden = getattr(getattr(module, "intermediate", None), "dense", None)
+    out = getattr(getattr(module, "output", None), "dense", None)
+    if hidden is None or out is None or not hasattr(module, "attention"):
+        return None
+    return Unit(
+        kind="neurons",
+        block=name,
+        owner=_join(name, "intermediate"),
+        producers=((_join(name, "intermediate.dense"), 1),),
+        consumer=(_join(name, "output.dense"), 1),
+        groups=_width(hidden, "out_features"),
+    )
+
+
+DETECTORS: tuple[Callable[[str, nn.Module], Unit | None], ...] = (
+    _llama_attention,
+    _bert_attention,
+    _gated_mlp,
+    _bert_mlp,
+)
+
+
+def find_units(model: nn.Module) -> list[Unit]:
+    """Every attention and MLP unit of the model, in module order."""
+    units = []
+    for name, module in model.named_modules():
+        for detect in DETECTORS:
+            unit = detect(name, module)
+            if unit is not None:
+                units.append(unit)
+    return units
+
+
+def removed_groups(fraction: float, groups: int) -> int:
+    """How many of ``groups`` a fraction removes: rounded half up, and never all of them."""
+    return min(math.floor(fraction * groups + 0.5), groups - 1)
+
+
+def shrunk_shapes(
+    units: list[Unit], fractions: Mapping[tuple[str, Kind], float], shapes: Mapping[str, tuple[int, int]]
+) -> dict[str, tuple[int, int]]:
+    """(in, out) of every Linear after removing ``fractions[(block, kind)]`` of each unit."""
+    out = dict(shapes)
+    for unit in units:
+        removed = removed_groups(fractions.get((unit.block, unit.kind), 0.0), unit.groups)
+        for name, rows in unit.producers:
+            n_in, n_out = out[name]
+            out[name] = (n_in, n_out - removed * rows)
+        name, cols = unit.consumer
+        n_in, n_out = out[name]
+        out[name] = (n_in - removed * cols, n_out)
+    return out
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    module = model.get_submodule(name)
+    if type(module) is not nn.Linear:
+        raise ValueError(
+            f"structured pruning runs first, on plain nn.Linear layers, but {name} is a "
+            f"{type(module).__name__}: apply the whole plan once, to the uncompressed model"
+        )
+    return module
+
+
+def activation_norms(
+    model: nn.Module, consumers: list[str], calibration: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Per input column of each consumer Linear: the L2 norm of its input over the batch's
+    real tokens (padding, where ``attention_mask`` marks it, does not count)."""
+    mask = calibration.get("attention_mask")
+    sums: dict[str, Tensor] = {}
+    handles = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0].detach().float()
+            sq = x.pow(2)
+            if mask is not None and sq.dim() == 3 and tuple(sq.shape[:2]) == tuple(mask.shape):
+                sq = sq * mask.to(sq.dtype)[..., None]
+            total = sq.reshape(-1, sq.shape[-1]).sum(dim=0)
+            sums[name] = sums[name] + total if name in sums else total
+
+        return record
+
+    for name in consumers:
+        handles.append(_linear(model, name).register_forward_pre_hook(hook(name)))
+    training = model.training
+    model.eval()  # dropout off: the same batch must always give the same scores
+    try:
+        with torch.no_grad():
+            model(**calibration)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in consumers if n not in sums]
+    if missing:
+        raise ValueError(f"the calibration forward pass never reached {missing[:3]}; check the batch's keys")
+    return {n: s.sqrt() for n, s in sums.items()}
+
+
+def _group_scores(model: nn.Module, unit: Unit, norms: Mapping[str, Tensor] | None) -> Tensor:
+    name, cols = unit.consumer
+    weight = _linear(model, name).weight.detach().float()
+    col_norm = weight.norm(dim=0)
+    if norms is not None:
+        return (col_norm * norms[name]).view(unit.groups, cols).sum(dim=1)
+    score = weight.pow(2).sum(dim=0).view(unit.groups, cols).sum(dim=1).sqrt()
+    rows_norm = torch.zeros(unit.groups)
+    for pname, rows in unit.producers:
+        w = _linear(model, pname).weight.detach().float()
+        rows_norm += w.pow(2).sum(dim=1).view(unit.groups, rows).sum(dim=1).sqrt()
+    return score * rows_norm
+
+
+def _kept_index(kept: Tensor, width: int) -> Tensor:
+    return (kept[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+
+
+def _shrink(linear: nn.Linear, rows: Tensor | None, cols: Tensor | None) -> nn.Linear:
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if rows is not None:
+        weight = weight[rows]
+        bias = bias[rows] if bias is not None else None
+    if cols is not None:
+        weight = weight[:, cols]
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None and out.bias is not None:
+            out.bias.copy_(bias)
+    return out
+
+
+_HEAD_ATTRS = ("num_attention_heads", "num_heads")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
+
+
+def _update_owner(owner: nn.Module, unit: Unit, kept: int) -> None:
+    """Keep the module's own size attributes true (its forward reads some of them)."""
+    if unit.kind == "neurons":
+        if isinstance(getattr(owner, "intermediate_size", None), int):
+            setattr(owner, "intermediate_size", kept)  # noqa: B010 (typed as a Module attribute)
+        return
+    for attr in _HEAD_ATTRS:
+        if isinstance(getattr(owner, attr, None), int):
+            setattr(owner, attr, kept * unit.heads_per_group)
+    for attr in _KV_ATTRS:
+        if isinstance(getattr(owner, attr, None), int):
+            setattr(owner, attr, kept)
+    if isinstance(getattr(owner, "all_head_size", None), int):
+        setattr(owner, "all_head_size", kept * unit.heads_per_group * unit.head_dim)  # noqa: B010
+
+
+def prune_unit(model: nn.Module, unit: Unit, fraction: float, norms: Mapping[str, Tensor] | None) -> Tensor:
+    """Remove ``fraction`` of the unit's groups in place; returns the kept group indices."""
+    removed = removed_groups(fraction, unit.groups)
+    if removed == 0:
+        return torch.arange(unit.groups)
+    scores = _group_scores(model, unit, norms)
+    # Stable order: equal scores keep the lower index, so the same inputs give the same model.
+    order = torch.sort(-scores, stable=True).indices
+    kept = torch.sort(order[: unit.groups - removed]).values
+    for name, rows in unit.producers:
+        model.set_submodule(name, _shrink(_linear(model, name), _kept_index(kept, rows), None))
+    name, cols = unit.consumer
+    model.set_submodule(name, _shrink(_linear(model, name), None, _kept_index(kept, cols)))
+    _update_owner(model.get_submodule(unit.owner), unit, int(kept.numel()))
+    return kept
+
+
+def prune_structured(
+    model: nn.Module,
+    fractions: Mapping[tuple[str, Kind], float],
+    calibration: Mapping[str, Tensor] | None = None,
+) -> dict[str, list[int]]:
+    """Prune every unit whose (block, kind) has a non-zero fraction; returns kept groups by owner.
+
+    All importances come from one forward pass of the unpruned model (one-shot pruning).
+    """
+    units = [u for u in find_units(model) if fractions.get((u.block, u.kind), 0.0) > 0]
+    active = [u for u in units if removed_groups(fractions[(u.block, u.kind)], u.groups) > 0]
+    for unit in active:
+        for name, _ in (*unit.producers, unit.consumer):
+            _linear(model, name)  # refuse before changing anything
+    norms = None
+    if active and calibration is not None:
+        norms = activation_norms(model, [u.consumer[0] for u in active], calibration)
+    kept = {}
+    for unit in active:
+        index = prune_unit(model, unit, fractions[(unit.block, unit.kind)], norms)
+        kept[f"{unit.owner}:{unit.kind}"] = index.tolist()
+    return kept

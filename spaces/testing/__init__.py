@@ -1,0 +1,8 @@
+"""Reusable test suites: a compression method passes ``MethodConformance`` to be part of slimsearch.
+
+Needs pytest (the ``dev`` extra). See ``conformance.py`` for how to run it on a new method.
+"""
+
+from slimsearch.spaces.testing.conformance import STANDARD_CASES, MethodCase, MethodConformance
+
+__all__ = ["STANDARD_CASES", "MethodCase", "MethodConformance"]
