@@ -20,7 +20,7 @@ import sqlalchemy
 import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import Trial, TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
 
 from slimsearch.evaluators import make_evaluator
 from slimsearch.search import models, pareto
@@ -29,6 +29,7 @@ from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, constraint_metric, load_study
 from slimsearch.search.worker import ScreenSpec, TrialJob, TrialResult
 from slimsearch.spaces import CompressionPlan, SearchSpace
+from slimsearch.spaces.methods.distill import DistillRecipe
 
 MAX_RETRIES = 1
 RATIO_SHOWN = ("size_bytes", "latency_ms", "perplexity")  # progress shows these against the baseline
@@ -124,6 +125,8 @@ class Driver:
             load_if_exists=True,
         )
         fingerprint = {"space": space.fingerprint(), "objectives": self.objectives}
+        if self.spec.distill.search:
+            fingerprint["distill"] = {k: list(v) for k, v in self.spec.distill.search.items()}
         stored = study.user_attrs.get("fingerprint")
         if stored is None:
             study.set_user_attr("fingerprint", fingerprint)
@@ -228,6 +231,9 @@ class Driver:
             return
         trial.set_user_attr("metrics", result.values)
         trial.set_user_attr("records", result.records)
+        source = trial.user_attrs.get("distilled_from")
+        if source is not None:  # stage two: keep the before-distillation values beside the after
+            trial.set_user_attr("before_distill", study.trials[source].user_attrs.get("metrics", {}))
         if "reused_from" not in result.records:
             plan = CompressionPlan.from_dict(trial.user_attrs["plan"])
             self.known.setdefault(plan.to_json(), result)
@@ -285,7 +291,7 @@ class Driver:
                 self.known.setdefault(
                     key, TrialResult(t.number, values, dict(t.user_attrs.get("records", {})))
                 )
-        distributions = space.distributions()
+        distributions = space.distributions() | self.distill_distributions()
         executor = make_executor(
             spec.executor.kind,
             self.run_dir,
@@ -306,6 +312,13 @@ class Driver:
                 say(f"queued {len(seeds)} uniform configurations first")
             deadline = self.started + spec.budget.timeout_s if spec.budget.timeout_s else None
             stopped = self.loop(study, executor, space, distributions, baseline_dir, baseline, deadline)
+            if spec.distill.mode == "finalists" and stopped != "timeout":
+                waiting = len(study.get_trials(deepcopy=False, states=[TrialState.WAITING]))
+                extra = self.queue_finalists(study)
+                if extra:  # queued seeds not yet run go first: Optuna pops waiting trials in order
+                    budget = self.finished_count(study) + waiting + extra
+                    args = (study, executor, space, distributions, baseline_dir, baseline, deadline)
+                    stopped = self.loop(*args, budget=budget)
             if spec.remeasure_front:
                 self.remeasure_front(study, executor, space, baseline_dir, baseline)
         except KeyboardInterrupt:
@@ -330,8 +343,9 @@ class Driver:
         baseline_dir: Path,
         baseline: dict[str, float],
         deadline: float | None,
+        budget: int | None = None,
     ) -> str:
-        budget = self.spec.budget.trials
+        budget = budget if budget is not None else self.spec.budget.trials
         stopped = "budget"
         while True:
             out_of_time = deadline is not None and time.monotonic() >= deadline
@@ -341,7 +355,7 @@ class Driver:
                 if budget is not None and self.finished_count(study) + len(self.running) >= budget:
                     break
                 trial = study.ask(fixed_distributions=distributions)
-                plan = space.decode(trial.params)
+                plan = self.decode(space, trial)
                 trial.set_user_attr("plan", plan.to_dict())
                 self.running[trial.number] = (trial, time.monotonic())
                 earlier = self.known.get(plan.to_json())
@@ -361,6 +375,53 @@ class Driver:
                 self.tell(study, result, baseline)
                 self.done_here += 1
                 self.progress(study, result, baseline)
+
+    # -- distillation ------------------------------------------------------------------------
+    def distill_distributions(self) -> dict[str, Any]:
+        """Searched recipe knobs (every-trial mode), as fixed categorical distributions."""
+        return {
+            f"distill:{key}": optuna.distributions.CategoricalDistribution(list(values))
+            for key, values in self.spec.distill.search.items()
+        }
+
+    def decode(self, space: SearchSpace, trial: Trial) -> CompressionPlan:
+        plan = space.decode({k: v for k, v in trial.params.items() if not k.startswith("distill:")})
+        recipe: dict[str, Any] | None = None
+        if "distill" in trial.user_attrs:  # a second-stage finalist
+            recipe = dict(trial.user_attrs["distill"])
+        elif self.spec.distill.mode == "every-trial":
+            recipe = dict(self.spec.distill.recipe)
+            recipe |= {k.split(":", 1)[1]: v for k, v in trial.params.items() if k.startswith("distill:")}
+        if recipe is None or recipe.get("kind", "logits") == "off" or recipe.get("steps", 1) == 0:
+            return plan
+        return replace(plan, distill=DistillRecipe.from_dict(recipe).to_dict())
+
+    def queue_finalists(self, study: optuna.Study) -> int:
+        """Stage two: queue the not-yet-distilled Pareto candidates (constraints ignored, since
+        distillation may bring an infeasible trial back) with the study's recipe."""
+        trials = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
+        done = {t.user_attrs.get("distilled_from") for t in trials} | {
+            t.user_attrs.get("distilled_from")
+            for t in study.get_trials(deepcopy=False, states=[TrialState.WAITING])
+        }
+        plain = [t for t in trials if not (t.user_attrs.get("plan") or {}).get("distill")]
+        directions = study.directions
+        front = [t for t in plain if not any(_dominates(o, t, directions) for o in plain)]
+        first = 1 if directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
+        front.sort(key=lambda t: first * t.values[0])
+        chosen = [
+            t for t in front if t.number not in done and "reused_from" not in t.user_attrs.get("records", {})
+        ]
+        chosen = [
+            t for t in chosen if CompressionPlan.from_dict(t.user_attrs["plan"]).summary() != "baseline"
+        ]
+        chosen = chosen[: self.spec.distill.finalists]
+        recipe = DistillRecipe.from_dict(dict(self.spec.distill.recipe)).to_dict()
+        for t in chosen:
+            study.enqueue_trial(t.params, user_attrs={"distill": recipe, "distilled_from": t.number})
+        if chosen:
+            say(f"stage two: distilling {len(chosen)} Pareto candidates: trials {[t.number for t in chosen]}")
+        return len(chosen)
 
     def overdue(self, executor: Executor) -> list[TrialResult]:
         """Cancel trials running past their timeout plus a grace period."""
@@ -445,6 +506,13 @@ class Driver:
             f"storage: {storage_url(self.spec)}"
         )
         return RunResult(self.run_dir, study, baseline, rows, stopped, counts)
+
+
+def _dominates(a: FrozenTrial, b: FrozenTrial, directions: list[optuna.study.StudyDirection]) -> bool:
+    signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in directions]
+    pa = [s * v for s, v in zip(signs, a.values, strict=True)]
+    pb = [s * v for s, v in zip(signs, b.values, strict=True)]
+    return all(x <= y for x, y in zip(pa, pb, strict=True)) and pa != pb
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:

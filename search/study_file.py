@@ -109,6 +109,21 @@ class ScreeningSpec:
     z: float = 2.0
 
 
+DISTILL_MODES = ("off", "every-trial", "finalists")
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """Distillation: ``every-trial`` distils each trial with ``recipe`` (``search`` lists make
+    recipe fields searched knobs); ``finalists`` screens without it, then distils up to
+    ``finalists`` Pareto candidates in a second stage."""
+
+    mode: str = "off"
+    recipe: Mapping[str, Any] = field(default_factory=dict)
+    search: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    finalists: int = 4
+
+
 @dataclass(frozen=True)
 class BudgetSpec:
     trials: int | None = 30
@@ -136,6 +151,7 @@ class StudySpec:
     seed_uniform: bool
     remeasure_front: bool
     screening: ScreeningSpec | None
+    distill: DistillSpec
     budget: BudgetSpec
     executor: ExecutorSpec
     storage: str
@@ -164,6 +180,7 @@ _TOP_KEYS = {
     "cache",
     "remeasure_front",
     "screening",
+    "distill",
 }
 
 
@@ -360,6 +377,38 @@ def _constraints(data: Mapping[str, Any], objectives: tuple[ObjectiveSpec, ...])
     return out
 
 
+def _distill(data: Mapping[str, Any]) -> DistillSpec:
+    from slimsearch.spaces.methods.distill import DistillRecipe
+
+    raw = _section(data, "distill", {"mode", "recipe", "search", "finalists"})
+    if not raw:
+        return DistillSpec()
+    mode = _choice(raw.get("mode", "finalists"), "distill.mode", DISTILL_MODES)
+    recipe = dict(raw.get("recipe") or {})
+    try:
+        DistillRecipe.from_dict(recipe)
+    except (TypeError, ValueError) as exc:
+        raise StudyError(f"distill.recipe: {exc}") from None
+    search: dict[str, tuple[Any, ...]] = {}
+    for key, values in dict(raw.get("search") or {}).items():
+        if not isinstance(values, list) or not values:
+            raise _fail(f"distill.search.{key}", values, "give a non-empty list of values to search")
+        for value in values:
+            try:
+                DistillRecipe.from_dict(recipe | {key: value})
+            except (TypeError, ValueError) as exc:
+                raise StudyError(f"distill.search.{key}: {exc}") from None
+        search[key] = tuple(values)
+    if search and mode != "every-trial":
+        raise StudyError("distill.search: searched recipe knobs need distill.mode every-trial")
+    return DistillSpec(
+        mode=mode,
+        recipe=recipe,
+        search=search,
+        finalists=_int(raw.get("finalists", 4), "distill.finalists"),
+    )
+
+
 def _screening(data: Mapping[str, Any]) -> ScreeningSpec | None:
     raw = data.get("screening", {})
     if raw is False or raw is None:
@@ -462,6 +511,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     if not isinstance(remeasure, bool):
         raise _fail("remeasure_front", remeasure, "write true or false")
     screening = _screening(data)
+    distill = _distill(data)
     output = data.get("output", f"runs/{name}")
     cache = data.get("cache", str(Path.home() / ".cache" / "slimsearch"))
     return StudySpec(
@@ -476,6 +526,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         seed_uniform=seed_uniform,
         remeasure_front=remeasure,
         screening=screening,
+        distill=distill,
         budget=budget,
         executor=executor,
         storage=_choice(data.get("storage", "sqlite"), "storage", STORAGES),

@@ -6,6 +6,8 @@ failure comes back as a result with its error and traceback.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
 import random
@@ -17,7 +19,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from slimsearch.search import models, tasks
 from slimsearch.search.locks import machine_lock
 from slimsearch.search.study_file import ObjectiveSpec, TaskSpec
 from slimsearch.spaces import CompressionPlan, apply_plan
+from slimsearch.spaces.methods.distill import DistillRecipe, TeacherCache, distill
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,66 @@ def calibration_batch(job: TrialJob, tokenizer: Any) -> dict[str, Tensor]:
     return _CALIBRATION[key]
 
 
+_DISTILL_BATCHES: dict[tuple[str, TaskSpec, int], list[dict[str, Tensor]]] = {}
+_TEACHERS: dict[str, TeacherCache] = {}
+LM_DISTILL_BLOCKS = 64
+
+
+def distill_batches(job: TrialJob, tokenizer: Any, batch_size: int) -> list[dict[str, Tensor]]:
+    """Training data for distillation: the train split, or LM text after the evaluation text."""
+    key = (job.baseline_dir, job.task, batch_size)
+    if key not in _DISTILL_BATCHES:
+        task, cache = job.task, Path(job.cache_dir)
+        if task.kind == "classification":
+            train = tasks.classification_splits(task, cache).train
+            if not train:
+                raise ValueError("distillation needs training rows: set task.train_size above 0")
+            _DISTILL_BATCHES[key] = tasks.classification_batches(
+                tokenizer, train, task.max_length, batch_size
+            )
+        else:
+            text = tasks.lm_train_text(task, cache)
+            _DISTILL_BATCHES[key] = tasks.lm_blocks(
+                tokenizer, text, task.block_size, LM_DISTILL_BLOCKS, batch_size
+            )
+    return _DISTILL_BATCHES[key]
+
+
+def teacher_cache(
+    job: TrialJob, teacher: nn.Module, batches: list[dict[str, Tensor]], kind: str
+) -> TeacherCache:
+    """The teacher's outputs on the distillation batches: computed once, kept in memory and on
+    disk under the cache folder so other workers and later runs reuse them."""
+    ident = json.dumps(
+        [job.baseline_dir, asdict(job.task), kind, len(batches), batches[0]["input_ids"].shape[0]]
+    )
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    if key not in _TEACHERS:
+        path = Path(job.cache_dir) / "teacher" / f"{key}.safetensors"
+        if path.is_file():
+            _TEACHERS[key] = TeacherCache.load(path)
+        else:
+            _TEACHERS[key] = TeacherCache.compute(teacher, batches, kind, job.task.kind)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            _TEACHERS[key].save(tmp)
+            tmp.replace(path)  # whole or not at all, even with workers racing
+    return _TEACHERS[key]
+
+
+def _distill(job: TrialJob, model: nn.Module, plan: CompressionPlan, context: EvalContext) -> None:
+    if not plan.distill:
+        return
+    recipe = DistillRecipe.from_dict(plan.distill)
+    if recipe.is_off:
+        return
+    teacher, tokenizer = _baseline(job)
+    batches = distill_batches(job, tokenizer, recipe.batch_size)
+    with machine_lock(job.cache_dir, exclusive=False):
+        cache = teacher_cache(job, teacher, batches, recipe.kind)
+        context.records["distill"] = distill(model, cache, batches, recipe, job.task.kind)
+
+
 def build_model(job: TrialJob) -> tuple[nn.Module, CompressionPlan]:
     base, tokenizer = _baseline(job)
     plan = CompressionPlan.from_json(job.plan_json)
@@ -239,6 +302,7 @@ def run_trial(job: TrialJob) -> TrialResult:
                 reference=reference,
             )
             context.records["realized"] = plan.realized()
+            _distill(job, model, plan, context)
             rejected = _screen(job, model, context, tokenizer)
             if rejected is not None:
                 context.records["fidelity"] = "screen"

@@ -200,9 +200,10 @@ class CompressionPlan:
         for settings in every:
             if not settings.is_off:
                 counts[settings.short()] = counts.get(settings.short(), 0) + 1
-        if not counts:
-            return "baseline"
-        return ", ".join(f"{n}x{k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        text = ", ".join(f"{n}x{k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        if self.distill and self.distill.get("kind", "off") != "off":
+            text = (text or "baseline") + f" +KD({self.distill.get('kind')}, {self.distill.get('steps')} steps)"
+        return text or "baseline"
 
 
 def _lookup(table: Mapping[str, Any], name: str) -> Any:

@@ -1,0 +1,454 @@
+"""Per-layer sensitivity: how much the task loss moves when only ONE layer is compressed.
+
+For every searched unit (a Linear, the embedding table, or a Transformer block under
+structured pruning) and every non-off value of each of its knobs, compress that unit alone
+and measure the task loss on a small fixed subset of the test split (cross-entropy for
+classifiers, next-token NLL on a few blocks for causal LMs). The exact serialized bytes of
+every combination of the unit's knob values are measured too, so seeds can be fitted to a
+size budget without guessing how bits, sparsity and rank compose.
+
+The profile is computed once per (baseline, task, space) and cached as JSON under
+``<cache>/sensitivity/<key>.json``. ``sensitivity_seeds`` then turns it into a few Optuna
+params dicts, one per size budget, by greedily compressing where it hurts least.
+
+    profile = load_or_compute_profile(spec, space, baseline_dir)
+    for params in sensitivity_seeds(space, profile):
+        study.enqueue_trial(params, user_attrs={"seed": "sensitivity"}, skip_if_exists=True)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slimsearch.search import models, tasks
+from slimsearch.search.log import fmt_seconds, say
+from slimsearch.search.study_file import StudySpec, TaskSpec
+from slimsearch.spaces import CompressionPlan, SearchSpace, apply_plan, serialized_size
+from slimsearch.spaces.methods import LowRankLinear, PackedLinear
+from slimsearch.spaces.plan import LayerSettings
+from slimsearch.spaces.space import STRUCTURED_KNOBS, Knob
+
+PROFILE_FORMAT = 1
+PROFILE_ROWS = 128  # classification rows of the test split the loss is measured on
+PROFILE_LM_BLOCKS = 4  # causal-LM blocks of task.block_size tokens
+SIZE_BUDGETS = (0.5, 0.35, 0.25)
+# One thread: on 2 shared cores a busy neighbour made 2-thread OpenMP work crawl (an SVD of a
+# 1536x384 layer took 5 s instead of 0.07 s; a forward pass 2x longer). Numbers do not change.
+PROFILE_THREADS = 1
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Option:
+    """One combination of a unit's knob values and the unit's exact serialized bytes with it."""
+
+    params: Mapping[str, Any]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Loss deltas per (param, value) against the uncompressed loss, and bytes per option.
+
+    ``loss[param]`` lists ``(value, delta)`` pairs for every non-off value; ``options[unit]``
+    lists every combination of the unit's searched values (the all-off one included).
+    """
+
+    key: str
+    metric: str
+    rows: int
+    baseline_loss: float
+    loss: Mapping[str, Sequence[tuple[Any, float]]]
+    options: Mapping[str, Sequence[Option]]
+    seconds: float = 0.0
+
+    def delta(self, param: str, value: Any) -> float:
+        for v, d in self.loss.get(param, ()):
+            if v == value:
+                return d
+        return 0.0  # off values (and knobs with one choice) cost nothing
+
+    def off_bytes(self, unit: str, off: Mapping[str, Any]) -> int:
+        return _off_option(self.options[unit], off).bytes
+
+    def compressible_bytes(self, off: Mapping[str, Any]) -> int:
+        """Bytes of every searched unit left uncompressed: what the size budgets are fractions of."""
+        return sum(self.off_bytes(u, off) for u in self.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PROFILE_FORMAT,
+            "key": self.key,
+            "metric": self.metric,
+            "rows": self.rows,
+            "baseline_loss": self.baseline_loss,
+            "seconds": round(self.seconds, 1),
+            "loss": {p: [[v, d] for v, d in pairs] for p, pairs in self.loss.items()},
+            "options": {
+                u: [{"params": dict(o.params), "bytes": o.bytes} for o in opts]
+                for u, opts in self.options.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Profile:
+        if data.get("format") != PROFILE_FORMAT:
+            raise ValueError(
+                f"sensitivity profile format {data.get('format')!r} is not {PROFILE_FORMAT}; "
+                "delete the file so it is computed again"
+            )
+        return cls(
+            key=str(data["key"]),
+            metric=str(data["metric"]),
+            rows=int(data["rows"]),
+            baseline_loss=float(data["baseline_loss"]),
+            loss={p: [(v, float(d)) for v, d in pairs] for p, pairs in data["loss"].items()},
+            options={
+                u: [Option(dict(o["params"]), int(o["bytes"])) for o in opts]
+                for u, opts in data["options"].items()
+            },
+            seconds=float(data.get("seconds", 0.0)),
+        )
+
+
+# -- where profiles live ----------------------------------------------------------------------
+def profile_key(baseline_dir: Path, task: TaskSpec, space: SearchSpace) -> str:
+    """Hash of everything that decides a profile: baseline folder, task, space, subset size."""
+    parts = {
+        "format": PROFILE_FORMAT,
+        "baseline": str(Path(baseline_dir).resolve()),
+        "task": asdict(task),
+        "space": space.fingerprint(),
+        "rows": PROFILE_ROWS,
+        "lm_blocks": PROFILE_LM_BLOCKS,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def profile_path(cache: Path, key: str) -> Path:
+    return Path(cache) / "sensitivity" / f"{key}.json"
+
+
+def read_profile(path: Path) -> Profile | None:
+    if not path.is_file():
+        return None
+    return Profile.from_dict(json.loads(path.read_text()))
+
+
+def write_profile(profile: Profile, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(profile.to_dict(), indent=1))
+    tmp.replace(path)  # appears whole or not at all
+
+
+def load_or_compute_profile(spec: StudySpec, space: SearchSpace, baseline_dir: Path) -> Profile:
+    """The cached profile for this baseline, task and space; computed (and cached) the first time."""
+    key = profile_key(baseline_dir, spec.task, space)
+    path = profile_path(spec.cache, key)
+    cached = read_profile(path)
+    if cached is not None:
+        return cached
+    model, tokenizer = models.load_baseline(Path(baseline_dir), spec.task.kind, spec.model.trust_remote_code)
+    batches = loss_batches(spec.task, spec.cache, tokenizer)
+    calibration = _calibration(spec, space, tokenizer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(PROFILE_THREADS)
+    try:
+        profile = compute_profile(model, space, batches, spec.task.kind, key, calibration)
+    finally:
+        torch.set_num_threads(threads)
+    write_profile(profile, path)
+    say(f"sensitivity profile written to {path} ({fmt_seconds(profile.seconds)})")
+    return profile
+
+
+def _calibration(spec: StudySpec, space: SearchSpace, tokenizer: Any) -> dict[str, Tensor] | None:
+    """The worker's calibration batch (training rows), only when structured pruning is searched."""
+    if not any(k.knob in STRUCTURED_KNOBS for k in space.knobs):
+        return None
+    from slimsearch.search.worker import TrialJob, calibration_batch
+
+    job = TrialJob(-1, "{}", "", str(spec.cache), spec.task, (), spec.latency)
+    return calibration_batch(job, tokenizer)
+
+
+def loss_batches(task: TaskSpec, cache: Path, tokenizer: Any) -> list[dict[str, Tensor]]:
+    """A fixed random subset of the test split (classification) or the first few eval blocks."""
+    if task.kind == "classification":
+        test = tasks.classification_splits(task, Path(cache)).test
+        rows = random.Random(task.seed + 3).sample(test, min(PROFILE_ROWS, len(test)))
+        return tasks.classification_batches(tokenizer, rows, task.max_length, task.eval_batch_size)
+    text = tasks.lm_text(task, Path(cache))
+    return tasks.lm_blocks(tokenizer, text, task.block_size, PROFILE_LM_BLOCKS, task.eval_batch_size)
+
+
+@torch.no_grad()
+def task_loss(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], kind: str) -> float:
+    """Mean cross-entropy per example (classification) or per predicted token (causal LM)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        if kind == "classification":
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            total += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
+            count += int(batch["labels"].numel())
+        else:
+            ids = batch["input_ids"]
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            target = ids[:, 1:]
+            total += float(
+                F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum")
+            )
+            count += int(target.numel())
+    return total / max(count, 1)
+
+
+# -- computing a profile ----------------------------------------------------------------------
+def off_params(space: SearchSpace) -> dict[str, Any]:
+    """Every searched param at its off value: the first of ``space.uniform_params()``."""
+    return dict(space.uniform_params()[0])
+
+
+def searched_units(space: SearchSpace) -> dict[str, list[Knob]]:
+    """Searched knobs (more than one choice) grouped by the unit they belong to, in space order."""
+    units: dict[str, list[Knob]] = {}
+    for k in space.knobs:
+        if len(k.choices) > 1:
+            units.setdefault(k.layer, []).append(k)
+    return units
+
+
+def _combos(knobs: Sequence[Knob]) -> list[dict[str, Any]]:
+    names = [SearchSpace.param_name(k) for k in knobs]
+    return [
+        dict(zip(names, values, strict=True)) for values in itertools.product(*(k.choices for k in knobs))
+    ]
+
+
+class _Measurer:
+    """Compresses one unit of a working copy of the model at a time and puts it back."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        space: SearchSpace,
+        batches: Sequence[Mapping[str, Tensor]],
+        kind: str,
+        calibration: Mapping[str, Tensor] | None,
+    ) -> None:
+        self.pristine = model
+        self.work = copy.deepcopy(model).eval()  # Linears are swapped in place here
+        self.space = space
+        self.batches = batches
+        self.kind = kind
+        self.calibration = calibration
+        self.off = off_params(space)
+        self.full_bytes = serialized_size(model, CompressionPlan())
+        self.factors: dict[tuple[str, int], LowRankLinear] = {}
+
+    def compress(self, unit: str, linear: nn.Linear, settings: LayerSettings) -> nn.Module:
+        """``apply.compress_linear``, with each layer's SVD done once per rank: the bytes of
+        every combination with that rank reuse it."""
+        if settings.rank is None:
+            return PackedLinear.from_linear(linear, settings.bits, settings.sparsity)
+        key = (unit, settings.rank)
+        if key not in self.factors:
+            self.factors[key] = LowRankLinear.from_linear(linear, settings.rank)
+        low = copy.deepcopy(self.factors[key])
+        if settings.sparsity or settings.bits != 32:
+            low.down = PackedLinear.from_linear(low.down, settings.bits, settings.sparsity)  # type: ignore[arg-type]
+            low.up = PackedLinear.from_linear(low.up, settings.bits, settings.sparsity)  # type: ignore[arg-type]
+        return low
+
+    def measure(self, unit: str, params: Mapping[str, Any], with_loss: bool) -> tuple[int, float | None]:
+        """(bytes of the unit, task loss or None) with only ``params`` changed from off."""
+        plan = self.space.decode(self.off | dict(params))
+        original = self.work.get_submodule(unit)
+        settings = plan.layers.get(unit)
+        if isinstance(original, nn.Linear) and settings is not None:
+            # Swap one Linear in place: far cheaper than copying the whole model per value.
+            compressed = self.compress(unit, original, settings) if not settings.is_off else original
+            size = serialized_size(compressed, CompressionPlan())
+            if not with_loss:
+                return size, None
+            self.work.set_submodule(unit, compressed)
+            try:
+                return size, task_loss(self.work, self.batches, self.kind)
+            finally:
+                self.work.set_submodule(unit, original)
+        # Embeddings and structured blocks: apply the one-unit plan to a fresh copy.
+        only = CompressionPlan(
+            layers={unit: plan.layers[unit]} if unit in plan.layers else {},
+            structured={unit: plan.structured[unit]} if unit in plan.structured else {},
+        )
+        model = apply_plan(copy.deepcopy(self.pristine), only, calibration=self.calibration).eval()
+        off_size = serialized_size(self.pristine.get_submodule(unit), CompressionPlan())
+        size = off_size + serialized_size(model, CompressionPlan()) - self.full_bytes
+        return size, task_loss(model, self.batches, self.kind) if with_loss else None
+
+
+def compute_profile(
+    model: nn.Module,
+    space: SearchSpace,
+    batches: Sequence[Mapping[str, Tensor]],
+    kind: str,
+    key: str = "",
+    calibration: Mapping[str, Tensor] | None = None,
+) -> Profile:
+    """Measure every (param, non-off value) loss delta and every option's bytes; shows progress."""
+    started = time.monotonic()
+    m = _Measurer(model.eval(), space, batches, kind, calibration)
+    base_loss = task_loss(m.work, batches, kind)
+    units = searched_units(space)
+    if not units:
+        raise ValueError("the search space has no searched knob (each offers one value); nothing to profile")
+    total = sum(len(k.choices) - 1 for ks in units.values() for k in ks)
+    done = 0
+    loss: dict[str, list[tuple[Any, float]]] = {}
+    options: dict[str, list[Option]] = {}
+    say(
+        f"sensitivity profile: {total} single-layer choices over {len(units)} layers, "
+        f"loss on {len(batches)} batches"
+    )
+    for i, (unit, knobs) in enumerate(units.items()):
+        for k in knobs:
+            param = SearchSpace.param_name(k)
+            pairs = []
+            for value in k.choices:
+                if value == m.off[param]:
+                    continue
+                _, measured = m.measure(unit, {param: value}, with_loss=True)
+                delta = float(measured) - base_loss  # type: ignore[arg-type]
+                pairs.append((value, delta))
+                done += 1
+            loss[param] = pairs
+        options[unit] = [
+            Option(combo, m.measure(unit, combo, with_loss=False)[0]) for combo in _combos(knobs)
+        ]
+        if (i + 1) % 6 == 0 or i + 1 == len(units):
+            elapsed = time.monotonic() - started
+            eta = fmt_seconds(elapsed / max(done, 1) * (total - done))
+            say(f"sensitivity: {i + 1}/{len(units)} layers, {done}/{total} choices, ETA {eta}")
+    return Profile(
+        key=key,
+        metric="cross-entropy" if kind == "classification" else "next-token nll",
+        rows=sum(int(b["input_ids"].shape[0]) for b in batches),
+        baseline_loss=base_loss,
+        loss=loss,
+        options=options,
+        seconds=time.monotonic() - started,
+    )
+
+
+# -- seeds ------------------------------------------------------------------------------------
+def _off_option(options: Sequence[Option], off: Mapping[str, Any]) -> Option:
+    for o in options:
+        if all(off.get(p) == v for p, v in o.params.items()):
+            return o
+    raise ValueError(
+        f"no all-off option among {[dict(o.params) for o in options][:3]}; recompute the profile"
+    )
+
+
+def option_cost(profile: Profile, option: Option, off: Mapping[str, Any]) -> float:
+    """Estimated loss increase of an option: the sum of its knobs' single-knob deltas.
+    Negative deltas (noise, or a lucky regularizer) count as free, never as a gain."""
+    return sum(max(0.0, profile.delta(p, v)) for p, v in option.params.items() if v != off.get(p))
+
+
+def _check(space: SearchSpace, profile: Profile, budgets: Sequence[float]) -> dict[str, Any]:
+    for b in budgets:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b <= 1.0:
+            raise ValueError(
+                f"size_budgets: {b!r} is not a fraction of the compressible bytes; use values in (0, 1] "
+                "such as (0.5, 0.35, 0.25)"
+            )
+    units = searched_units(space)
+    if set(units) != set(profile.options):
+        raise ValueError(
+            f"the sensitivity profile {profile.key!r} was computed for another search space "
+            f"({len(profile.options)} units, this space has {len(units)}); delete it so it is recomputed"
+        )
+    return off_params(space)
+
+
+def greedy_choice(profile: Profile, off: Mapping[str, Any], budget_bytes: float) -> dict[str, Option]:
+    """Start all-off; repeatedly take the move (any unit to any smaller option) with the most
+    bytes saved per unit of estimated loss added, until the units fit in ``budget_bytes``."""
+    current = {u: _off_option(opts, off) for u, opts in profile.options.items()}
+    cost = {u: option_cost(profile, o, off) for u, opts in profile.options.items() for o in [current[u]]}
+    total = sum(o.bytes for o in current.values())
+    # Costs are on the scale of the loss: a floor keeps zero-cost moves ordered by bytes saved.
+    floor = max(_EPS, 1e-6 * max(abs(profile.baseline_loss), 1.0))
+    while total > budget_bytes:
+        best: tuple[float, str, Option, float] | None = None
+        for unit, opts in profile.options.items():
+            for o in opts:
+                saved = current[unit].bytes - o.bytes
+                if saved <= 0:
+                    continue
+                added = option_cost(profile, o, off) - cost[unit]
+                ratio = saved / (max(added, 0.0) + floor)
+                if best is None or ratio > best[0]:
+                    best = (ratio, unit, o, added)
+        if best is None:  # nothing left to shrink: the budget is out of reach
+            break
+        _, unit, o, added = best
+        total -= current[unit].bytes - o.bytes
+        current[unit] = o
+        cost[unit] += added
+    return current
+
+
+def sensitivity_seeds(
+    space: SearchSpace, profile: Profile, size_budgets: Sequence[float] = SIZE_BUDGETS
+) -> list[dict[str, Any]]:
+    """One Optuna params dict per size budget (fraction of the compressible bytes), each the
+    greedy least-sensitive configuration that fits; duplicates are dropped."""
+    off = _check(space, profile, size_budgets)
+    compressible = profile.compressible_bytes(off)
+    seeds: list[dict[str, Any]] = []
+    for budget in size_budgets:
+        chosen = greedy_choice(profile, off, budget * compressible)
+        params = dict(off)
+        for option in chosen.values():
+            params.update(option.params)
+        if params not in seeds:
+            seeds.append(params)
+    return seeds
+
+
+def seed_bytes(profile: Profile, params: Mapping[str, Any], off: Mapping[str, Any]) -> int:
+    """The searched units' bytes under ``params``, from the profile's measured options."""
+    total = 0
+    for options in profile.options.values():
+        match = [o for o in options if all(params.get(p, off.get(p)) == v for p, v in o.params.items())]
+        if not match:
+            raise ValueError(f"params choose values the profile never measured: {dict(options[0].params)}")
+        total += match[0].bytes
+    return total
+
+
+def heatmap_rows(profile: Profile) -> dict[str, dict[str, float]]:
+    """{"knob=value": {unit: loss delta}}: the table a heatmap draws (NaN where not offered)."""
+    out: dict[str, dict[str, float]] = {}
+    for param, pairs in profile.loss.items():
+        unit, knob = param.rsplit(":", 1)
+        for value, delta in pairs:
+            out.setdefault(f"{knob}={value:g}", {})[unit] = delta
+    units = list(profile.options)
+    return {row: {u: cells.get(u, math.nan) for u in units} for row, cells in out.items()}
