@@ -202,7 +202,8 @@ class CompressionPlan:
                 counts[settings.short()] = counts.get(settings.short(), 0) + 1
         text = ", ".join(f"{n}x{k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
         if self.distill and self.distill.get("kind", "off") != "off":
-            text = (text or "baseline") + f" +KD({self.distill.get('kind')}, {self.distill.get('steps')} steps)"
+            kd = f" +KD({self.distill.get('kind')}, {self.distill.get('steps')} steps)"
+            text = (text or "baseline") + kd
         return text or "baseline"
 
 
