@@ -7,14 +7,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import slimsearch
 from conftest import tiny_study
@@ -28,21 +27,7 @@ from slimsearch.search.study_file import StudyError, study_from_mapping
 from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
 from slimsearch.spaces.methods import PackedEmbedding, TiedHead
 from slimsearch.spaces.testing import STANDARD_CASES, MethodCase
-from tiny import LM_TEXT, tiny_bert, tiny_llama, tiny_llama_config
-
-
-def tiny_llama_untied(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = {k: v for k, v in tiny_llama_config().items() if k != "model_type"}
-    cfg["tie_word_embeddings"] = False
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-
-
-MODELS: dict[str, Callable[[int], nn.Module]] = {
-    "bert": tiny_bert,
-    "llama": tiny_llama,
-    "llama-untied": tiny_llama_untied,
-}
+from tiny import LM_TEXT, MODELS, tiny_bert, tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -8,24 +8,9 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import Tensor, nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from slimsearch.spaces.testing import STANDARD_CASES, MethodCase, MethodConformance
-from tiny import tiny_bert, tiny_llama, tiny_llama_config
-
-
-def tiny_llama_untied(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = {k: v for k, v in tiny_llama_config().items() if k != "model_type"}
-    cfg["tie_word_embeddings"] = False
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-
-
-MODELS: dict[str, Callable[[int], nn.Module]] = {
-    "bert": tiny_bert,
-    "llama": tiny_llama,
-    "llama-untied": tiny_llama_untied,
-}
+from tiny import MODELS
 
 
 class TestStandardMethods(MethodConformance):

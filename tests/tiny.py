@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 
@@ -44,6 +47,20 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     cfg = {k: v for k, v in tiny_llama_config().items() if k != "model_type"}
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
+
+def tiny_llama_untied(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in tiny_llama_config().items() if k != "model_type"}
+    cfg["tie_word_embeddings"] = False
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+# Every tiny architecture the method and export suites run over.
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "bert": tiny_bert,
+    "llama": tiny_llama,
+    "llama-untied": tiny_llama_untied,
+}
 
 POSITIVE = ["good fun film", "a great warm story", "lovely and moving", "great acting and fun"]
 NEGATIVE = ["dull boring mess", "a bad tired plot", "awful and slow", "boring bad acting"]

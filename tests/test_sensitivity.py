@@ -1,0 +1,175 @@
+"""Sensitivity profiles and seeds on a tiny BERT, and the benchmark's hypervolume helper."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import tiny_study
+from slimsearch.search import models, sensitivity
+from slimsearch.search.sensitivity import Option, Profile
+from slimsearch.search.study_file import StudySpec, study_from_mapping
+from slimsearch.spaces import SearchSpace, serialized_size
+from tiny import tiny_bert, tiny_bert_config
+
+ROOT = Path(__file__).resolve().parent.parent
+EMB = "bert.embeddings.word_embeddings"
+QUERY = "bert.encoder.layer.0.attention.self.query"
+
+
+def _bench_module() -> ModuleType:
+    path = ROOT / "benchmarks" / "search_efficiency.py"
+    spec = importlib.util.spec_from_file_location("search_efficiency", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["search_efficiency"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[StudySpec, SearchSpace, Path]:
+    tmp = tmp_path_factory.mktemp("sens")
+    space = {
+        "default": {"bits": [32, 8, 4], "sparsity": [0.0, 0.1, 0.9], "rank": [1.0, 0.9, 0.05]},
+        "embeddings": [32, 8, 4],
+    }
+    # Trained well past chance, so that damaging a layer shows in the loss.
+    finetune = {
+        "config": tiny_bert_config(),
+        "finetune": {"epochs": 10, "learning_rate": 2e-3, "batch_size": 8},
+    }
+    spec = study_from_mapping(tiny_study(tmp, space=space, model=finetune))
+    baseline_dir = models.prepare_baseline(spec)
+    model, _ = models.load_baseline(baseline_dir, spec.task.kind)
+    return spec, SearchSpace(model, spec.space), baseline_dir
+
+
+@pytest.fixture(scope="module")
+def profile(prepared: tuple[StudySpec, SearchSpace, Path]) -> Profile:
+    return sensitivity.load_or_compute_profile(*prepared)
+
+
+def test_destructive_choice_is_more_sensitive_than_a_mild_one(profile: Profile) -> None:
+    layers = [u for u in profile.options if u != EMB]
+    # Keeping 10% of the weights (or rank 1) wrecks a layer; dropping 10% barely moves it.
+    for knob, harsh, mild in (("sparsity", 0.9, 0.1), ("rank", 0.05, 0.9)):
+        harsh_sum = sum(profile.delta(f"{u}:{knob}", harsh) for u in layers)
+        mild_sum = sum(profile.delta(f"{u}:{knob}", mild) for u in layers)
+        assert harsh_sum > 1e-3 and harsh_sum > 5 * abs(mild_sum), (knob, harsh_sum, mild_sum)
+        worst = max(layers, key=lambda u: profile.delta(f"{u}:{knob}", harsh))
+        assert profile.delta(f"{worst}:{knob}", harsh) > profile.delta(f"{worst}:{knob}", mild)
+    # The loss is measured on a fixed subset; its value is a plausible cross-entropy.
+    assert profile.metric == "cross-entropy" and 0 < profile.baseline_loss < 5
+    assert profile.rows == 16  # the tiny study's whole test split (fewer than PROFILE_ROWS)
+
+
+def test_bytes_are_exact_serialized_sizes(
+    prepared: tuple[StudySpec, SearchSpace, Path], profile: Profile
+) -> None:
+    spec, space, baseline_dir = prepared
+    model, _ = models.load_baseline(baseline_dir, spec.task.kind)
+    off = sensitivity.off_params(space)
+    linear = model.get_submodule(QUERY)
+    assert profile.off_bytes(QUERY, off) == serialized_size(linear, sensitivity.CompressionPlan())
+    plain = [o for o in profile.options[QUERY] if o.params[f"{QUERY}:sparsity"] == 0.0]
+    by_bits = {o.params[f"{QUERY}:bits"]: o.bytes for o in plain if o.params[f"{QUERY}:rank"] == 1.0}
+    assert by_bits[32] > by_bits[8] > by_bits[4]
+    assert len(profile.options[QUERY]) == 3 * 3 * 3  # every combination of the layer's values
+    assert [o.params for o in profile.options[EMB]] == [{f"{EMB}:bits": b} for b in (32, 8, 4)]
+
+
+def test_cache_returns_the_same_profile_without_recomputing(
+    prepared: tuple[StudySpec, SearchSpace, Path], profile: Profile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, space, baseline_dir = prepared
+    path = sensitivity.profile_path(spec.cache, sensitivity.profile_key(baseline_dir, spec.task, space))
+    assert path.is_file()
+
+    def refuse(*args: Any, **kwargs: Any) -> Profile:
+        raise AssertionError("recomputed a cached profile")
+
+    monkeypatch.setattr(sensitivity, "compute_profile", refuse)
+    again = sensitivity.load_or_compute_profile(spec, space, baseline_dir)
+    assert again == profile
+    # A different task (another seed) is a different key, so it would be computed afresh.
+    other = sensitivity.profile_key(baseline_dir, replace(spec.task, seed=9), space)
+    assert other != profile.key
+
+
+def test_seeds_fit_their_budgets_and_are_valid_params(
+    prepared: tuple[StudySpec, SearchSpace, Path], profile: Profile
+) -> None:
+    _, space, _ = prepared
+    off = sensitivity.off_params(space)
+    total = profile.compressible_bytes(off)
+    budgets = (0.5, 0.35, 0.25)
+    seeds = sensitivity.sensitivity_seeds(space, profile, budgets)
+    assert len(seeds) == len(budgets)
+    distributions = space.distributions()
+    for seed, budget in zip(seeds, budgets, strict=True):
+        assert set(seed) == set(distributions)
+        for name, value in seed.items():
+            assert value in distributions[name].choices, (name, value)  # type: ignore[attr-defined]
+        space.decode(seed)  # decodes into a plan
+        assert sensitivity.seed_bytes(profile, seed, off) <= budget * total
+    # Tighter budgets compress more.
+    sizes = [sensitivity.seed_bytes(profile, s, off) for s in seeds]
+    assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_greedy_prefers_the_insensitive_layer() -> None:
+    """Two equal layers, one fragile: a half budget compresses the robust one only."""
+    off = {"a:bits": 32, "b:bits": 32}
+    options = {u: [Option({f"{u}:bits": 32}, 1000), Option({f"{u}:bits": 8}, 250)] for u in ("a", "b")}
+    profile = Profile("k", "cross-entropy", 8, 0.3, {"a:bits": [(8, 0.5)], "b:bits": [(8, 0.01)]}, options)
+    chosen = sensitivity.greedy_choice(profile, off, 1300)
+    assert chosen["a"].params == {"a:bits": 32} and chosen["b"].params == {"b:bits": 8}
+    everything = sensitivity.greedy_choice(profile, off, 100)  # out of reach: all compressed
+    assert all(o.bytes == 250 for o in everything.values())
+
+
+def test_bad_budget_and_foreign_profile_are_refused(
+    prepared: tuple[StudySpec, SearchSpace, Path], profile: Profile
+) -> None:
+    _, space, _ = prepared
+    with pytest.raises(ValueError, match=r"size_budgets: 1\.5"):
+        sensitivity.sensitivity_seeds(space, profile, (1.5,))
+    foreign = Profile("x", "cross-entropy", 8, 0.3, {}, {"other": [Option({}, 1)]})
+    with pytest.raises(ValueError, match="another search space"):
+        sensitivity.sensitivity_seeds(space, foreign)
+
+
+def test_profile_of_a_random_model_uses_the_given_batches() -> None:
+    """compute_profile works on a bare model and batches, without a study or a cache."""
+    from slimsearch.spaces import SpaceConfig
+    from slimsearch.spaces.space import Choices
+
+    model = tiny_bert()
+    space = SearchSpace(model, SpaceConfig(default=Choices(bits=(32, 4))))
+    ids = torch.randint(1, 96, (8, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (8,))}
+    p = sensitivity.compute_profile(model, space, [batch], "classification")
+    assert set(p.loss) == set(space.distributions())
+    assert p.rows == 8 and all(len(v) == 1 for v in p.loss.values())
+
+
+def test_normalized_hypervolume_on_known_points() -> None:
+    hv = _bench_module().normalized_hypervolume
+    ref = (5.0, 1.0, 1.0)
+    assert hv([], ref) == 0.0
+    assert hv([(1.0, 0.5, 0.5)], ref) == pytest.approx(4 * 0.5 * 0.5 / 5)
+    # By hand: A=(1,.5,.5) spans 4*.5*.5=1.0; B=(0,.25,.8) spans 5*.75*.2=0.75; their
+    # overlap [1,5]x[.5,1]x[.8,1] is 4*.5*.2=0.4, so the union is 1.35.
+    assert hv([(1.0, 0.5, 0.5), (0.0, 0.25, 0.8)], ref) == pytest.approx(1.35 / 5)
+    # A point beyond the reference on any axis adds nothing; a dominated point adds nothing.
+    assert hv([(1.0, 0.5, 0.5), (6.0, 0.1, 0.1), (2.0, 0.6, 0.6)], ref) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="positive"):
+        hv([(1.0, 0.5, 0.5)], (0.0, 1.0, 1.0))
