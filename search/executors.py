@@ -117,6 +117,9 @@ class RayExecutor:
 
     def __init__(self, run_dir: Path, capacity: int, cpus_per_trial: int, address: str | None = None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray runs its workers at nice 15 by default; timed work must not yield to every
+        # other process on the machine.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         import ray
 
         self.capacity = capacity

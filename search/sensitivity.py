@@ -350,7 +350,7 @@ def compute_profile(
         baseline_loss=base_loss,
         loss=loss,
         options=options,
-        seconds=time.monotonic() - started,
+        seconds=round(time.monotonic() - started, 1),
     )
 
 
