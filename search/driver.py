@@ -246,7 +246,8 @@ class Driver:
         done = sum(t.state == TrialState.COMPLETE for t in trials)
         failed = sum(t.state == TrialState.FAIL for t in trials)
         screened = sum(t.state == TrialState.PRUNED for t in trials)
-        front = len(study.best_trials) if done else 0
+        best_trials = study.best_trials if done else []
+        front = len(best_trials)
         elapsed = time.monotonic() - self.started
         budget = self.spec.budget
         eta = ""
@@ -257,9 +258,8 @@ class Driver:
             parts = []
             for name, value in result.values.items():
                 base = baseline.get(name)
-                parts.append(
-                    f"{name} {value:.4g}" + (f" ({value / base:.2f}x)" if base and name != "accuracy" else "")
-                )
+                shown = f" ({value / base:.2f}x)" if base and name in RATIO_SHOWN else ""
+                parts.append(f"{name} {value:.4g}{shown}")
             what = ", ".join(parts)
             if "reused_from" in result.records:
                 what += f" (same plan as trial {result.records['reused_from']}: reused)"
@@ -272,8 +272,19 @@ class Driver:
         say(
             f"trial {result.number}: {what} [{result.seconds:.1f}s] | {done + failed + screened}{total} done "
             f"({failed} failed, {screened} screened out, {len(self.running)} running), front {front}, "
-            f"elapsed {fmt_seconds(elapsed)}{eta}"
+            f"elapsed {fmt_seconds(elapsed)}{eta}{self.best_so_far(study, best_trials)}"
         )
+
+    def best_so_far(self, study: optuna.Study, front: list[FrozenTrial]) -> str:
+        """Each objective's best value among feasible front trials."""
+        if not front:
+            return ""
+        parts = []
+        for i, (name, direction) in enumerate(zip(self.objectives, study.directions, strict=True)):
+            values = [t.values[i] for t in front]
+            best = max(values) if direction == optuna.study.StudyDirection.MAXIMIZE else min(values)
+            parts.append(f"{name} {best:.4g}")
+        return " | best: " + ", ".join(parts)
 
     def run(self) -> RunResult:
         spec = self.spec
