@@ -209,21 +209,23 @@ class RayExecutor:
 
 
 def merge_parts(number: int, parts: list[TrialResult]) -> TrialResult:
-    errors = [p for p in parts if p.values is None]
-    if errors:
-        first = errors[0]
-        return TrialResult(
-            number, None, {}, first.error, first.traceback, max(p.seconds for p in parts), first.node
-        )
     if len(parts) == 1:
         return parts[0]
+    seconds = max(p.seconds for p in parts)
+    errors = [p for p in parts if p.values is None and not p.pruned]
+    if errors:
+        first = errors[0]
+        return TrialResult(number, None, {}, first.error, first.traceback, seconds, first.node)
+    pruned = [p for p in parts if p.pruned]
+    if pruned:  # screened out in the quality part: the timing part's work is not used
+        return replace(pruned[0], seconds=seconds)
     values: dict[str, float] = {}
     records: dict[str, Any] = {}
     for p in parts:
         values |= p.values or {}
         records |= p.records
     records["nodes"] = [p.node for p in parts]
-    return TrialResult(number, values, records, seconds=max(p.seconds for p in parts), node=parts[-1].node)
+    return TrialResult(number, values, records, seconds=seconds, node=parts[-1].node)
 
 
 def make_executor(

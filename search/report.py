@@ -24,8 +24,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial
 
-from slimsearch.search import pareto
+from slimsearch.search import pareto, sensitivity
 from slimsearch.search.results import KNOB_ORDER, Axis, Run, open_run
+from slimsearch.search.study_file import StudyError
 
 MIN_TRIALS_FOR_IMPORTANCE = 8
 TOP_IMPORTANCES = 12
@@ -359,6 +360,47 @@ def heatmap_figure(front: pd.DataFrame) -> go.Figure | None:
     return fig
 
 
+def run_profile(run: Run) -> sensitivity.Profile | None:
+    """The sensitivity profile cached for this run's baseline, task and space, if one was computed."""
+    try:
+        fingerprint = str(run.study.user_attrs["fingerprint"]["space"])
+        key = sensitivity.profile_key(Path(run.info["baseline_dir"]), run.spec.task, fingerprint)
+        return sensitivity.read_profile(sensitivity.profile_path(run.cache_dir(), key))
+    except (KeyError, TypeError, StudyError, ValueError, OSError):  # optional section: never fail the report
+        return None
+
+
+def sensitivity_figure(profile: sensitivity.Profile) -> go.Figure | None:
+    """Loss increase when only one layer takes one value: what the sensitivity seeds avoid."""
+    rows = sensitivity.heatmap_rows(profile)
+    if not rows:
+        return None
+    units = list(profile.options)
+    names = sorted(
+        rows, key=lambda r: (KNOB_ORDER.index(r.split("=")[0]) if r.split("=")[0] in KNOB_ORDER else 99, r)
+    )
+    z = [[rows[r][u] for u in units] for r in names]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=_short_names(units),
+            y=names,
+            colorscale="RdBu_r",
+            zmid=0.0,
+            colorbar={"title": "loss +"},
+            hovertemplate="%{x}<br>%{y}<br>loss change %{z:.4g}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(tickangle=45, tickfont={"size": 9})
+    fig.update_layout(
+        title=f"Sensitivity: {profile.metric} change (baseline {profile.baseline_loss:.4g}, "
+        f"{profile.rows} test rows) when only that layer is compressed",
+        height=220 + 28 * len(names),
+        margin={"b": 200},
+    )
+    return fig
+
+
 def importances(run: Run) -> dict[str, dict[str, float]] | str:
     """PED-ANOVA importances of the searched parameters for each objective, or why there are
     none. PED-ANOVA needs no scikit-learn (fANOVA does) and takes milliseconds."""
@@ -515,6 +557,9 @@ def write_report(run: Run | str | Path, out: str | Path | None = None) -> Report
         hypervolume_figure(history, run.axes()),
         heatmap_figure(front),
     ]
+    profile = run_profile(run)
+    if profile is not None:
+        figures.append(sensitivity_figure(profile))
     scores = importances(run)
     if isinstance(scores, str):
         notes.append(f"Parameter importances {scores}.")

@@ -39,13 +39,20 @@ from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.study_file import StudySpec, TaskSpec
 from slimsearch.spaces import CompressionPlan, SearchSpace, apply_plan, serialized_size
 from slimsearch.spaces.methods import LowRankLinear, PackedLinear
+from slimsearch.spaces.methods.realized import REALIZED, SPEED
 from slimsearch.spaces.plan import LayerSettings
 from slimsearch.spaces.space import STRUCTURED_KNOBS, Knob
 
 PROFILE_FORMAT = 1
 PROFILE_ROWS = 128  # classification rows of the test split the loss is measured on
 PROFILE_LM_BLOCKS = 4  # causal-LM blocks of task.block_size tokens
-SIZE_BUDGETS = (0.5, 0.35, 0.25)
+SIZE_BUDGETS = (0.5, 0.35, 0.25, 0.15)
+# Seed families: "any" may use every value; "fast" keeps each searched Linear at a bit-width
+# realized for speed (bf16/int8 kernels), so its seeds also gain latency. On MiniLM 4-bit
+# layers compute on a dense fp32 copy: a size-only seed sits at latency ratio ~1.0, where it
+# adds nothing to a hypervolume whose latency reference is the baseline.
+FAMILIES = ("fast", "any")
+SPEED_BITS = frozenset(int(k[4:]) for k, v in REALIZED.items() if k.startswith("bits") and SPEED in v)
 # One thread: on 2 shared cores a busy neighbour made 2-thread OpenMP work crawl (an SVD of a
 # 1536x384 layer took 5 s instead of 0.07 s; a forward pass 2x longer). Numbers do not change.
 PROFILE_THREADS = 1
@@ -126,13 +133,14 @@ class Profile:
 
 
 # -- where profiles live ----------------------------------------------------------------------
-def profile_key(baseline_dir: Path, task: TaskSpec, space: SearchSpace) -> str:
-    """Hash of everything that decides a profile: baseline folder, task, space, subset size."""
+def profile_key(baseline_dir: Path, task: TaskSpec, space: SearchSpace | str) -> str:
+    """Hash of everything that decides a profile: baseline folder, task, space (or its
+    fingerprint, as a run's study stores it), subset size."""
     parts = {
         "format": PROFILE_FORMAT,
         "baseline": str(Path(baseline_dir).resolve()),
         "task": asdict(task),
-        "space": space.fingerprint(),
+        "space": space if isinstance(space, str) else space.fingerprint(),
         "rows": PROFILE_ROWS,
         "lm_blocks": PROFILE_LM_BLOCKS,
     }
@@ -386,49 +394,77 @@ def _check(space: SearchSpace, profile: Profile, budgets: Sequence[float]) -> di
     return off_params(space)
 
 
-def greedy_choice(profile: Profile, off: Mapping[str, Any], budget_bytes: float) -> dict[str, Option]:
-    """Start all-off; repeatedly take the move (any unit to any smaller option) with the most
-    bytes saved per unit of estimated loss added, until the units fit in ``budget_bytes``."""
-    current = {u: _off_option(opts, off) for u, opts in profile.options.items()}
-    cost = {u: option_cost(profile, o, off) for u, opts in profile.options.items() for o in [current[u]]}
+def allowed_options(space: SearchSpace, profile: Profile, family: str) -> dict[str, list[Option]]:
+    """Each unit's options a seed family may use (see FAMILIES)."""
+    if family not in FAMILIES:
+        raise ValueError(f"seed family {family!r} is unknown; choose from {list(FAMILIES)}")
+    out: dict[str, list[Option]] = {}
+    for unit, options in profile.options.items():
+        keep = list(options)
+        if family == "fast" and unit in space.shapes:  # a Linear: only kernels that run faster
+            fast = [
+                o for o in options if all(v in SPEED_BITS for p, v in o.params.items() if p.endswith(":bits"))
+            ]
+            keep = fast or keep  # a layer offering no fast width keeps its options
+        out[unit] = keep
+    return out
+
+
+def greedy_choice(
+    profile: Profile,
+    off: Mapping[str, Any],
+    budget_bytes: float,
+    allowed: Mapping[str, Sequence[Option]] | None = None,
+) -> dict[str, Option]:
+    """Start each unit at its cheapest allowed option (all off when everything is allowed);
+    repeatedly take the move (any unit to any smaller allowed option) with the most bytes
+    saved per unit of estimated loss added, until the units fit in ``budget_bytes``."""
+    options = allowed if allowed is not None else profile.options
+    cost_of = {id(o): option_cost(profile, o, off) for opts in options.values() for o in opts}
+    current = {u: min(opts, key=lambda o: (cost_of[id(o)], o.bytes)) for u, opts in options.items()}
     total = sum(o.bytes for o in current.values())
     # Costs are on the scale of the loss: a floor keeps zero-cost moves ordered by bytes saved.
     floor = max(_EPS, 1e-6 * max(abs(profile.baseline_loss), 1.0))
     while total > budget_bytes:
-        best: tuple[float, str, Option, float] | None = None
-        for unit, opts in profile.options.items():
+        best: tuple[float, str, Option] | None = None
+        for unit, opts in options.items():
             for o in opts:
                 saved = current[unit].bytes - o.bytes
                 if saved <= 0:
                     continue
-                added = option_cost(profile, o, off) - cost[unit]
+                added = cost_of[id(o)] - cost_of[id(current[unit])]
                 ratio = saved / (max(added, 0.0) + floor)
                 if best is None or ratio > best[0]:
-                    best = (ratio, unit, o, added)
+                    best = (ratio, unit, o)
         if best is None:  # nothing left to shrink: the budget is out of reach
             break
-        _, unit, o, added = best
+        _, unit, o = best
         total -= current[unit].bytes - o.bytes
         current[unit] = o
-        cost[unit] += added
     return current
 
 
 def sensitivity_seeds(
-    space: SearchSpace, profile: Profile, size_budgets: Sequence[float] = SIZE_BUDGETS
+    space: SearchSpace,
+    profile: Profile,
+    size_budgets: Sequence[float] = SIZE_BUDGETS,
+    families: Sequence[str] = FAMILIES,
 ) -> list[dict[str, Any]]:
-    """One Optuna params dict per size budget (fraction of the compressible bytes), each the
-    greedy least-sensitive configuration that fits; duplicates are dropped."""
+    """Optuna params dicts, one per (family, size budget): the greedy least-sensitive
+    configuration whose searched units fit in that fraction of their uncompressed bytes.
+    Duplicates are dropped, so fewer may come back."""
     off = _check(space, profile, size_budgets)
     compressible = profile.compressible_bytes(off)
     seeds: list[dict[str, Any]] = []
-    for budget in size_budgets:
-        chosen = greedy_choice(profile, off, budget * compressible)
-        params = dict(off)
-        for option in chosen.values():
-            params.update(option.params)
-        if params not in seeds:
-            seeds.append(params)
+    for family in families:
+        allowed = allowed_options(space, profile, family)
+        for budget in size_budgets:
+            chosen = greedy_choice(profile, off, budget * compressible, allowed)
+            params = dict(off)
+            for option in chosen.values():
+                params.update(option.params)
+            if params not in seeds:
+                seeds.append(params)
     return seeds
 
 

@@ -214,3 +214,19 @@ def _kill_cluster(temp: str) -> None:
         if temp in cmdline:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(proc.name), signal.SIGKILL)
+
+
+def test_merging_split_parts_keeps_errors_and_screening() -> None:
+    from slimsearch.search.executors import merge_parts
+    from slimsearch.search.worker import TrialResult
+
+    ok = TrialResult(3, {"latency_ms": 1.0}, {"latency": {}}, node="b")
+    quality = TrialResult(3, {"accuracy": 80.0}, {"screen": {}}, node="a")
+    merged = merge_parts(3, [quality, ok])
+    assert merged.values == {"accuracy": 80.0, "latency_ms": 1.0} and merged.records["nodes"] == ["a", "b"]
+    screened = TrialResult(3, None, {"screen": {"accuracy": 50.0}}, pruned=True)
+    assert merge_parts(3, [screened, ok]).pruned
+    assert merge_parts(3, [screened]).pruned
+    failed = TrialResult(3, None, {}, error="boom")
+    out = merge_parts(3, [failed, ok])
+    assert out.values is None and out.error == "boom" and not out.pruned

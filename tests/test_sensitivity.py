@@ -111,7 +111,7 @@ def test_seeds_fit_their_budgets_and_are_valid_params(
     off = sensitivity.off_params(space)
     total = profile.compressible_bytes(off)
     budgets = (0.5, 0.35, 0.25)
-    seeds = sensitivity.sensitivity_seeds(space, profile, budgets)
+    seeds = sensitivity.sensitivity_seeds(space, profile, budgets, families=("any",))
     assert len(seeds) == len(budgets)
     distributions = space.distributions()
     for seed, budget in zip(seeds, budgets, strict=True):
@@ -123,6 +123,15 @@ def test_seeds_fit_their_budgets_and_are_valid_params(
     # Tighter budgets compress more.
     sizes = [sensitivity.seed_bytes(profile, s, off) for s in seeds]
     assert sizes[0] > sizes[1] > sizes[2]
+    # The fast family keeps every searched Linear on a bf16/int8 kernel.
+    fast = sensitivity.sensitivity_seeds(space, profile, budgets, families=("fast",))
+    assert fast and all(
+        seed[name] in (8, 16) for seed in fast for name in seed if name.endswith(":bits") and EMB not in name
+    )
+    for seed in fast:
+        space.decode(seed)
+    with pytest.raises(ValueError, match="seed family 'slow'"):
+        sensitivity.sensitivity_seeds(space, profile, budgets, families=("slow",))
 
 
 def test_greedy_prefers_the_insensitive_layer() -> None:
@@ -173,3 +182,34 @@ def test_normalized_hypervolume_on_known_points() -> None:
     assert hv([(1.0, 0.5, 0.5), (6.0, 0.1, 0.1), (2.0, 0.6, 0.6)], ref) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="positive"):
         hv([(1.0, 0.5, 0.5)], (0.0, 1.0, 1.0))
+
+
+def test_report_shows_the_profile_when_one_exists(
+    prepared: tuple[StudySpec, SearchSpace, Path], profile: Profile
+) -> None:
+    from slimsearch.search.driver import run_study
+    from slimsearch.search.report import write_report
+
+    spec, _, _ = prepared
+    result = run_study(spec, trials=2)
+    page = write_report(result.run_dir).html.read_text()
+    assert "Sensitivity: cross-entropy change" in page
+    # Without a cached profile the section is left out and the report still renders.
+    path = sensitivity.profile_path(spec.cache, profile.key)
+    path.unlink()
+    try:
+        page = write_report(result.run_dir).html.read_text()
+    finally:
+        sensitivity.write_profile(profile, path)  # other tests of this module read it
+    assert "Sensitivity:" not in page and "Pareto front" in page
+
+
+def test_benchmark_cache_is_reused_by_a_rerun(tmp_path: Path) -> None:
+    bench = _bench_module()
+    meta = {"latency": {"shapes": ()}, "format": 1}  # tuples read back as lists
+    plan = sensitivity.CompressionPlan()
+    first = bench.EvalCache(tmp_path / "cache.json", meta)
+    first.put(plan, bench.Entry({"accuracy": 80.0}, 1.5, "complete", "baseline"))
+    again = bench.EvalCache(tmp_path / "cache.json", meta)
+    assert again.get(plan) == first.get(plan) and again.new == 0
+    assert bench.EvalCache(tmp_path / "cache.json", {"format": 2}).get(plan) is None  # other settings
