@@ -23,7 +23,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from slimsearch.evaluators import make_evaluator
-from slimsearch.search import models, pareto
+from slimsearch.search import models, pareto, sensitivity
 from slimsearch.search.executors import Executor, make_executor
 from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, constraint_metric, load_study
@@ -321,6 +321,13 @@ class Driver:
                     study.enqueue_trial(params, user_attrs={"seed": "uniform"}, skip_if_exists=True)
                 study.set_user_attr("seeded", True)
                 say(f"queued {len(seeds)} uniform configurations first")
+            if spec.seed_sensitivity and not study.user_attrs.get("seeded_sensitivity"):
+                profile = sensitivity.load_or_compute_profile(spec, space, baseline_dir)
+                sens = sensitivity.sensitivity_seeds(space, profile)
+                for params in sens:
+                    study.enqueue_trial(params, user_attrs={"seed": "sensitivity"}, skip_if_exists=True)
+                study.set_user_attr("seeded_sensitivity", True)
+                say(f"queued {len(sens)} sensitivity-guided configurations")
             deadline = self.started + spec.budget.timeout_s if spec.budget.timeout_s else None
             stopped = self.loop(study, executor, space, distributions, baseline_dir, baseline, deadline)
             if spec.distill.mode == "finalists" and stopped != "timeout":

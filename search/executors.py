@@ -109,7 +109,7 @@ def split_job(job: TrialJob) -> list[TrialJob]:
 class _Pending:
     job: TrialJob
     refs: list[Any]
-    parts: list[TrialResult] = field(default_factory=list)
+    parts: dict[int, TrialResult] = field(default_factory=dict)  # by submission index
 
 
 class RayExecutor:
@@ -125,7 +125,7 @@ class RayExecutor:
         self.capacity = capacity
         self._ray = ray
         self._trials: dict[int, _Pending] = {}
-        self._owner: dict[Any, int] = {}
+        self._owner: dict[Any, tuple[int, int]] = {}  # ref -> (trial number, part index)
         self._started_here = False
         self._cpus = cpus_per_trial
         if address:
@@ -169,8 +169,8 @@ class RayExecutor:
         remote = self._remote_fresh if fresh_process else self._remote
         refs = [remote.options(**self._options(p)).remote(p) for p in parts]
         self._trials[job.number] = _Pending(job, refs)
-        for ref in refs:
-            self._owner[ref] = job.number
+        for index, ref in enumerate(refs):
+            self._owner[ref] = (job.number, index)
 
     def poll(self, timeout: float) -> list[TrialResult]:
         if not self._owner:
@@ -178,15 +178,15 @@ class RayExecutor:
         ready, _ = self._ray.wait(list(self._owner), num_returns=1, timeout=timeout)
         done = []
         for ref in ready:
-            number = self._owner.pop(ref)
+            number, index = self._owner.pop(ref)
             pending = self._trials[number]
             try:
-                pending.parts.append(self._ray.get(ref))
+                pending.parts[index] = self._ray.get(ref)
             except Exception as exc:  # the worker died twice, or Ray could not run the task
-                pending.parts.append(TrialResult(number, None, {}, error=f"{type(exc).__name__}: {exc}"))
+                pending.parts[index] = TrialResult(number, None, {}, error=f"{type(exc).__name__}: {exc}")
             if len(pending.parts) == len(pending.refs):
                 del self._trials[number]
-                done.append(merge_parts(number, pending.parts))
+                done.append(merge_parts(number, [pending.parts[i] for i in range(len(pending.refs))]))
         return done
 
     def cancel(self, number: int, reason: str) -> TrialResult | None:
@@ -209,6 +209,7 @@ class RayExecutor:
 
 
 def merge_parts(number: int, parts: list[TrialResult]) -> TrialResult:
+    """One result from a trial's parts, given in submission order (quality, then timing)."""
     if len(parts) == 1:
         return parts[0]
     seconds = max(p.seconds for p in parts)

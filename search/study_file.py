@@ -152,6 +152,7 @@ class StudySpec:
     remeasure_front: bool
     screening: ScreeningSpec | None
     distill: DistillSpec
+    seed_sensitivity: bool
     budget: BudgetSpec
     executor: ExecutorSpec
     storage: str
@@ -181,6 +182,7 @@ _TOP_KEYS = {
     "remeasure_front",
     "screening",
     "distill",
+    "seed_sensitivity",
 }
 
 
@@ -507,6 +509,9 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     seed_uniform = data.get("seed_uniform", True)
     if not isinstance(seed_uniform, bool):
         raise _fail("seed_uniform", seed_uniform, "write true or false")
+    seed_sensitivity = data.get("seed_sensitivity", False)
+    if not isinstance(seed_sensitivity, bool):
+        raise _fail("seed_sensitivity", seed_sensitivity, "write true or false")
     remeasure = data.get("remeasure_front", True)
     if not isinstance(remeasure, bool):
         raise _fail("remeasure_front", remeasure, "write true or false")
@@ -527,6 +532,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         remeasure_front=remeasure,
         screening=screening,
         distill=distill,
+        seed_sensitivity=seed_sensitivity,
         budget=budget,
         executor=executor,
         storage=_choice(data.get("storage", "sqlite"), "storage", STORAGES),

@@ -178,3 +178,12 @@ def test_wilson_upper_bound() -> None:
 
     assert wilson_upper(50, 100, 2.0) == pytest.approx(59.8, abs=0.2)
     assert wilson_upper(0, 10, 2.0) > 0 and wilson_upper(10, 10, 2.0) == pytest.approx(100.0)
+
+
+def test_sensitivity_seeds_are_queued_once(tmp_path: Path) -> None:
+    data = tiny_study(tmp_path, seed_sensitivity=True, budget={"trials": 12})
+    result = run_study(study_from_mapping(data))
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{result.run_dir / 'study.db'}")
+    seeded = [t for t in study.get_trials() if t.user_attrs.get("seed") == "sensitivity"]
+    assert seeded and study.user_attrs["seeded_sensitivity"] is True
+    assert list((tmp_path / "cache" / "sensitivity").glob("*.json"))  # the profile is cached
