@@ -22,12 +22,11 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from slimsearch.evaluators import make_evaluator
 from slimsearch.search import models, pareto, sensitivity
 from slimsearch.search.executors import Executor, make_executor
 from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, constraint_metric, load_study
-from slimsearch.search.worker import ScreenSpec, TrialJob, TrialResult
+from slimsearch.search.worker import ScreenSpec, TrialJob, TrialResult, timing_objectives
 from slimsearch.spaces import CompressionPlan, SearchSpace
 from slimsearch.spaces.methods.distill import DistillRecipe
 
@@ -466,11 +465,7 @@ class Driver:
         baseline: dict[str, float],
     ) -> None:
         """Time the front's trials again, each in a fresh process, interleaved with the baseline."""
-        timing = tuple(
-            o
-            for o in self.spec.objectives
-            if getattr(make_evaluator(o.ref, dict(o.options)), "exclusive", False)
-        )
+        timing = timing_objectives(self.spec.objectives)
         front = [
             t for t in study.best_trials if str(t.number) not in study.user_attrs.get("final_latency", {})
         ]

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from slimsearch.evaluators import make_evaluator
 from slimsearch.search.log import say
 from slimsearch.search.study_file import StudyError
-from slimsearch.search.worker import TrialJob, TrialResult, run_trial
+from slimsearch.search.worker import TrialJob, TrialResult, run_trial, timing_objectives
 
 
 class Executor(Protocol):
@@ -96,13 +95,11 @@ def check_address(address: str, timeout: float = 5.0) -> None:
 
 def split_job(job: TrialJob) -> list[TrialJob]:
     """Quality objectives and timing objectives as separate jobs (timing pinned to the target)."""
-    timing = [
-        o for o in job.objectives if getattr(make_evaluator(o.ref, dict(o.options)), "exclusive", False)
-    ]
-    quality = [o for o in job.objectives if o not in timing]
+    timing = timing_objectives(job.objectives)
+    quality = tuple(o for o in job.objectives if o not in timing)
     if not timing or not quality:
         return [job]
-    return [replace(job, objectives=tuple(quality)), replace(job, objectives=tuple(timing))]
+    return [replace(job, objectives=quality), replace(job, objectives=timing)]
 
 
 @dataclass
@@ -155,10 +152,7 @@ class RayExecutor:
     def _options(self, job: TrialJob) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self._cpus}
         target = job.latency.target
-        timing = any(
-            getattr(make_evaluator(o.ref, dict(o.options)), "exclusive", False) for o in job.objectives
-        )
-        if target and timing:
+        if target and timing_objectives(job.objectives):
             opts["resources"] = {target: 0.001}
         elif target:
             opts["scheduling_strategy"] = "SPREAD"  # quality work may run on any node

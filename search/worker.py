@@ -267,6 +267,15 @@ def node_name() -> str:
     return socket.gethostname()
 
 
+def is_timing(objective: ObjectiveSpec) -> bool:
+    """Whether the objective's evaluator needs the machine to itself (``exclusive``)."""
+    return bool(getattr(make_evaluator(objective.ref, dict(objective.options)), "exclusive", False))
+
+
+def timing_objectives(objectives: tuple[ObjectiveSpec, ...]) -> tuple[ObjectiveSpec, ...]:
+    return tuple(o for o in objectives if is_timing(o))
+
+
 def _evaluate(job: TrialJob, model: nn.Module, context: EvalContext) -> dict[str, float]:
     evaluators = [(o.name, make_evaluator(o.ref, dict(o.options))) for o in job.objectives]
     values: dict[str, float] = {}
