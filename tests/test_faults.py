@@ -49,11 +49,15 @@ def test_killed_ray_worker_is_retried_and_nothing_is_lost(tmp_path: Path, ray_se
 
     import threading
 
+    killed: list[int] = []
+
     def killer() -> None:
         started = marker / "started"
         for _ in range(600):
             if started.exists() and started.read_text():
-                os.kill(int(started.read_text()), signal.SIGKILL)
+                pid = int(started.read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
                 return
             time.sleep(0.1)
 
@@ -61,7 +65,8 @@ def test_killed_ray_worker_is_retried_and_nothing_is_lost(tmp_path: Path, ray_se
     thread.start()
     result = run_study(study_from_mapping(data))
     thread.join()
-    assert (marker / "started").exists()
+    assert killed, "the worker was never killed: the test proved nothing"
+    assert killed[0] != os.getpid()  # a Ray worker died, not the driver
     # The killed task ran again (max_retries=1) and completed: every trial is complete.
     assert result.counts == {"complete": 3, "failed": 0}
 
