@@ -289,7 +289,10 @@ class Driver:
         spec = self.spec
         baseline_dir = models.prepare_baseline(spec)
         model, _ = models.load_baseline(baseline_dir, spec.task.kind, spec.model.trust_remote_code)
-        space = SearchSpace(model, spec.space)
+        try:
+            space = SearchSpace(model, spec.space)
+        except ValueError as exc:  # e.g. a layer pattern that matches nothing in this model
+            raise StudyError(str(exc)) from None
         del model
         say(f"search space: {space.describe()}")
         study = self.open_study(space, baseline_dir)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from slimsearch.search.study_file import StudyError
+
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from slimsearch.search.export import export_trial
     from slimsearch.search.results import open_run
 
     if args.repeats is not None and args.repeats < 1:
-        raise ValueError(f"--repeats {args.repeats}: give at least 1 timed pass")
+        raise StudyError(f"--repeats {args.repeats}: give at least 1 timed pass")
     run = open_run(args.run)
     report = export_trial(run, args.trial, args.out, overwrite=args.force, repeats=args.repeats)
     lat = report.latency

@@ -187,3 +187,16 @@ def test_sensitivity_seeds_are_queued_once(tmp_path: Path) -> None:
     seeded = [t for t in study.get_trials() if t.user_attrs.get("seed") == "sensitivity"]
     assert seeded and study.user_attrs["seeded_sensitivity"] is True
     assert list((tmp_path / "cache" / "sensitivity").glob("*.json"))  # the profile is cached
+
+
+def test_cli_reports_a_layer_pattern_that_matches_nothing_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_study(tmp_path, space={"layers": "re:.*decoder.*"})))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "match no Linear layer" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "study.db").exists()  # refused before any trial
