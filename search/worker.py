@@ -154,10 +154,8 @@ def calibration_batch(job: TrialJob, tokenizer: Any) -> dict[str, Tensor]:
     if key not in _CALIBRATION:
         task, cache = job.task, Path(job.cache_dir)
         if task.kind == "classification":
-            train = (
-                tasks.classification_splits(task, cache).train
-                or tasks.classification_splits(task, cache).test
-            )
+            splits = tasks.classification_splits(task, cache)
+            train = splits.train or splits.test
             rows = random.Random(task.seed + 2).sample(train, min(CALIBRATION_ROWS, len(train)))
             batch = tasks.classification_batches(tokenizer, rows, task.max_length, len(rows))[0]
         else:
@@ -267,9 +265,13 @@ def node_name() -> str:
     return socket.gethostname()
 
 
+def exclusive(evaluator: object) -> bool:
+    """Whether an evaluator needs the machine to itself while it runs (timing does)."""
+    return bool(getattr(evaluator, "exclusive", False))
+
+
 def is_timing(objective: ObjectiveSpec) -> bool:
-    """Whether the objective's evaluator needs the machine to itself (``exclusive``)."""
-    return bool(getattr(make_evaluator(objective.ref, dict(objective.options)), "exclusive", False))
+    return exclusive(make_evaluator(objective.ref, dict(objective.options)))
 
 
 def timing_objectives(objectives: tuple[ObjectiveSpec, ...]) -> tuple[ObjectiveSpec, ...]:
@@ -280,11 +282,11 @@ def _evaluate(job: TrialJob, model: nn.Module, context: EvalContext) -> dict[str
     evaluators = [(o.name, make_evaluator(o.ref, dict(o.options))) for o in job.objectives]
     values: dict[str, float] = {}
     # Quality first under a shared lock, then timing alone on the machine.
-    for exclusive in (False, True):
-        todo = [(n, e) for n, e in evaluators if bool(getattr(e, "exclusive", False)) == exclusive]
+    for alone in (False, True):
+        todo = [(n, e) for n, e in evaluators if exclusive(e) == alone]
         if not todo:
             continue
-        with machine_lock(job.cache_dir, exclusive):
+        with machine_lock(job.cache_dir, alone):
             for name, evaluator in todo:
                 value = float(evaluator.evaluate(model, context))
                 if math.isnan(value) or math.isinf(value):
