@@ -109,6 +109,7 @@ class Driver:
         self.running: dict[int, tuple[Trial, float]] = {}
         self.started = time.monotonic()
         self.known: dict[str, TrialResult] = {}  # plan JSON -> its first complete result
+        self.done_here = 0  # trials finished by this driver (for the ETA)
 
     # -- set-up -------------------------------------------------------------------------
     def open_study(self, space: SearchSpace, baseline_dir: Path) -> optuna.Study:
@@ -195,11 +196,7 @@ class Driver:
         if stored:
             return dict(stored)
         say("measuring the uncompressed baseline")
-        executor.submit(self.job(-1, CompressionPlan(), baseline_dir, {}))
-        results: list[TrialResult] = []
-        while not results:
-            results = executor.poll(timeout=5.0)
-        result = results[0]
+        result = _run_alone(executor, self.job(-1, CompressionPlan(), baseline_dir, {}))
         if result.values is None:
             raise RuntimeError(
                 f"the baseline could not be evaluated: {result.error}\n{result.traceback or ''}"
@@ -232,7 +229,8 @@ class Driver:
         trial.set_user_attr("records", result.records)
         source = trial.user_attrs.get("distilled_from")
         if source is not None:  # stage two: keep the before-distillation values beside the after
-            trial.set_user_attr("before_distill", study.trials[source].user_attrs.get("metrics", {}))
+            before = study.get_trials(deepcopy=False)[source].user_attrs.get("metrics", {})
+            trial.set_user_attr("before_distill", before)
         if "reused_from" not in result.records:
             plan = CompressionPlan.from_dict(trial.user_attrs["plan"])
             self.known.setdefault(plan.to_json(), result)
@@ -313,23 +311,15 @@ class Driver:
             spec.executor.address,
         )
         stopped = "budget"
-        self.done_here = 0
         previous_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
         try:
             baseline = self.measure_baseline(study, executor, baseline_dir)
             if spec.seed_uniform and not study.user_attrs.get("seeded"):
-                seeds = space.uniform_params()
-                for params in seeds:
-                    study.enqueue_trial(params, user_attrs={"seed": "uniform"}, skip_if_exists=True)
-                study.set_user_attr("seeded", True)
-                say(f"queued {len(seeds)} uniform configurations first")
+                _queue_seeds(study, space.uniform_params(), "uniform", "seeded")
             if spec.seed_sensitivity and not study.user_attrs.get("seeded_sensitivity"):
                 profile = sensitivity.load_or_compute_profile(spec, space, baseline_dir)
-                sens = sensitivity.sensitivity_seeds(space, profile)
-                for params in sens:
-                    study.enqueue_trial(params, user_attrs={"seed": "sensitivity"}, skip_if_exists=True)
-                study.set_user_attr("seeded_sensitivity", True)
-                say(f"queued {len(sens)} sensitivity-guided configurations")
+                seeds = sensitivity.sensitivity_seeds(space, profile)
+                _queue_seeds(study, seeds, "sensitivity", "seeded_sensitivity")
             deadline = self.started + spec.budget.timeout_s if spec.budget.timeout_s else None
             stopped = self.loop(study, executor, space, distributions, baseline_dir, baseline, deadline)
             if spec.distill.mode == "finalists" and stopped != "timeout":
@@ -340,7 +330,7 @@ class Driver:
                     args = (study, executor, space, distributions, baseline_dir, baseline, deadline)
                     stopped = self.loop(*args, budget=budget)
             if spec.remeasure_front:
-                self.remeasure_front(study, executor, space, baseline_dir, baseline)
+                self.remeasure_front(study, executor, baseline_dir, baseline)
         except KeyboardInterrupt:
             stopped = "interrupted"
             say("interrupted: cancelling running trials; the front so far is written below")
@@ -463,7 +453,6 @@ class Driver:
         self,
         study: optuna.Study,
         executor: Executor,
-        space: SearchSpace,
         baseline_dir: Path,
         baseline: dict[str, float],
     ) -> None:
@@ -477,13 +466,13 @@ class Driver:
         say(f"re-measuring the latency of {len(front)} front trials in fresh processes")
         final = dict(study.user_attrs.get("final_latency", {}))
         for trial in front:
-            plan = CompressionPlan.from_dict(trial.user_attrs["plan"])
-            job = replace(self.job(trial.number, plan, baseline_dir, baseline), objectives=timing)
-            executor.submit(job, fresh_process=True)
-            results: list[TrialResult] = []
-            while not results:
-                results = executor.poll(timeout=5.0)
-            result = results[0]
+            # Distillation changes weights, not shapes: timing the undistilled structure is
+            # the same measurement without retraining; screening is for quality, not timing.
+            plan = replace(CompressionPlan.from_dict(trial.user_attrs["plan"]), distill=None)
+            job = replace(
+                self.job(trial.number, plan, baseline_dir, baseline), objectives=timing, screen=None
+            )
+            result = _run_alone(executor, job, fresh_process=True)
             if result.values is None:
                 say(f"re-measuring trial {trial.number} failed: {result.error}")
                 continue
@@ -529,6 +518,23 @@ def _dominates(a: FrozenTrial, b: FrozenTrial, directions: list[optuna.study.Stu
     pa = [s * v for s, v in zip(signs, a.values, strict=True)]
     pb = [s * v for s, v in zip(signs, b.values, strict=True)]
     return all(x <= y for x, y in zip(pa, pb, strict=True)) and pa != pb
+
+
+def _queue_seeds(study: optuna.Study, seeds: list[dict[str, Any]], kind: str, done_attr: str) -> None:
+    """Queue configurations before sampling, once per study (``done_attr`` marks it done)."""
+    for params in seeds:
+        study.enqueue_trial(params, user_attrs={"seed": kind}, skip_if_exists=True)
+    study.set_user_attr(done_attr, True)
+    say(f"queued {len(seeds)} {kind} configurations")
+
+
+def _run_alone(executor: Executor, job: TrialJob, fresh_process: bool = False) -> TrialResult:
+    """Run one job outside the search loop and wait for it."""
+    executor.submit(job, fresh_process=fresh_process)
+    results: list[TrialResult] = []
+    while not results:
+        results = executor.poll(timeout=5.0)
+    return results[0]
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
