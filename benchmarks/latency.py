@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -99,14 +100,25 @@ def main() -> None:
     )
 
     model = build(base, PLANS[args.plan], calibration)
-    ratios = [float(measure(model, lat, len(tok), reference=base)["ratio"]) for _ in range(args.repeats)]
+    runs = [measure(model, lat, len(tok), reference=base) for _ in range(args.repeats)]
+    ratios = [float(r["ratio"]) for r in runs]
     med = statistics.median(ratios)
     spread = (max(ratios) - min(ratios)) / med
     cv = statistics.stdev(ratios) / statistics.mean(ratios) if len(ratios) > 1 else 0.0
+    quiet = [float(r["ratio"]) for r in runs if not r["noisy"]]
+    quiet_spread = (max(quiet) - min(quiet)) / statistics.median(quiet) if quiet else float("nan")
     print(f"\nrepeatability: {args.plan} measured {args.repeats} times")
     print("  ratios: " + ", ".join(f"{r:.3f}" for r in ratios))
+    print("  passes: " + ", ".join(str(r["repeats"]) for r in runs))
+    print("  attempts: " + ", ".join(str(r["attempts"]) for r in runs))
+    print("  baseline ms: " + ", ".join(f"{r['baseline_median_ms']:.2f}" for r in runs))
+    print("  flagged: " + ", ".join("noisy" if r["noisy"] else "quiet" for r in runs))
     print(
         f"  median {med:.3f}, (max-min)/median {100 * spread:.1f}%, CV {100 * cv:.1f}%  (target: spread < 3%)"
+    )
+    print(
+        f"  the {len(quiet)} measurements the protocol accepted as quiet: "
+        f"(max-min)/median {100 * quiet_spread:.1f}%"
     )
 
     trial_time = {}
@@ -130,8 +142,16 @@ def main() -> None:
 
     result = {
         "load_average_at_start": load,
-        "latency": {"batch_size": lat.batch_size, "seq_len": lat.seq_len, "threads": lat.threads},
-        "repeatability": {"plan": args.plan, "ratios": ratios, "spread": spread, "cv": cv},
+        "latency": dataclasses.asdict(lat),
+        "repeatability": {
+            "plan": args.plan,
+            "ratios": ratios,
+            "spread": spread,
+            "cv": cv,
+            "quiet_ratios": quiet,
+            "quiet_spread": quiet_spread,
+            "measurements": runs,
+        },
         "rank_agreement": {"trial_time": trial_time, "final": final, "kendall_tau": tau},
         "wall_seconds": time.monotonic() - started,
     }

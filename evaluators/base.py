@@ -23,6 +23,10 @@ class LatencySpec:
 
     ``shapes`` adds (batch, seq_len) pairs beyond the primary one; ``target`` names the Ray
     resource of the machines latency must be measured on (None: wherever the trial runs).
+    ``precision``: keep adding blocks of ``repeats`` interleaved passes until the ratio's 95%
+    interval is within +-precision of it, or ``max_repeats`` passes (never fewer than
+    ``repeats``). ``max_drift``: re-measure when the baseline runs this much slower than the
+    quietest it has run in this process (a busy neighbour). 0 turns either off.
     """
 
     batch_size: int = 1
@@ -32,17 +36,24 @@ class LatencySpec:
     threads: int = 2
     max_cv: float = 0.15
     retries: int = 2
+    precision: float = 0.01
+    max_repeats: int = 200
+    max_drift: float = 0.05
     shapes: tuple[tuple[int, int], ...] = ()
     target: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "seq_len", "warmup", "repeats", "threads", "retries"):
+        for name in ("batch_size", "seq_len", "warmup", "repeats", "threads", "retries", "max_repeats"):
             value = getattr(self, name)
             low = 0 if name in ("warmup", "retries") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"latency.{name}={value!r}: give an integer >= {low}")
         if not isinstance(self.max_cv, (int, float)) or not self.max_cv > 0:
             raise ValueError(f"latency.max_cv={self.max_cv!r}: give a positive fraction such as 0.15")
+        for name, example in (("precision", "0.01"), ("max_drift", "0.05")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"latency.{name}={value!r}: give a fraction >= 0 such as {example} (0: off)")
         for shape in self.shapes:
             ok = isinstance(shape, tuple) and len(shape) == 2
             if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):

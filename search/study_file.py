@@ -467,7 +467,20 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     lat = _section(
         data,
         "latency",
-        {"batch_size", "seq_len", "warmup", "repeats", "threads", "max_cv", "retries", "shapes", "target"},
+        {
+            "batch_size",
+            "seq_len",
+            "warmup",
+            "repeats",
+            "threads",
+            "max_cv",
+            "retries",
+            "precision",
+            "max_repeats",
+            "max_drift",
+            "shapes",
+            "target",
+        },
     )
     if "shapes" in lat:
         shapes = lat["shapes"]

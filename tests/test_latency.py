@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from slimsearch.evaluators import EvalContext, LatencyRatio, LatencySpec, measure
+from slimsearch.evaluators import latency as latency_module
 from slimsearch.search.locks import machine_lock
 from slimsearch.spaces import CompressionPlan
 from tiny import tiny_bert
@@ -30,6 +31,31 @@ def test_noise_gate_retries_then_flags_noise() -> None:
     spec = LatencySpec(batch_size=1, seq_len=8, warmup=0, repeats=5, threads=1, max_cv=1e-9, retries=2)
     out = measure(tiny_bert(), spec, vocab_size=96)
     assert out["attempts"] == 3 and out["noisy"] is True
+
+
+def test_precision_adds_blocks_until_the_cap_and_zero_turns_it_off() -> None:
+    model = tiny_bert()
+    strict = LatencySpec(
+        batch_size=1, seq_len=8, warmup=0, repeats=5, threads=1, precision=1e-9, max_repeats=20
+    )
+    assert measure(model, strict, vocab_size=96, reference=model)["repeats"] == 20
+    off = LatencySpec(batch_size=1, seq_len=8, warmup=0, repeats=5, threads=1, precision=0, max_repeats=20)
+    assert measure(model, off, vocab_size=96, reference=model)["repeats"] == 5
+
+
+def test_drift_gate_remeasures_when_the_baseline_runs_slower_than_its_quietest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = tiny_bert()
+    spec = LatencySpec(batch_size=1, seq_len=8, warmup=0, repeats=5, threads=1, max_cv=10.0, retries=1)
+    key = (1, 8, 1, sum(p.numel() for p in model.parameters()))
+    # Pretend this baseline once ran 100x faster: every attempt now looks like a busy machine.
+    monkeypatch.setitem(latency_module._QUIETEST, key, 1e-6)
+    out = measure(model, spec, vocab_size=96, reference=model)
+    assert out["attempts"] == 2 and out["noisy"] is True and out["baseline_drift"] > 1.0
+    monkeypatch.setitem(latency_module._QUIETEST, key, 1e9)  # now it is the quietest ever seen
+    out = measure(model, spec, vocab_size=96, reference=model)
+    assert out["attempts"] == 1 and out["noisy"] is False and out["baseline_drift"] == 0.0
 
 
 def test_several_shapes_and_ratio_evaluator_records_provenance() -> None:

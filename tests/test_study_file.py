@@ -50,6 +50,8 @@ BAD = [
     ("constraints.max_latency_ratio", 0.5, "needs the objective 'latency_ms'"),
     ("constraints.max_accuracy_drop", -1, "constraints.max_accuracy_drop"),
     ("latency.repeats", 0, "latency.repeats"),
+    ("latency.precision", -0.1, "latency.precision=-0.1"),
+    ("latency.max_drift", "5%", "latency.max_drift='5%'"),
     ("sampler.name", "grid", "sampler.name"),
     ("budget.timeout", "soon", "budget.timeout"),
     ("budget.trials", 0, "budget.trials"),
