@@ -2,7 +2,7 @@
 
 For every searched unit (a Linear, the embedding table, or a Transformer block under
 structured pruning) and every non-off value of each of its knobs, compress that unit alone
-and measure the task loss on a small fixed subset of the test split (cross-entropy for
+and measure the task loss on a small fixed subset of the training split (cross-entropy for
 classifiers, next-token NLL on a few blocks for causal LMs). The exact serialized bytes of
 every combination of the unit's knob values are measured too, so seeds can be fitted to a
 size budget without guessing how bits, sparsity and rank compose.
@@ -44,12 +44,13 @@ from slimsearch.spaces.methods.realized import REALIZED, SPEED
 from slimsearch.spaces.plan import LayerSettings
 from slimsearch.spaces.space import STRUCTURED_KNOBS, Knob
 
-PROFILE_FORMAT = 1
-PROFILE_ROWS = 128  # classification rows of the test split the loss is measured on
+PROFILE_FORMAT = 2
+PROFILE_ROWS = 128  # classification rows of the TRAINING split the loss is measured on
 PROFILE_LM_BLOCKS = 4  # causal-LM blocks of task.block_size tokens
 # Fractions of the searched layers' uncompressed bytes. All-int8 sits near 0.25 on MiniLM
-# and all-4-bit near 0.14, so budgets above ~0.35 only rebuild what the uniform seeds try.
-SIZE_BUDGETS = (0.35, 0.25, 0.18, 0.12)
+# and all-4-bit near 0.14, so budgets above ~0.35 only rebuild what the uniform seeds try;
+# those below 0.14 need 2-bit choices (a smaller budget out of reach just gives the smallest).
+SIZE_BUDGETS = (0.35, 0.25, 0.18, 0.12, 0.10, 0.08)
 # Seed families: "any" may use every value; "fast" keeps each searched Linear at a bit-width
 # realized for speed (bf16/int8 kernels), so its seeds also gain latency. On MiniLM 4-bit
 # layers compute on a dense fp32 copy: a size-only seed sits at latency ratio ~1.0, where it
@@ -199,10 +200,11 @@ def _calibration(spec: StudySpec, space: SearchSpace, tokenizer: Any) -> dict[st
 
 
 def loss_batches(task: TaskSpec, cache: Path, tokenizer: Any) -> list[dict[str, Tensor]]:
-    """A fixed random subset of the test split (classification) or the first few eval blocks."""
+    """A fixed random subset of the training split (classification: the test split that scores
+    trials must not steer the seeds) or the first few eval blocks (causal LM)."""
     if task.kind == "classification":
-        test = tasks.classification_splits(task, Path(cache)).test
-        rows = random.Random(task.seed + 3).sample(test, min(PROFILE_ROWS, len(test)))
+        train = tasks.classification_splits(task, Path(cache)).train
+        rows = random.Random(task.seed + 3).sample(train, min(PROFILE_ROWS, len(train)))
         return tasks.classification_batches(tokenizer, rows, task.max_length, task.eval_batch_size)
     text = tasks.lm_text(task, Path(cache))
     return tasks.lm_blocks(tokenizer, text, task.block_size, PROFILE_LM_BLOCKS, task.eval_batch_size)

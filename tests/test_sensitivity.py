@@ -68,7 +68,7 @@ def test_destructive_choice_is_more_sensitive_than_a_mild_one(profile: Profile) 
         assert profile.delta(f"{worst}:{knob}", harsh) > profile.delta(f"{worst}:{knob}", mild)
     # The loss is measured on a fixed subset; its value is a plausible cross-entropy.
     assert profile.metric == "cross-entropy" and 0 < profile.baseline_loss < 5
-    assert profile.rows == 16  # the tiny study's whole test split (fewer than PROFILE_ROWS)
+    assert profile.rows == 32  # the tiny study's whole training split (fewer than PROFILE_ROWS)
 
 
 def test_bytes_are_exact_serialized_sizes(
