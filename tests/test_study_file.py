@@ -97,7 +97,7 @@ def test_durations(text: Any, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("name", ["minilm-sentiment.yaml", "smollm2-perplexity.yaml", "minilm-distill.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "studies").glob("*.yaml")))
 def test_shipped_studies_validate(name: str) -> None:
     spec = load_study(REPO / "studies" / name)
     assert spec.objectives and spec.budget.trials
