@@ -8,6 +8,9 @@
 
 Usage: .venv/bin/python benchmarks/latency.py [--repeats 5] [--out benchmarks/results/latency.json]
 Run it on an otherwise idle machine: that is the condition its target (spread < 3%) is for.
+On a virtual machine "idle" includes the host: a neighbour's load slows the baseline and moves
+the ratio itself, so the spread is also reported over the measurements whose baseline ran
+within ``max_drift`` of the run's fastest.
 """
 
 from __future__ import annotations
@@ -105,20 +108,23 @@ def main() -> None:
     med = statistics.median(ratios)
     spread = (max(ratios) - min(ratios)) / med
     cv = statistics.stdev(ratios) / statistics.mean(ratios) if len(ratios) > 1 else 0.0
-    quiet = [float(r["ratio"]) for r in runs if not r["noisy"]]
-    quiet_spread = (max(quiet) - min(quiet)) / statistics.median(quiet) if quiet else float("nan")
+    # Quiet after the fact: the first measurement in a process sets the drift gate's reference,
+    # so the online flags cannot judge it; the run's fastest baseline can.
+    fastest = min(float(r["baseline_median_ms"]) for r in runs)
+    quiet = [float(r["ratio"]) for r in runs if r["baseline_median_ms"] <= (1 + lat.max_drift) * fastest]
+    quiet_spread = (max(quiet) - min(quiet)) / statistics.median(quiet)
     print(f"\nrepeatability: {args.plan} measured {args.repeats} times")
     print("  ratios: " + ", ".join(f"{r:.3f}" for r in ratios))
     print("  passes: " + ", ".join(str(r["repeats"]) for r in runs))
     print("  attempts: " + ", ".join(str(r["attempts"]) for r in runs))
     print("  baseline ms: " + ", ".join(f"{r['baseline_median_ms']:.2f}" for r in runs))
-    print("  flagged: " + ", ".join("noisy" if r["noisy"] else "quiet" for r in runs))
+    print("  flagged by the gates: " + ", ".join("noisy" if r["noisy"] else "ok" for r in runs))
     print(
         f"  median {med:.3f}, (max-min)/median {100 * spread:.1f}%, CV {100 * cv:.1f}%  (target: spread < 3%)"
     )
     print(
-        f"  the {len(quiet)} measurements the protocol accepted as quiet: "
-        f"(max-min)/median {100 * quiet_spread:.1f}%"
+        f"  the {len(quiet)} measurements whose baseline ran within {100 * lat.max_drift:.0f}% of the run's "
+        f"fastest ({fastest:.2f} ms): (max-min)/median {100 * quiet_spread:.1f}%"
     )
 
     trial_time = {}

@@ -107,9 +107,30 @@ def bootstrap_ratio(cand: list[float], base: list[float], rounds: int = 400) -> 
     return ratios[int(0.025 * rounds)], ratios[int(0.975 * rounds) - 1]
 
 
-# The fastest median each baseline has shown in this process, per shape and thread count:
-# the "quiet machine" reference the drift gate compares against. Reused workers keep it.
-_QUIETEST: dict[tuple[int, int, int, int], float] = {}
+# The fastest median each baseline has shown, per shape, thread count and baseline size: the
+# "quiet machine" reference the drift gate compares against. Reused workers keep it, and the
+# driver hands what earlier trials saw to every job (so fresh processes have it too).
+_QUIETEST: dict[str, float] = {}
+
+
+def quiet_key(batch: int, seq: int, threads: int, reference: nn.Module | None) -> str:
+    params = sum(p.numel() for p in reference.parameters()) if reference is not None else 0
+    return f"b{batch}-s{seq}-t{threads}-p{params}"
+
+
+def remember_quiet(times: dict[str, float]) -> None:
+    """Take the quietest baseline times seen elsewhere (e.g. by earlier trials of a study)."""
+    for key, ms in times.items():
+        _QUIETEST[key] = min(_QUIETEST.get(key, ms), ms)
+
+
+def quiet_times(record: dict[str, Any]) -> dict[str, float]:
+    """{quiet key: baseline median} from a latency record written by ``measure_all``."""
+    out: dict[str, float] = {}
+    for shape in record.get("shapes", []):
+        if "quiet_key" in shape and "baseline_median_ms" in shape:
+            out[shape["quiet_key"]] = float(shape["baseline_median_ms"])
+    return out
 
 
 def _sample(
@@ -119,6 +140,7 @@ def _sample(
     cand: list[float] = []
     base: list[float] = []
     cap = max(spec.max_repeats, spec.repeats)
+    check_at = 0  # the bootstrap costs more than a tiny model's pass: check as the sample grows 1.5x
     while True:
         for _ in range(spec.repeats):
             cand.append(run_cand())
@@ -126,6 +148,9 @@ def _sample(
                 base.append(run_base())
         if run_base is None or spec.precision <= 0 or len(cand) + spec.repeats > cap:
             return cand, base
+        if len(cand) < check_at:
+            continue
+        check_at = int(len(cand) * 1.5)
         low, high = bootstrap_ratio(cand, base, rounds=200)
         ratio = statistics.median(cand) / statistics.median(base)
         if (high - low) / 2 <= spec.precision * ratio:
@@ -147,14 +172,13 @@ def measure(
     run_cand = _timer(model, inputs)
     run_base = _timer(reference, inputs) if reference is not None else None
     warm = _warm_up(run_cand, spec.warmup)
-    key = (batch, seq, spec.threads, 0)
-    if reference is not None and run_base is not None:
+    key = quiet_key(batch, seq, spec.threads, reference)
+    if run_base is not None:
         warm += _warm_up(run_base, spec.warmup)
-        key = (batch, seq, spec.threads, sum(p.numel() for p in reference.parameters()))
     attempts: list[dict[str, Any]] = []
     for attempt in range(spec.retries + 1):
         if attempt:
-            time.sleep(2.0 ** (attempt - 1))  # let a passing burst of other work end
+            time.sleep(0.2 * attempt)  # a short pause: a burst of other work may pass
         cand, base = _sample(run_cand, run_base, spec)
         result: dict[str, Any] = {"batch_size": batch, "seq_len": seq, "repeats": len(cand)}
         result |= _spread(cand)
@@ -168,6 +192,7 @@ def measure(
             result["ratio_ci95"] = bootstrap_ratio(cand, base)
             _QUIETEST[key] = min(_QUIETEST.get(key, b["median_ms"]), b["median_ms"])
             result["baseline_drift"] = b["median_ms"] / _QUIETEST[key] - 1.0
+            result["quiet_key"] = key
             quiet = spec.max_drift <= 0 or result["baseline_drift"] <= spec.max_drift
         attempts.append(result)
         if result["robust_cv"] <= spec.max_cv and quiet:

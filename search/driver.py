@@ -22,6 +22,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from slimsearch.evaluators.latency import quiet_times
 from slimsearch.search import models, pareto, sensitivity
 from slimsearch.search.executors import Executor, make_executor
 from slimsearch.search.log import fmt_seconds, say
@@ -110,6 +111,7 @@ class Driver:
         self.started = time.monotonic()
         self.known: dict[str, TrialResult] = {}  # plan JSON -> its first complete result
         self.done_here = 0  # trials finished by this driver (for the ETA)
+        self.quiet_ms: dict[str, float] = {}  # quietest baseline time per shape, for the drift gate
 
     # -- set-up -------------------------------------------------------------------------
     def open_study(self, space: SearchSpace, baseline_dir: Path) -> optuna.Study:
@@ -180,6 +182,7 @@ class Driver:
             trust_remote_code=spec.model.trust_remote_code,
             timeout_s=spec.executor.trial_timeout_s,
             screen=self.screen_spec(baseline) if number >= 0 else None,  # never screen the baseline
+            quiet_ms=dict(self.quiet_ms),
         )
 
     def screen_spec(self, baseline: dict[str, float]) -> ScreenSpec | None:
@@ -194,6 +197,7 @@ class Driver:
     ) -> dict[str, float]:
         stored = study.user_attrs.get("baseline")
         if stored:
+            self.note_quiet(study.user_attrs.get("baseline_records", {}))
             return dict(stored)
         say("measuring the uncompressed baseline")
         result = _run_alone(executor, self.job(-1, CompressionPlan(), baseline_dir, {}))
@@ -203,8 +207,13 @@ class Driver:
             )
         study.set_user_attr("baseline", result.values)
         study.set_user_attr("baseline_records", result.records)
+        self.note_quiet(result.records)
         say("baseline: " + ", ".join(f"{k} {v:.4g}" for k, v in result.values.items()))
         return result.values
+
+    def note_quiet(self, records: dict[str, Any]) -> None:
+        for key, ms in quiet_times(records.get("latency", {})).items():
+            self.quiet_ms[key] = min(self.quiet_ms.get(key, ms), ms)
 
     # -- the loop -----------------------------------------------------------------------
     def finished_count(self, study: optuna.Study) -> int:
@@ -227,6 +236,7 @@ class Driver:
             return
         trial.set_user_attr("metrics", result.values)
         trial.set_user_attr("records", result.records)
+        self.note_quiet(result.records)
         source = trial.user_attrs.get("distilled_from")
         if source is not None:  # stage two: keep the before-distillation values beside the after
             before = study.get_trials(deepcopy=False)[source].user_attrs.get("metrics", {})

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from slimsearch.evaluators import Accuracy, EvalContext, LatencySpec, make_evaluator
+from slimsearch.evaluators.latency import remember_quiet
 from slimsearch.search import models, tasks
 from slimsearch.search.locks import machine_lock
 from slimsearch.search.study_file import ObjectiveSpec, TaskSpec
@@ -57,6 +58,7 @@ class TrialJob:
     trust_remote_code: bool = False
     timeout_s: float | None = None  # enforced here only in-process; Ray tasks are cancelled
     screen: ScreenSpec | None = None
+    quiet_ms: dict[str, float] = field(default_factory=dict)  # the drift gate's references
 
 
 @dataclass
@@ -301,6 +303,7 @@ def run_trial(job: TrialJob) -> TrialResult:
     try:
         with _deadline(job.timeout_s):
             torch.set_num_threads(job.latency.threads)
+            remember_quiet(job.quiet_ms)
             model, plan = build_model(job)
             reference, tokenizer = _baseline(job)
             context = EvalContext(

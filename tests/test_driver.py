@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from conftest import tiny_study
 from slimsearch.search.cli import main
-from slimsearch.search.driver import run_study
+from slimsearch.search.driver import Driver, run_study
 from slimsearch.search.study_file import StudyError, study_from_mapping
 from slimsearch.spaces import CompressionPlan
 
@@ -34,6 +34,8 @@ def test_tiny_study_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert set(t.user_attrs["metrics"]) == {"accuracy", "size_bytes", "latency_ms"}
         assert "constraints:max_accuracy_drop" in t.system_attrs
         CompressionPlan.from_dict(t.user_attrs["plan"])  # the stored recipe parses
+        shape = t.user_attrs["records"]["latency"]["shapes"][0]
+        assert {"quiet_key", "baseline_drift", "ratio_ci95"} <= set(shape)  # the drift gate's provenance
     # Compression really happened: some trial is under half the baseline's bytes.
     assert min(t.values[1] for t in trials) < 0.5 * result.baseline["size_bytes"]
     assert result.front and all(r["feasible"] for r in result.front)
@@ -41,6 +43,13 @@ def test_tiny_study_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert len(list(csv.DictReader(f))) == len(result.front)
     out = capsys.readouterr().out
     assert "Pareto front" in out and "accuracy_drop" in out
+
+
+def test_jobs_carry_the_quietest_baseline_time_seen(tmp_path: Path) -> None:
+    driver = Driver(study_from_mapping(tiny_study(tmp_path)))
+    for ms in (9.0, 7.0, 8.0):
+        driver.note_quiet({"latency": {"shapes": [{"quiet_key": "k", "baseline_median_ms": ms}]}})
+    assert driver.job(3, CompressionPlan(), tmp_path, {"accuracy": 50.0}).quiet_ms == {"k": 7.0}
 
 
 def test_failing_plugin_fails_trials_not_the_study(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def test_drift_gate_remeasures_when_the_baseline_runs_slower_than_its_quietest(
 ) -> None:
     model = tiny_bert()
     spec = LatencySpec(batch_size=1, seq_len=8, warmup=0, repeats=5, threads=1, max_cv=10.0, retries=1)
-    key = (1, 8, 1, sum(p.numel() for p in model.parameters()))
+    key = latency_module.quiet_key(1, 8, 1, model)
     # Pretend this baseline once ran 100x faster: every attempt now looks like a busy machine.
     monkeypatch.setitem(latency_module._QUIETEST, key, 1e-6)
     out = measure(model, spec, vocab_size=96, reference=model)
@@ -56,6 +56,15 @@ def test_drift_gate_remeasures_when_the_baseline_runs_slower_than_its_quietest(
     monkeypatch.setitem(latency_module._QUIETEST, key, 1e9)  # now it is the quietest ever seen
     out = measure(model, spec, vocab_size=96, reference=model)
     assert out["attempts"] == 1 and out["noisy"] is False and out["baseline_drift"] == 0.0
+    assert out["quiet_key"] == key
+
+
+def test_quiet_times_travel_through_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(latency_module, "_QUIETEST", {"k": 5.0})
+    latency_module.remember_quiet({"k": 7.0, "other": 3.0})  # keeps the quieter of the two
+    assert latency_module._QUIETEST == {"k": 5.0, "other": 3.0}
+    record = {"shapes": [{"quiet_key": "k", "baseline_median_ms": 4.0}, {"median_ms": 1.0}]}
+    assert latency_module.quiet_times(record) == {"k": 4.0}
 
 
 def test_several_shapes_and_ratio_evaluator_records_provenance() -> None:
