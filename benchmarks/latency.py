@@ -61,6 +61,11 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
     return score / len(pairs)
 
 
+def relative_range(values: list[float]) -> float:
+    """(max - min) / median: the spread the target is stated in."""
+    return (max(values) - min(values)) / statistics.median(values)
+
+
 def build(base: Any, plan: CompressionPlan, calibration: dict[str, torch.Tensor]) -> Any:
     model = copy.deepcopy(base)
     apply_plan(model, plan, calibration=calibration if plan.structured else None)
@@ -106,13 +111,13 @@ def main() -> None:
     runs = [measure(model, lat, len(tok), reference=base) for _ in range(args.repeats)]
     ratios = [float(r["ratio"]) for r in runs]
     med = statistics.median(ratios)
-    spread = (max(ratios) - min(ratios)) / med
+    spread = relative_range(ratios)
     cv = statistics.stdev(ratios) / statistics.mean(ratios) if len(ratios) > 1 else 0.0
     # Quiet after the fact: the first measurement in a process sets the drift gate's reference,
     # so the online flags cannot judge it; the run's fastest baseline can.
     fastest = min(float(r["baseline_median_ms"]) for r in runs)
     quiet = [float(r["ratio"]) for r in runs if r["baseline_median_ms"] <= (1 + lat.max_drift) * fastest]
-    quiet_spread = (max(quiet) - min(quiet)) / statistics.median(quiet)
+    quiet_spread = relative_range(quiet)
     print(f"\nrepeatability: {args.plan} measured {args.repeats} times")
     print("  ratios: " + ", ".join(f"{r:.3f}" for r in ratios))
     print("  passes: " + ", ".join(str(r["repeats"]) for r in runs))

@@ -26,7 +26,8 @@ class LatencySpec:
     ``precision``: keep adding blocks of ``repeats`` interleaved passes until the ratio's 95%
     interval is within +-precision of it, or ``max_repeats`` passes (never fewer than
     ``repeats``). ``max_drift``: re-measure when the baseline runs this much slower than the
-    quietest it has run in this process (a busy neighbour). 0 turns either off.
+    quietest it has run (in this process or earlier trials of the study: a busy neighbour).
+    0 turns either off.
     """
 
     batch_size: int = 1

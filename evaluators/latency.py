@@ -9,10 +9,10 @@ The protocol, per input shape:
    the ratio's bootstrap 95% interval is within ``precision`` of it (up to ``max_repeats``).
 4. Noise gates: measure again (up to ``retries`` times, after a short pause) when the
    robust coefficient of variation (IQR / 1.349 / median) of the candidate's times exceeds
-   ``max_cv``, or when the
-   baseline runs more than ``max_drift`` slower than the quietest it has run in this
-   process. On a VM a neighbour's load shifts the ratio itself (it slows fp32 and int8
-   kernels unequally), so the attempt with the fastest baseline is kept.
+   ``max_cv``, or when the baseline runs more than ``max_drift`` slower than the quietest
+   it has run (in this process, or in earlier trials of the study). On a VM a neighbour's
+   load shifts the ratio itself (it slows fp32 and int8 kernels unequally), so the attempt
+   with the fastest baseline is kept.
 5. Report the median, the inter-quartile range, a bootstrap 95% interval of the ratio to
    the baseline, and the environment (CPU, threads, torch version, node).
 """
@@ -23,7 +23,7 @@ import platform
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -118,10 +118,15 @@ def quiet_key(batch: int, seq: int, threads: int, reference: nn.Module | None) -
     return f"b{batch}-s{seq}-t{threads}-p{params}"
 
 
-def remember_quiet(times: dict[str, float]) -> None:
-    """Take the quietest baseline times seen elsewhere (e.g. by earlier trials of a study)."""
+def merge_quietest(into: dict[str, float], times: Mapping[str, float]) -> None:
+    """Keep, per key, the quietest (smallest) baseline time of ``into`` and ``times``."""
     for key, ms in times.items():
-        _QUIETEST[key] = min(_QUIETEST.get(key, ms), ms)
+        into[key] = min(into.get(key, ms), ms)
+
+
+def remember_quiet(times: Mapping[str, float]) -> None:
+    """Take the quietest baseline times seen elsewhere (e.g. by earlier trials of a study)."""
+    merge_quietest(_QUIETEST, times)
 
 
 def quiet_times(record: dict[str, Any]) -> dict[str, float]:
@@ -190,7 +195,7 @@ def measure(
             result["baseline_cv"] = b["cv"]
             result["ratio"] = result["median_ms"] / b["median_ms"]
             result["ratio_ci95"] = bootstrap_ratio(cand, base)
-            _QUIETEST[key] = min(_QUIETEST.get(key, b["median_ms"]), b["median_ms"])
+            remember_quiet({key: b["median_ms"]})
             result["baseline_drift"] = b["median_ms"] / _QUIETEST[key] - 1.0
             result["quiet_key"] = key
             quiet = spec.max_drift <= 0 or result["baseline_drift"] <= spec.max_drift

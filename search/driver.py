@@ -22,7 +22,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from slimsearch.evaluators.latency import quiet_times
+from slimsearch.evaluators.latency import merge_quietest, quiet_times
 from slimsearch.search import models, pareto, sensitivity
 from slimsearch.search.executors import Executor, make_executor
 from slimsearch.search.log import fmt_seconds, say
@@ -212,8 +212,7 @@ class Driver:
         return result.values
 
     def note_quiet(self, records: dict[str, Any]) -> None:
-        for key, ms in quiet_times(records.get("latency", {})).items():
-            self.quiet_ms[key] = min(self.quiet_ms.get(key, ms), ms)
+        merge_quietest(self.quiet_ms, quiet_times(records.get("latency", {})))
 
     # -- the loop -----------------------------------------------------------------------
     def finished_count(self, study: optuna.Study) -> int:
