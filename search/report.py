@@ -261,30 +261,20 @@ def hypervolume_figure(history: pd.DataFrame, axes: list[Axis]) -> go.Figure | N
     fig = make_subplots(rows=1, cols=2, subplot_titles=("over trials", "over wall time"))
     by_number = history[history["order"] == "number"]
     by_time = history[history["order"] == "time"]
-    fig.add_trace(
-        go.Scatter(
-            x=by_number["trial"],
-            y=by_number["hypervolume"],
-            mode="lines+markers",
-            line={"shape": "hv"},
-            name="by trial",
-            showlegend=False,
-        ),
-        row=1,
-        col=1,
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=by_time["elapsed_s"] / 60.0,
-            y=by_time["hypervolume"],
-            mode="lines+markers",
-            line={"shape": "hv"},
-            name="by time",
-            showlegend=False,
-        ),
-        row=1,
-        col=2,
-    )
+    series = [(by_number["trial"], by_number, "by trial"), (by_time["elapsed_s"] / 60.0, by_time, "by time")]
+    for col, (x, frame, name) in enumerate(series, start=1):
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=frame["hypervolume"],
+                mode="lines+markers",
+                line={"shape": "hv"},
+                name=name,
+                showlegend=False,
+            ),
+            row=1,
+            col=col,
+        )
     fig.update_xaxes(title_text="trial number (feasible trials)", row=1, col=1)
     fig.update_xaxes(title_text="minutes since the first trial started", row=1, col=2)
     fig.update_yaxes(title_text="hypervolume", row=1, col=1)
