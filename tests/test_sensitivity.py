@@ -213,3 +213,32 @@ def test_benchmark_cache_is_reused_by_a_rerun(tmp_path: Path) -> None:
     again = bench.EvalCache(tmp_path / "cache.json", meta)
     assert again.get(plan) == first.get(plan) and again.new == 0
     assert bench.EvalCache(tmp_path / "cache.json", {"format": 2}).get(plan) is None  # other settings
+
+
+@pytest.mark.parametrize(
+    ("study", "baseline", "inside", "outside", "loss", "reference"),
+    [
+        ("minilm-size.yaml", {"accuracy": 80.0}, {"accuracy": 79.5}, {"accuracy": 78.9}, 0.5, 5.0),
+        ("smollm2-short.yaml", {"perplexity": 50.0}, {"perplexity": 54.0}, {"perplexity": 55.5}, 8.0, 50.0),
+    ],
+)
+def test_benchmark_scores_quality_as_the_study_constrains_it(
+    study: str,
+    baseline: dict[str, float],
+    inside: dict[str, float],
+    outside: dict[str, float],
+    loss: float,
+    reference: float,
+) -> None:
+    from slimsearch.search.study_file import load_study
+
+    bench = _bench_module()
+    common = {"size_bytes": 100.0, "latency_ratio": 1.0}
+    b = bench.Bench(load_study(ROOT / "studies" / study), None, Path(), baseline | common, None, None)
+    smaller = {"size_bytes": 40.0, "latency_ratio": 0.5}
+    ok = bench.Entry(inside | smaller, 1.0, "complete")
+    assert b.reference == pytest.approx((reference, 1.0, 1.0))
+    assert b.losses(ok) == pytest.approx((loss, 0.4, 0.5))
+    assert b.losses(bench.Entry(outside | smaller, 1.0, "complete")) is None  # breaks the constraint
+    assert b.losses(bench.Entry(None, 1.0, "screened")) is None
+    assert b.hypervolume([ok]) == pytest.approx((reference - loss) * 0.6 * 0.5 / reference)
