@@ -15,6 +15,10 @@ trial run (81.0% vs 80.1%), so there is nothing to recover and it is not run by 
 
     .venv/bin/python benchmarks/distill.py [--steps 100] [--plans s50-int8,4bit,...]
         [--recipes logits,logits+hidden,...] [--out benchmarks/results/distill.json]
+
+A plan may also be a path to a plan JSON file (``CompressionPlan.to_json``, as a run's
+trials store it), such as those under benchmarks/plans/: uniform and per-layer plans from
+the search-efficiency benchmark, to see whether distillation changes which one wins.
 """
 
 from __future__ import annotations
@@ -66,6 +70,23 @@ def recovered(baseline: float, before: float, after: float) -> float | None:
     return (after - before) / lost if lost > 0 else None
 
 
+def resolve_plans(items: list[str]) -> dict[str, CompressionPlan]:
+    """Named plans from PLANS, or plan JSON files (named by their file stem)."""
+    plans: dict[str, CompressionPlan] = {}
+    for item in items:
+        path = Path(item)
+        if item in PLANS:
+            plans[item] = PLANS[item]
+        elif path.suffix == ".json" and path.is_file():
+            try:
+                plans[path.stem] = CompressionPlan.from_json(path.read_text())
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SystemExit(f"--plans: {item} is not a plan JSON file ({exc})") from None
+        else:
+            raise SystemExit(f"--plans: {item!r} is neither a plan in {list(PLANS)} nor a plan .json file")
+    return plans
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     started = time.monotonic()
@@ -81,6 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     calibration = {k: train[len(train) // 2][k] for k in ("input_ids", "attention_mask")}
 
     baseline = accuracy(teacher, test)
+    baseline_size = serialized_size(teacher, CompressionPlan())
     print(f"baseline accuracy {baseline:.1f}%  ({len(splits.test)} test rows, {len(train)} train batches)")
     tick = time.monotonic()
     richest = max(args.recipes, key=DISTILL_KINDS.index)
@@ -89,12 +111,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"teacher cache ({richest}): {cache_seconds:.0f} s, {cache.nbytes() / 2**20:.0f} MiB")
 
     rows = []
-    for plan_name in args.plans:
-        plan = PLANS[plan_name]
+    for plan_name, plan in resolve_plans(args.plans).items():
         compressed = apply_plan(copy.deepcopy(teacher), plan, calibration).eval()
         size = serialized_size(compressed, plan)
         before = accuracy(compressed, test)
-        print(f"{plan_name}: {before:.1f}% before distillation, {size / 2**20:.1f} MiB")
+        print(
+            f"{plan_name}: {before:.1f}% before distillation, {size / 2**20:.1f} MiB "
+            f"({size / baseline_size:.3f}x the baseline's bytes)"
+        )
         for recipe in recipes:
             student = copy.deepcopy(compressed)
             stats = distill(student, cache, train, recipe, "classification")
@@ -113,11 +137,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "loss_start": stats["loss_start"],
                 "loss_end": stats["loss_end"],
                 "size_bytes": size,
+                "size_ratio": size / baseline_size,
             }
             rows.append(row)
             print_row(row)
     return {
         "baseline_accuracy": baseline,
+        "baseline_size_bytes": baseline_size,
         "recipe": {k: v for k, v in recipes[0].to_dict().items() if k != "kind"},
         "teacher_cache_seconds": cache_seconds,
         "teacher_cache_mib": cache.nbytes() / 2**20,
@@ -129,7 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 HEADER = (
-    f"{'plan':<14} {'recipe':<24} {'steps':>5} {'before':>7} {'after':>7} {'recovered':>9} {'seconds':>8}"
+    f"{'plan':<20} {'recipe':<24} {'steps':>5} {'size':>6} {'before':>7} {'after':>7} {'recovered':>9}"
+    f" {'seconds':>8}"
 )
 
 
@@ -137,7 +164,8 @@ def print_row(row: dict[str, Any]) -> None:
     share = row["recovered"]
     share_text = f"{share:.0%}" if share is not None else "n/a"
     print(
-        f"{row['plan']:<14} {row['recipe']:<24} {row['steps']:>5} {row['accuracy_before']:>6.1f}% "
+        f"{row['plan']:<20} {row['recipe']:<24} {row['steps']:>5} {row.get('size_ratio', 0):>6.3f} "
+        f"{row['accuracy_before']:>6.1f}% "
         f"{row['accuracy_after']:>6.1f}% {share_text:>9} {row['seconds']:>8.0f}",
         flush=True,
     )
@@ -147,7 +175,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per recipe (about 1 s each)")
     parser.add_argument("--lr", type=float, default=DistillRecipe().learning_rate)
-    parser.add_argument("--plans", default="s50-int8,struct50-int8", help=f"from {list(PLANS)}")
+    parser.add_argument(
+        "--plans", default="s50-int8,struct50-int8", help=f"from {list(PLANS)}, or plan .json files"
+    )
     parser.add_argument(
         "--recipes", default="logits,logits+hidden,logits+hidden+attention", help=f"from {DISTILL_KINDS[1:]}"
     )
@@ -157,9 +187,10 @@ def main() -> None:
     args.plans = args.plans.split(",")
     args.recipes = args.recipes.split(",")
     kinds = DISTILL_KINDS[1:]
-    unknown = [p for p in args.plans if p not in PLANS] + [r for r in args.recipes if r not in kinds]
+    unknown = [r for r in args.recipes if r not in kinds]
     if unknown:
-        parser.error(f"unknown plans or recipes {unknown}; plans: {list(PLANS)}, recipes: {kinds}")
+        parser.error(f"unknown recipes {unknown}; choose from {kinds}")
+    resolve_plans(args.plans)  # fail before the teacher cache is built
 
     result = run(args)
     print()
