@@ -242,3 +242,14 @@ def test_benchmark_scores_quality_as_the_study_constrains_it(
     assert b.losses(bench.Entry(outside | smaller, 1.0, "complete")) is None  # breaks the constraint
     assert b.losses(bench.Entry(None, 1.0, "screened")) is None
     assert b.hypervolume([ok]) == pytest.approx((reference - loss) * 0.6 * 0.5 / reference)
+
+
+def test_benchmark_credits_no_quality_beyond_the_baseline() -> None:
+    from slimsearch.search.study_file import load_study
+
+    bench = _bench_module()
+    baseline = {"accuracy": 80.0, "size_bytes": 100.0, "latency_ratio": 1.0}
+    b = bench.Bench(load_study(ROOT / "studies" / "minilm-size.yaml"), None, Path(), baseline, None, None)
+    lucky = bench.Entry({"accuracy": 81.5, "size_bytes": 50.0, "latency_ratio": 0.5}, 1.0, "complete")
+    assert b.losses(lucky) == pytest.approx((0.0, 0.5, 0.5))
+    assert b.hypervolume([lucky]) == pytest.approx(0.25)
