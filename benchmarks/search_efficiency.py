@@ -443,6 +443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=BENCH_THREADS, help="torch threads per trial")
     parser.add_argument("--study", type=Path, default=STUDY)
     parser.add_argument("--cache-file", type=Path, help="evaluation cache JSON (default under results/)")
+    parser.add_argument(
+        "--sensitivity",
+        choices=("study", "on", "off"),
+        default="study",
+        help="sensitivity seeds as the study file says (default), or forced on/off",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "search_efficiency.json")
     args = parser.parse_args(argv)
     if args.quick and args.full:
@@ -455,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started, load_before = time.monotonic(), _load()
     bench = setup(args.study, args.cache_file, args.threads)
+    if args.sensitivity != "study":
+        bench.spec = replace(bench.spec, seed_sensitivity=args.sensitivity == "on")
     say(f"baseline: {bench.baseline}; {len(bench.cache.entries)} cached evaluations")
     grid = run_grid(bench, uniform_grid(bench.space))
 
@@ -505,6 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": goals,
         "profile": {"key": profile.key, "seconds": profile.seconds} if profile else None,
         "seeds": len(seeds),
+        "seed_uniform": bench.spec.seed_uniform,
+        "seed_sensitivity": bench.spec.seed_sensitivity,
         "wall_s": round(wall, 1),
         "new_evaluations": bench.cache.new,
         "load_average": {"before": load_before, "after": _load()},
