@@ -10,7 +10,8 @@ size budget without guessing how bits, sparsity and rank compose.
 The profile is computed once per (baseline, task, space) and cached as JSON under
 ``<cache>/sensitivity/<key>.json``. ``sensitivity_seeds`` then turns it into a few Optuna
 params dicts, one per (family, size budget), by greedily compressing where the loss moves
-least: the "fast" family keeps Linears on bf16/int8 kernels, "any" may use every value.
+least: the "fast" family keeps Linears on bf16/int8 kernels, "low-bit" mixes only the
+space's widths of 4 bits and under (a ladder down from all-4-bit), "any" may use every value.
 
     profile = load_or_compute_profile(spec, space, baseline_dir)
     for params in sensitivity_seeds(space, profile):
@@ -54,8 +55,13 @@ SIZE_BUDGETS = (0.35, 0.25, 0.18, 0.12, 0.10, 0.08)
 # Seed families: "any" may use every value; "fast" keeps each searched Linear at a bit-width
 # realized for speed (bf16/int8 kernels), so its seeds also gain latency. On MiniLM 4-bit
 # layers compute on a dense fp32 copy: a size-only seed sits at latency ratio ~1.0, where it
-# adds nothing to a hypervolume whose latency reference is the baseline.
-FAMILIES = ("fast", "any")
+# adds nothing to a hypervolume whose latency reference is the baseline. "low-bit" changes
+# only bits, among widths <= LOW_BITS, so it starts from all-4-bit and moves the least
+# sensitive units to 2 bits. On MiniLM the "any" seeds under 12% were all rejected (the
+# summed single-layer deltas of sparsity, rank and 2-bit stacked badly), while this ladder
+# kept 0.113x of the bytes within 0.7 points.
+FAMILIES = ("fast", "low-bit", "any")
+LOW_BITS = 4
 SPEED_BITS = frozenset(int(k[4:]) for k, v in REALIZED.items() if k.startswith("bits") and SPEED in v)
 # One thread: on 2 shared cores a busy neighbour made 2-thread OpenMP work crawl (an SVD of a
 # 1536x384 layer took 5 s instead of 0.07 s; a forward pass 2x longer). Numbers do not change.
@@ -406,6 +412,7 @@ def allowed_options(space: SearchSpace, profile: Profile, family: str) -> dict[s
     if family not in FAMILIES:
         raise ValueError(f"seed family {family!r} is unknown; choose from {list(FAMILIES)}")
     out: dict[str, list[Option]] = {}
+    off = off_params(space)
     for unit, options in profile.options.items():
         keep = list(options)
         if family == "fast" and unit in space.shapes:  # a Linear: only kernels that run faster
@@ -413,8 +420,17 @@ def allowed_options(space: SearchSpace, profile: Profile, family: str) -> dict[s
                 o for o in options if all(v in SPEED_BITS for p, v in o.params.items() if p.endswith(":bits"))
             ]
             keep = fast or keep  # a layer offering no fast width keeps its options
+        elif family == "low-bit":
+            low = [o for o in options if _low_bit_only(o, off)]
+            keep = low or [_off_option(options, off)]  # no low width: left alone
         out[unit] = keep
     return out
+
+
+def _low_bit_only(option: Option, off: Mapping[str, Any]) -> bool:
+    """Whether the option compresses only by bits, to LOW_BITS or fewer."""
+    changed = {p: v for p, v in option.params.items() if v != off.get(p)}
+    return bool(changed) and all(p.endswith(":bits") and v <= LOW_BITS for p, v in changed.items())
 
 
 def greedy_choice(

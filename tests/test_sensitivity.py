@@ -130,8 +130,38 @@ def test_seeds_fit_their_budgets_and_are_valid_params(
     )
     for seed in fast:
         space.decode(seed)
+    # The low-bit family changes only bits, to 4 or fewer (this space offers 4 as its lowest).
+    low = sensitivity.sensitivity_seeds(space, profile, budgets, families=("low-bit",))
+    for seed in low:
+        changed = {n: v for n, v in seed.items() if v != off[n]}
+        assert changed and all(n.endswith(":bits") and v == 4 for n, v in changed.items()), changed
     with pytest.raises(ValueError, match="seed family 'slow'"):
         sensitivity.sensitivity_seeds(space, profile, budgets, families=("slow",))
+
+
+def test_low_bit_ladder_moves_the_insensitive_layer_to_two_bits() -> None:
+    """From all-4-bit, a budget below it sends the robust layer to 2 bits, never sparsity."""
+    off = {"a:bits": 32, "a:sparsity": 0.0, "b:bits": 32, "b:sparsity": 0.0}
+    options = {
+        u: [
+            Option({f"{u}:bits": bits, f"{u}:sparsity": sp}, int(1000 * bits / 32 * (1 - sp)))
+            for bits in (32, 4, 2)
+            for sp in (0.0, 0.5)
+        ]
+        for u in ("a", "b")
+    }
+    loss = {
+        "a:bits": [(4, 0.01), (2, 0.4)],
+        "b:bits": [(4, 0.01), (2, 0.02)],
+        "a:sparsity": [(0.5, 0.001)],
+        "b:sparsity": [(0.5, 0.001)],
+    }
+    profile = Profile("k", "cross-entropy", 8, 0.3, loss, options)
+    low = {u: [o for o in opts if sensitivity._low_bit_only(o, off)] for u, opts in options.items()}
+    assert all(len(v) == 2 for v in low.values())  # 4 and 2 bits, sparsity off
+    chosen = sensitivity.greedy_choice(profile, off, 200, low)
+    assert chosen["a"].params == {"a:bits": 4, "a:sparsity": 0.0}
+    assert chosen["b"].params == {"b:bits": 2, "b:sparsity": 0.0}
 
 
 def test_greedy_prefers_the_insensitive_layer() -> None:
