@@ -169,3 +169,15 @@ def test_report_renders_in_headless_chromium(tiny_run: Run, tmp_path: Path) -> N
     assert (width, height) == (1400, 2000)
     # A blank page of this size compresses to a few kilobytes; plots, text and tables do not.
     assert len(data) > 60_000, f"the screenshot is nearly blank ({len(data)} bytes)"
+
+
+def test_hypervolume_credits_no_quality_beyond_the_baseline() -> None:
+    from slimsearch.search.results import Axis
+
+    accuracy = Axis("accuracy", True, 80.0, 1.0)
+    assert accuracy.volume_loss(81.5) == 0.0 and accuracy.loss(81.5) == pytest.approx(-1.5)
+    assert accuracy.volume_loss(79.5) == pytest.approx(0.5)
+    perplexity = Axis("perplexity", False, 50.0, 1.1)
+    assert perplexity.volume_loss(45.0) == 1.0 and perplexity.volume_loss(55.0) == pytest.approx(1.1)
+    size = Axis("size_bytes", False, 100.0, 1.25)  # smaller than the baseline is real, not noise
+    assert size.volume_loss(40.0) == pytest.approx(0.4)
