@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"teacher cache ({richest}): {cache_seconds:.0f} s, {cache.nbytes() / 2**20:.0f} MiB")
 
     rows = []
-    for plan_name, plan in resolve_plans(args.plans).items():
+    for plan_name, plan in args.plans.items():
         compressed = apply_plan(copy.deepcopy(teacher), plan, calibration).eval()
         size = serialized_size(compressed, plan)
         before = accuracy(compressed, test)
@@ -164,7 +164,7 @@ def print_row(row: dict[str, Any]) -> None:
     share = row["recovered"]
     share_text = f"{share:.0%}" if share is not None else "n/a"
     print(
-        f"{row['plan']:<20} {row['recipe']:<24} {row['steps']:>5} {row.get('size_ratio', 0):>6.3f} "
+        f"{row['plan']:<20} {row['recipe']:<24} {row['steps']:>5} {row['size_ratio']:>6.3f} "
         f"{row['accuracy_before']:>6.1f}% "
         f"{row['accuracy_after']:>6.1f}% {share_text:>9} {row['seconds']:>8.0f}",
         flush=True,
@@ -184,13 +184,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/distill.json", help="where to write the JSON")
     args = parser.parse_args()
-    args.plans = args.plans.split(",")
     args.recipes = args.recipes.split(",")
     kinds = DISTILL_KINDS[1:]
     unknown = [r for r in args.recipes if r not in kinds]
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose from {kinds}")
-    resolve_plans(args.plans)  # fail before the teacher cache is built
+    args.plans = resolve_plans(args.plans.split(","))  # fails before the teacher cache is built
 
     result = run(args)
     print()

@@ -468,14 +468,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"baseline: {bench.baseline}; {len(bench.cache.entries)} cached evaluations")
     grid = run_grid(bench, uniform_grid(bench.space))
 
-    t0 = time.monotonic()
-    profile = None
-    if bench.spec.seed_sensitivity:
-        profile = sensitivity.load_or_compute_profile(bench.spec, bench.space, bench.baseline_dir)
-    profile_wall = time.monotonic() - t0
     # Seeded as the study file says, as the driver would.
     seeds = [*bench.space.uniform_params()] if bench.spec.seed_uniform else []
+    profile, profile_wall = None, 0.0
     if bench.spec.seed_sensitivity:
+        t0 = time.monotonic()
+        profile = sensitivity.load_or_compute_profile(bench.spec, bench.space, bench.baseline_dir)
+        profile_wall = time.monotonic() - t0
         seeds += sensitivity.sensitivity_seeds(bench.space, profile)
     ours = run_sampler(bench, "slimsearch", tpe_sampler(args.seed), max(checkpoints), seeds)
     # What computing the profile cost, even when read from the cache.
