@@ -25,12 +25,7 @@ from slimsearch.spaces.methods.distill import (
     layer_map,
     teacher_layer_for,
 )
-from slimsearch.spaces.methods.quantize import (
-    dequantize_groups,
-    quantize_groups,
-    quantize_rows,
-    unpack_bits,
-)
+from slimsearch.spaces.methods.quantize import group_size_for, quantize_rows, unpack_bits
 from slimsearch.spaces.serialize import serialized_size
 from tiny import LM_TEXT, sentiment_rows, tiny_bert, tiny_llama
 
@@ -319,11 +314,14 @@ def _check_on_grid(layer: PackedLinear) -> None:
         codes, scale = quantize_rows(weight, 8)
         assert torch.allclose(codes.float() * scale[:, None], weight, atol=1e-6)
     elif layer.bits in (4, 2):
-        codes, scale, offset = quantize_groups(weight, layer.bits)
-        again = dequantize_groups(codes, scale, offset)
-        if layer.sparse:
-            again = again * unpack_bits(layer.mask, layer.numel).view_as(again)
-        assert torch.allclose(again, weight, atol=1e-3)
+        # Every kept weight sits on one of its group's 2**bits levels.
+        group = group_size_for(layer.in_features)
+        scale = layer.scale.float().repeat_interleave(group, dim=1)[:, : layer.in_features]
+        offset = layer.offset.float().repeat_interleave(group, dim=1)[:, : layer.in_features]
+        level = (weight - offset) / scale
+        kept = unpack_bits(layer.mask, layer.numel).view_as(weight) if layer.sparse else weight == weight
+        assert torch.allclose(level[kept], level[kept].round(), atol=1e-3)
+        assert float(level[kept].min()) > -1e-3 and float(level[kept].max()) < 2**layer.bits - 1 + 1e-3
 
 
 @pytest.mark.parametrize(

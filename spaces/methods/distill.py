@@ -367,7 +367,7 @@ def fake_quantize(weight: Tensor, bits: int, keep: Tensor | None) -> Tensor:
         codes, scale = quantize_rows(w, 8)
         return codes.float() * scale[:, None]
     if bits in GROUPED_BITS:
-        codes, scale, offset = quantize_groups(w, bits)
+        codes, scale, offset = quantize_groups(w, bits, keep)
         q = dequantize_groups(codes, scale, offset)
         return q * keep if keep is not None else q
     raise ValueError(f"bits={bits!r} has no fake-quantization grid; PackedLinear uses 32, 16, 8, 4, 2")

@@ -51,7 +51,7 @@ def _encode(weight: Tensor, bits: int, keep: Tensor | None) -> dict[str, Tensor]
     if bits == 8:
         codes, scale = quantize_rows(w, 8)
         return {"values": pick(codes).clone(), "scale": scale}
-    codes, gscale, offset = quantize_groups(w, bits)
+    codes, gscale, offset = quantize_groups(w, bits, keep)
     return {"values": pack_codes(pick(codes), bits), "scale": gscale, "offset": offset}
 
 
@@ -82,7 +82,7 @@ class PackedLinear(nn.Module):
         if sparsity > 0:
             keep = magnitude_mask(weight, sparsity)
             out.register_buffer("mask", pack_bits(keep))
-            weight = weight * keep  # group scales then fit the weights that remain
+            weight = weight * keep
         for name, tensor in _encode(weight, bits, keep).items():
             out.register_buffer(name, tensor)
         if linear.bias is not None:
