@@ -63,6 +63,7 @@ from slimsearch.search.report import hypervolume
 from slimsearch.search.study_file import StudySpec, load_study
 from slimsearch.search.worker import TrialResult, run_trial
 from slimsearch.spaces import CompressionPlan, SearchSpace
+from slimsearch.spaces.methods.quantize import QUANTIZER_VERSION
 from slimsearch.spaces.space import KNOBS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -410,6 +411,7 @@ def setup(study: Path, cache_file: Path | None, threads: int = BENCH_THREADS) ->
     driver = Driver(spec)
     meta = {
         "format": CACHE_FORMAT,
+        "quantizer": QUANTIZER_VERSION,
         "baseline_dir": str(baseline_dir),
         "space": space.fingerprint(),
         "task": json.dumps(asdict(spec.task), sort_keys=True, default=str),

@@ -41,6 +41,7 @@ from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.study_file import StudySpec, TaskSpec
 from slimsearch.spaces import CompressionPlan, SearchSpace, apply_plan, serialized_size
 from slimsearch.spaces.methods import LowRankLinear, PackedLinear
+from slimsearch.spaces.methods.quantize import QUANTIZER_VERSION
 from slimsearch.spaces.methods.realized import REALIZED, SPEED
 from slimsearch.spaces.plan import LayerSettings
 from slimsearch.spaces.space import STRUCTURED_KNOBS, Knob
@@ -51,7 +52,8 @@ PROFILE_LM_BLOCKS = 4  # causal-LM blocks of task.block_size tokens
 # Fractions of the searched layers' uncompressed bytes. All-int8 sits near 0.25 on MiniLM
 # and all-4-bit near 0.14, so budgets above ~0.35 only rebuild what the uniform seeds try;
 # those below 0.14 need 2-bit choices (a smaller budget out of reach just gives the smallest).
-SIZE_BUDGETS = (0.35, 0.25, 0.18, 0.12, 0.10, 0.08)
+# They are densest where the 1-point accuracy limit fell on MiniLM (0.10-0.12).
+SIZE_BUDGETS = (0.35, 0.25, 0.18, 0.12, 0.11, 0.10, 0.08)
 # Seed families: "any" may use every value; "fast" keeps each searched Linear at a bit-width
 # realized for speed (bf16/int8 kernels), so its seeds also gain latency. On MiniLM 4-bit
 # layers compute on a dense fp32 copy: a size-only seed sits at latency ratio ~1.0, where it
@@ -59,7 +61,7 @@ SIZE_BUDGETS = (0.35, 0.25, 0.18, 0.12, 0.10, 0.08)
 # only bits, among widths <= LOW_BITS, so it starts from all-4-bit and moves the least
 # sensitive units to 2 bits. On MiniLM the "any" seeds under 12% were all rejected (the
 # summed single-layer deltas of sparsity, rank and 2-bit stacked badly), while this ladder
-# kept 0.113x of the bytes within 0.7 points.
+# kept 0.113x of the bytes within 0.7 points (min-max 2-bit; 0.108x with least squares).
 FAMILIES = ("fast", "low-bit", "any")
 LOW_BITS = 4
 SPEED_BITS = frozenset(int(k[4:]) for k, v in REALIZED.items() if k.startswith("bits") and SPEED in v)
@@ -148,6 +150,7 @@ def profile_key(baseline_dir: Path, task: TaskSpec, space: SearchSpace | str) ->
     fingerprint, as a run's study stores it), subset size."""
     parts = {
         "format": PROFILE_FORMAT,
+        "quantizer": QUANTIZER_VERSION,
         "baseline": str(Path(baseline_dir).resolve()),
         "task": asdict(task),
         "space": space if isinstance(space, str) else space.fingerprint(),
