@@ -30,6 +30,7 @@ from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, con
 from slimsearch.search.worker import ScreenSpec, TrialJob, TrialResult, timing_objectives
 from slimsearch.spaces import CompressionPlan, SearchSpace
 from slimsearch.spaces.methods.distill import DistillRecipe
+from slimsearch.spaces.methods.quantize import QUANTIZER_VERSION
 
 MAX_RETRIES = 1
 RATIO_SHOWN = ("size_bytes", "latency_ms", "perplexity")  # progress shows these against the baseline
@@ -132,6 +133,7 @@ class Driver:
         stored = study.user_attrs.get("fingerprint")
         if stored is None:
             study.set_user_attr("fingerprint", fingerprint)
+            study.set_user_attr("quantizer", QUANTIZER_VERSION)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(self.objectives)
@@ -140,6 +142,14 @@ class Driver:
                 f"output: {self.run_dir} holds a study with a different search space or objectives "
                 f"(stored {stored}, now {fingerprint}); resume with the original study file, or "
                 "give a new output folder (--output) to start a fresh study"
+            )
+        elif study.user_attrs.get("quantizer", 1) != QUANTIZER_VERSION:
+            # Not refused: the stored trials are still real measurements, just of other codes.
+            say(
+                f"warning: {self.run_dir} was measured with quantizer version "
+                f"{study.user_attrs.get('quantizer', 1)}, this slimsearch has {QUANTIZER_VERSION}; "
+                "4- and 2-bit results from before and after are not comparable, and a plan proposed "
+                "again reuses its old result. Give a new output folder (--output) for comparable numbers"
             )
         info = {
             "study_name": spec.name,
