@@ -200,7 +200,7 @@ class Driver:
         drop = self.spec.constraints.get("max_accuracy_drop")
         if s is None or drop is None or "accuracy" not in baseline or self.spec.task.kind != "classification":
             return None
-        return ScreenSpec(threshold=baseline["accuracy"] - drop, examples=s.examples, z=s.z)
+        return ScreenSpec(max_drop=drop, examples=s.examples, z=s.z)
 
     def measure_baseline(
         self, study: optuna.Study, executor: Executor, baseline_dir: Path

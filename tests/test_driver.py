@@ -165,10 +165,11 @@ def test_screening_rejects_trials_below_the_threshold_early(
     from slimsearch.search.driver import Driver
     from slimsearch.search.worker import ScreenSpec
 
-    # The tiny model keeps its accuracy under any plan, so demand the impossible (101%) from
-    # odd trials and nothing from even ones; screening must reject exactly the odd ones.
+    # The tiny model keeps its accuracy under any plan, so demand the impossible (101 points
+    # above the baseline) from odd trials and nothing from even ones; screening must reject
+    # exactly the odd ones.
     def screen_spec(self: Driver, baseline: dict[str, float]) -> ScreenSpec:
-        return ScreenSpec(threshold=101.0 if self._next_odd else 0.0, examples=8)
+        return ScreenSpec(max_drop=-101.0 if self._next_odd else 100.0, examples=8)
 
     original_job = Driver.job
 
@@ -187,11 +188,29 @@ def test_screening_rejects_trials_below_the_threshold_early(
     assert [t.number for t in complete] == [0, 2, 4, 6]
     for t in pruned:
         scr = t.user_attrs["records"]["screen"]
-        assert scr["examples"] == 8 and scr["upper_bound"] < scr["threshold"] == 101.0
+        assert scr["examples"] == 8
+        assert scr["upper_bound"] < scr["threshold"] == scr["baseline_accuracy"] + 101.0
         assert t.user_attrs["records"]["fidelity"] == "screen"
     for t in complete:
         assert t.user_attrs["records"]["fidelity"] == "full"
         assert t.user_attrs["records"]["screen"]["examples"] == 8  # screened, then passed
+
+
+def test_screening_compares_with_the_baseline_on_the_same_rows(tmp_path: Path) -> None:
+    from slimsearch.search import models
+    from slimsearch.search.worker import run_trial
+
+    spec = study_from_mapping(tiny_study(tmp_path, screening={"examples": 8}))
+    baseline_dir = models.prepare_baseline(spec)
+    # Say the full test split scored 50% while the screening rows are easy for this model:
+    # the screen must ask for the baseline's score on those rows less 10 points, not 40%.
+    result = run_trial(Driver(spec).job(1, CompressionPlan(), baseline_dir, {"accuracy": 50.0}))
+    screen = result.records["screen"]
+    assert screen["baseline_accuracy"] > 60.0
+    assert screen["threshold"] == screen["baseline_accuracy"] - 10.0
+    # A plan that changes nothing scores exactly the baseline there, and passes.
+    assert screen["accuracy"] == screen["baseline_accuracy"]
+    assert not result.pruned and result.values is not None
 
 
 def test_wilson_upper_bound() -> None:
