@@ -52,8 +52,12 @@ PROFILE_LM_BLOCKS = 4  # causal-LM blocks of task.block_size tokens
 # Fractions of the searched layers' uncompressed bytes. All-int8 sits near 0.25 on MiniLM
 # and all-4-bit near 0.14, so budgets above ~0.35 only rebuild what the uniform seeds try;
 # those below 0.14 need 2-bit choices (a smaller budget out of reach just gives the smallest).
-# They are densest where the 1-point accuracy limit fell on MiniLM (0.10-0.12).
-SIZE_BUDGETS = (0.35, 0.25, 0.18, 0.12, 0.11, 0.10, 0.08)
+SIZE_BUDGETS = (0.35, 0.25, 0.18, 0.12, 0.10, 0.08)
+# The low-bit family is a ladder with a known top (all at LOW_BITS) and bottom (all at the
+# fewest bits): it takes this many rungs evenly spaced in bytes between them instead of the
+# budgets above. On MiniLM fixed budgets put one rung where 11 of 37 units were at 2 bits
+# and the next at 36: the 1-point accuracy limit fell between them.
+LADDER_RUNGS = 12
 # Seed families: "any" may use every value; "fast" keeps each searched Linear at a bit-width
 # realized for speed (bf16/int8 kernels), so its seeds also gain latency. On MiniLM 4-bit
 # layers compute on a dense fp32 copy: a size-only seed sits at latency ratio ~1.0, where it
@@ -484,14 +488,31 @@ def sensitivity_seeds(
     seeds: list[dict[str, Any]] = []
     for family in families:
         allowed = allowed_options(space, profile, family)
-        for budget in size_budgets:
-            chosen = greedy_choice(profile, off, budget * compressible, allowed)
+        targets = [b * compressible for b in size_budgets]
+        if family == "low-bit":
+            targets = ladder_rungs(profile, off, allowed)
+        for target in targets:
+            chosen = greedy_choice(profile, off, target, allowed)
             params = dict(off)
             for option in chosen.values():
                 params.update(option.params)
             if params not in seeds:
                 seeds.append(params)
     return seeds
+
+
+def ladder_rungs(
+    profile: Profile,
+    off: Mapping[str, Any],
+    allowed: Mapping[str, Sequence[Option]],
+    rungs: int = LADDER_RUNGS,
+) -> list[float]:
+    """Byte budgets from the greedy's start (each unit at its least damaging allowed option)
+    down to its end (each at its smallest), the end included, ``rungs`` in all."""
+    start = greedy_choice(profile, off, math.inf, allowed)
+    top = sum(o.bytes for o in start.values())
+    bottom = sum(min(o.bytes for o in opts) for opts in allowed.values())
+    return [top - (top - bottom) * k / rungs for k in range(1, rungs + 1)]
 
 
 def seed_bytes(profile: Profile, params: Mapping[str, Any], off: Mapping[str, Any]) -> int:

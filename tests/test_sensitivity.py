@@ -162,6 +162,11 @@ def test_low_bit_ladder_moves_the_insensitive_layer_to_two_bits() -> None:
     chosen = sensitivity.greedy_choice(profile, off, 200, low)
     assert chosen["a"].params == {"a:bits": 4, "a:sparsity": 0.0}
     assert chosen["b"].params == {"b:bits": 2, "b:sparsity": 0.0}
+    # The ladder's rungs run evenly from all-4-bit (2 x 125 bytes) to all-2-bit (2 x 62).
+    rungs = sensitivity.ladder_rungs(profile, off, low, rungs=4)
+    assert rungs == pytest.approx([218.5, 187.0, 155.5, 124.0])
+    bottom = sensitivity.greedy_choice(profile, off, rungs[-1], low)
+    assert all(o.params[f"{u}:bits"] == 2 for u, o in bottom.items())
 
 
 def test_greedy_prefers_the_insensitive_layer() -> None:
