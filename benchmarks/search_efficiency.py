@@ -73,7 +73,7 @@ REFERENCE = (5.0, 1.0, 1.0)  # accuracy drop (points), size ratio, latency ratio
 # The quality axis's reference is this many times the study's quality limit (1 point of
 # accuracy -> 5 points; 10% more perplexity -> 50%), so feasible trials span a fifth of it.
 REFERENCE_LIMITS = 5.0
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: screening paired with the baseline on the same rows
 # Cheaper than the study's protocol (warm-up 10, 30+ passes to +-1%, 2 retries) but still
 # interleaved with the baseline and noise-gated: +-2% is plenty to rank plans.
 BENCH_LATENCY = {"warmup": 3, "repeats": 10, "retries": 1, "precision": 0.02, "max_repeats": 60}
