@@ -35,7 +35,8 @@ sampler's own time); a plan repeated inside one method costs nothing, as in the 
 
 Cold, on 2 shared cores at load ~3: the sensitivity profile ~8 min (once, cached under the
 slimsearch cache), the baseline and grid ~4 min, then 2-15 s per new plan (screened ones
-~2 s); --quick ~16 min cold, ~4 min with the evaluation cache warm.
+~2 s); --quick ~16 min cold, ~4 min with the evaluation cache warm; --full 1h03m cold
+(profile cached), most of it random search's 400 trials.
 """
 
 from __future__ import annotations
