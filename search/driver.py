@@ -143,11 +143,11 @@ class Driver:
                 f"(stored {stored}, now {fingerprint}); resume with the original study file, or "
                 "give a new output folder (--output) to start a fresh study"
             )
-        elif study.user_attrs.get("quantizer", 1) != QUANTIZER_VERSION:
+        elif (measured_with := study.user_attrs.get("quantizer", 1)) != QUANTIZER_VERSION:
             # Not refused: the stored trials are still real measurements, just of other codes.
             say(
                 f"warning: {self.run_dir} was measured with quantizer version "
-                f"{study.user_attrs.get('quantizer', 1)}, this slimsearch has {QUANTIZER_VERSION}; "
+                f"{measured_with}, this slimsearch has {QUANTIZER_VERSION}; "
                 "4- and 2-bit results from before and after are not comparable, and a plan proposed "
                 "again reuses its old result. Give a new output folder (--output) for comparable numbers"
             )

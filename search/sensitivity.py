@@ -488,9 +488,10 @@ def sensitivity_seeds(
     seeds: list[dict[str, Any]] = []
     for family in families:
         allowed = allowed_options(space, profile, family)
-        targets = [b * compressible for b in size_budgets]
         if family == "low-bit":
             targets = ladder_rungs(profile, off, allowed)
+        else:
+            targets = [b * compressible for b in size_budgets]
         for target in targets:
             chosen = greedy_choice(profile, off, target, allowed)
             params = dict(off)
