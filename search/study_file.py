@@ -159,6 +159,9 @@ class StudySpec:
     output: Path
     cache: Path
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # Size budgets of the sensitivity seeds (fractions of the searched units' bytes); None:
+    # sensitivity.SIZE_BUDGETS.
+    seed_budgets: tuple[float, ...] | None = None
 
     def objective(self, name: str) -> ObjectiveSpec | None:
         return next((o for o in self.objectives if o.name == name), None)
@@ -522,9 +525,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     seed_uniform = data.get("seed_uniform", True)
     if not isinstance(seed_uniform, bool):
         raise _fail("seed_uniform", seed_uniform, "write true or false")
-    seed_sensitivity = data.get("seed_sensitivity", False)
-    if not isinstance(seed_sensitivity, bool):
-        raise _fail("seed_sensitivity", seed_sensitivity, "write true or false")
+    seed_sensitivity, seed_budgets = _seed_sensitivity(data.get("seed_sensitivity", False))
     remeasure = data.get("remeasure_front", True)
     if not isinstance(remeasure, bool):
         raise _fail("remeasure_front", remeasure, "write true or false")
@@ -546,6 +547,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         screening=screening,
         distill=distill,
         seed_sensitivity=seed_sensitivity,
+        seed_budgets=seed_budgets,
         budget=budget,
         executor=executor,
         storage=_choice(data.get("storage", "sqlite"), "storage", STORAGES),
@@ -553,6 +555,29 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         cache=_path(base, cache),
         raw=dict(data),
     )
+
+
+def _seed_sensitivity(value: Any) -> tuple[bool, tuple[float, ...] | None]:
+    """``true``/``false``, or ``{size_budgets: [0.45, 0.3]}`` to fit the sensitivity seeds to
+    your own fractions of the searched layers' bytes (the defaults suit MiniLM's 2-bit space)."""
+    if isinstance(value, bool):
+        return value, None
+    hint = "write true, false, or {size_budgets: [0.45, 0.35, 0.25]}"
+    if not isinstance(value, Mapping) or set(value) != {"size_budgets"}:
+        raise _fail("seed_sensitivity", value, hint)
+    budgets = value["size_budgets"]
+    if not isinstance(budgets, list) or not budgets:
+        raise _fail("seed_sensitivity.size_budgets", budgets, "give a non-empty list of fractions in (0, 1]")
+    for b in budgets:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b <= 1.0:
+            raise _fail(
+                "seed_sensitivity.size_budgets",
+                b,
+                "each budget is a fraction of the searched layers' uncompressed bytes, in (0, 1]",
+            )
+    if len(set(budgets)) != len(budgets):
+        raise _fail("seed_sensitivity.size_budgets", budgets, "list each budget once")
+    return True, tuple(float(b) for b in budgets)
 
 
 __all__ = ["StudyError", "StudySpec", "evaluator_names", "load_study", "parse_duration", "study_from_mapping"]

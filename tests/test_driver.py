@@ -229,6 +229,24 @@ def test_sensitivity_seeds_are_queued_once(tmp_path: Path) -> None:
     assert list((tmp_path / "cache" / "sensitivity").glob("*.json"))  # the profile is cached
 
 
+def test_sensitivity_seeds_follow_the_study_size_budgets(tmp_path: Path) -> None:
+    from slimsearch.search import models, sensitivity
+    from slimsearch.spaces import SearchSpace
+
+    data = tiny_study(tmp_path, seed_sensitivity={"size_budgets": [0.6]}, budget={"trials": 40})
+    spec = study_from_mapping(data)
+    result = run_study(spec)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{result.run_dir / 'study.db'}")
+    seeded = [t.params for t in study.get_trials() if t.user_attrs.get("seed") == "sensitivity"]
+    baseline_dir = models.prepare_baseline(spec)
+    space = SearchSpace(models.load_baseline(baseline_dir, "classification")[0], spec.space)
+    profile = sensitivity.load_or_compute_profile(spec, space, baseline_dir)
+    ours = sensitivity.sensitivity_seeds(space, profile, (0.6,))
+    default = sensitivity.sensitivity_seeds(space, profile)
+    assert seeded and all(p in ours for p in seeded)
+    assert any(p not in ours for p in default)  # the default budgets would have seeded others
+
+
 def test_cli_reports_a_layer_pattern_that_matches_nothing_without_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -58,6 +58,11 @@ BAD = [
     ("executor.kind", "slurm", "executor.kind"),
     ("executor.max_in_flight", 0, "executor.max_in_flight"),
     ("storage", "redis", "storage"),
+    ("seed_sensitivity", "yes", "seed_sensitivity: 'yes'"),
+    ("seed_sensitivity", {"budgets": [0.5]}, "size_budgets"),
+    ("seed_sensitivity", {"size_budgets": []}, "seed_sensitivity.size_budgets: []"),
+    ("seed_sensitivity", {"size_budgets": [0.5, 1.5]}, "seed_sensitivity.size_budgets: 1.5"),
+    ("seed_sensitivity", {"size_budgets": [0.5, 0.5]}, "list each budget once"),
 ]
 
 
@@ -71,6 +76,13 @@ def test_bad_study_is_refused_with_a_clear_error(
     with pytest.raises(StudyError, match=None) as err:
         study_from_mapping(data)
     assert expected in str(err.value), str(err.value)
+
+
+def test_seed_sensitivity_takes_size_budgets(tmp_path: Path) -> None:
+    spec = study_from_mapping(tiny_study(tmp_path, seed_sensitivity={"size_budgets": [0.45, 0.3]}))
+    assert spec.seed_sensitivity is True and spec.seed_budgets == (0.45, 0.3)
+    plain = study_from_mapping(tiny_study(tmp_path, seed_sensitivity=True))
+    assert plain.seed_sensitivity is True and plain.seed_budgets is None
 
 
 def test_no_budget_at_all_is_refused(tmp_path: Path) -> None:
