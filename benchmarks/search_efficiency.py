@@ -5,7 +5,8 @@ choices), in one process sharing one
 evaluation cache (plan -> measured objectives, a JSON file under benchmarks/results/ that
 re-runs reuse):
 - the uniform grid: every (bits, sparsity, rank) applied to all block Linears alike, with
-  the embeddings following the bits where they offer them, plus embeddings-only points;
+  the embeddings following the bits where they offer them, plus embeddings-only points,
+  plus each Linear bit-width with each embedding width (e.g. bf16 layers, int8 table);
 - random search: Optuna's RandomSampler for N trials;
 - slimsearch as the driver runs it: uniform seeds, then sensitivity seeds, then
   multivariate TPE with the accuracy constraint, reusing identical plans.
@@ -285,8 +286,9 @@ def _show(bench: Bench, entry: Entry) -> str:
 # -- the grid ---------------------------------------------------------------------------------
 def uniform_grid(space: SearchSpace) -> list[dict[str, Any]]:
     """Every (bits, sparsity, rank) on all block Linears alike (embeddings follow the bits
-    where they offer them), plus the embeddings alone at each width, plus the space's own
-    uniform seeds; duplicates dropped."""
+    where they offer them), plus the embeddings alone at each width, plus each bit-width of
+    the Linears with each width of the embeddings, plus the space's own uniform seeds;
+    duplicates dropped."""
     off = sensitivity.off_params(space)
     searched = [k for k in space.knobs if len(k.choices) > 1]
     linear = [k for k in searched if k.layer in space.shapes]
@@ -310,6 +312,18 @@ def uniform_grid(space: SearchSpace) -> list[dict[str, Any]]:
     for k in tables:
         for bits in k.choices:
             add(off | {space.param_name(k): bits})
+    # Each bit-width of the Linears with each width of the tables: "bf16 layers, int8
+    # embeddings" is an obvious setting, and a mixed plan must beat it to count as a gain.
+    for bits in values["bits"]:
+        for width in sorted({v for k in tables for v in k.choices}):
+            params = dict(off)
+            for k in linear:
+                if k.knob == "bits" and bits in k.choices:
+                    params[space.param_name(k)] = bits
+            for k in tables:
+                if width in k.choices:
+                    params[space.param_name(k)] = width
+            add(params)
     for params in space.uniform_params():
         add(dict(params))
     return grid
@@ -478,7 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.monotonic()
         profile = sensitivity.load_or_compute_profile(bench.spec, bench.space, bench.baseline_dir)
         profile_wall = time.monotonic() - t0
-        seeds += sensitivity.sensitivity_seeds(bench.space, profile)
+        budgets = bench.spec.seed_budgets or sensitivity.SIZE_BUDGETS
+        seeds += sensitivity.sensitivity_seeds(bench.space, profile, budgets)
     ours = run_sampler(bench, "slimsearch", tpe_sampler(args.seed), max(checkpoints), seeds)
     # What computing the profile cost, even when read from the cache.
     ours.extra_seconds = profile.seconds if profile else 0.0

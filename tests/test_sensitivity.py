@@ -239,6 +239,24 @@ def test_report_shows_the_profile_when_one_exists(
     assert "Sensitivity:" not in page and "Pareto front" in page
 
 
+def test_benchmark_grid_crosses_linear_widths_with_embedding_widths(
+    prepared: tuple[StudySpec, SearchSpace, Path],
+) -> None:
+    _, space, _ = prepared
+    grid = _bench_module().uniform_grid(space)
+    assert len({tuple(sorted(p.items())) for p in grid}) == len(grid)  # no point twice
+    distributions = space.distributions()
+    for params in grid:
+        assert all(v in distributions[n].choices for n, v in params.items())  # type: ignore[attr-defined]
+    emb = next(n for n in distributions if n.startswith(EMB))
+    linear_bits = [n for n in distributions if n.endswith(":bits") and n != emb]
+    off = sensitivity.off_params(space)
+    # Every Linear width with every embedding width, the rest off (e.g. int8 layers, 4-bit table).
+    for bits in (32, 8, 4):
+        for width in (32, 8, 4):
+            assert off | dict.fromkeys(linear_bits, bits) | {emb: width} in grid, (bits, width)
+
+
 def test_benchmark_cache_is_reused_by_a_rerun(tmp_path: Path) -> None:
     bench = _bench_module()
     meta = {"latency": {"shapes": ()}, "format": 1}  # tuples read back as lists
