@@ -163,6 +163,8 @@ def profile_key(baseline_dir: Path, task: TaskSpec, space: SearchSpace | str) ->
         "rows": PROFILE_ROWS,
         "lm_blocks": PROFILE_LM_BLOCKS,
     }
+    if task.kind != "classification":
+        parts["lm_text"] = "held-out"  # earlier LM profiles were measured on the perplexity blocks
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -215,14 +217,24 @@ def _calibration(spec: StudySpec, space: SearchSpace, tokenizer: Any) -> dict[st
 
 
 def loss_batches(task: TaskSpec, cache: Path, tokenizer: Any) -> list[dict[str, Tensor]]:
-    """A fixed random subset of the training split (classification: the test split that scores
-    trials must not steer the seeds) or the first few eval blocks (causal LM)."""
+    """Data the trials are NOT scored on, so the test data cannot steer the seeds: a fixed
+    random subset of the training split (classification) or the first blocks of the text
+    after the perplexity blocks (causal LM; the perplexity text itself only when nothing
+    else is left, with a warning)."""
     if task.kind == "classification":
         train = tasks.classification_splits(task, Path(cache)).train
         rows = random.Random(task.seed + 3).sample(train, min(PROFILE_ROWS, len(train)))
         return tasks.classification_batches(tokenizer, rows, task.max_length, task.eval_batch_size)
-    text = tasks.lm_text(task, Path(cache))
-    return tasks.lm_blocks(tokenizer, text, task.block_size, PROFILE_LM_BLOCKS, task.eval_batch_size)
+    held_out = tasks.lm_train_text(task, Path(cache))
+    try:
+        return tasks.lm_blocks(tokenizer, held_out, task.block_size, PROFILE_LM_BLOCKS, task.eval_batch_size)
+    except ValueError:
+        say(
+            "sensitivity: the text has no block left after the perplexity blocks; profiling on "
+            "the perplexity text itself, so the seeds are fitted to the data that scores them"
+        )
+        text = tasks.lm_text(task, Path(cache))
+        return tasks.lm_blocks(tokenizer, text, task.block_size, PROFILE_LM_BLOCKS, task.eval_batch_size)
 
 
 @torch.no_grad()

@@ -257,6 +257,28 @@ def test_benchmark_grid_crosses_linear_widths_with_embedding_widths(
             assert off | dict.fromkeys(linear_bits, bits) | {emb: width} in grid, (bits, width)
 
 
+class _Chars:
+    """A tokenizer stand-in: one token per character."""
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_lm_profile_is_measured_on_text_held_out_from_perplexity(tmp_path: Path) -> None:
+    from slimsearch.search import tasks
+    from slimsearch.search.study_file import TaskSpec
+
+    scored = tasks.eval_chars(4, 2)  # the perplexity blocks come from this many characters
+    task = TaskSpec(kind="causal-lm", data="", text="a" * scored + "b" * 40, block_size=4, eval_blocks=2)
+    batches = sensitivity.loss_batches(task, tmp_path, _Chars())
+    ids = torch.cat([b["input_ids"] for b in batches])
+    assert ids.shape == (sensitivity.PROFILE_LM_BLOCKS, 4) and bool((ids == ord("b")).all())
+    # Only when no block is left after the perplexity text does the profile fall back to it.
+    short = replace(task, text="a" * scored + "b")
+    fallback = torch.cat([b["input_ids"] for b in sensitivity.loss_batches(short, tmp_path, _Chars())])
+    assert bool((fallback == ord("a")).all())
+
+
 def test_benchmark_cache_is_reused_by_a_rerun(tmp_path: Path) -> None:
     bench = _bench_module()
     meta = {"latency": {"shapes": ()}, "format": 1}  # tuples read back as lists
