@@ -161,9 +161,9 @@ def profile_key(baseline_dir: Path, task: TaskSpec, space: SearchSpace | str) ->
         "task": asdict(task),
         "space": space if isinstance(space, str) else space.fingerprint(),
         "rows": PROFILE_ROWS,
-        "lm_blocks": PROFILE_LM_BLOCKS,
     }
     if task.kind != "classification":
+        parts["lm_blocks"] = PROFILE_LM_BLOCKS
         parts["lm_text"] = "held-out"  # earlier LM profiles were measured on the perplexity blocks
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
