@@ -75,6 +75,18 @@ def test_uniform_seeds_include_each_structured_value() -> None:
     assert any(all(s[f"model.layers.{i}:neurons"] == 0.25 for i in (0, 1)) for s in seeds)
 
 
+def test_uniform_seeds_cross_linear_widths_with_table_widths() -> None:
+    config = space_config_from_mapping({"default": {"bits": [32, 8, 4]}, "embeddings": [32, 8]})
+    space = SearchSpace(tiny_bert(), config)
+    seeds = space.uniform_params()
+    emb = next(n for n in space.distributions() if "embeddings" in n)
+    linear = [n for n in space.distributions() if n != emb]
+    for bits in (32, 8, 4):
+        for width in (32, 8):
+            assert any(s[emb] == width and all(s[n] == bits for n in linear) for s in seeds), (bits, width)
+    assert len(seeds) == 6 and seeds[0] == dict.fromkeys(seeds[0], 32)  # all off first, none twice
+
+
 def test_space_without_structured_section_keeps_its_knobs() -> None:
     space = SearchSpace(tiny_bert(), space_config_from_mapping({"default": {"bits": [32, 8]}}))
     assert not any(k.knob in ("heads", "neurons") for k in space.knobs)
