@@ -48,9 +48,11 @@ from slimsearch.spaces.space import STRUCTURED_KNOBS, Knob
 
 PROFILE_FORMAT = 2
 PROFILE_ROWS = 128  # classification rows of the TRAINING split the loss is measured on
-# Causal-LM blocks of task.block_size tokens. 2, not more: a profile is ~5 forward passes
-# per searched Linear, and SmolLM2 takes 0.4 s per 128-token block on one thread.
-PROFILE_LM_BLOCKS = 2
+# Causal-LM blocks of task.block_size tokens (held out from the perplexity text). A profile
+# is ~5 forward passes per searched Linear: SmolLM2 takes 0.4 s per 128-token block on one
+# thread, so 4 blocks cost ~30 min once. With 2, seeds fitted to 256 tokens did worse on
+# the 1,024 scored ones (0.35x of the bytes: 10.8% more perplexity; see the README).
+PROFILE_LM_BLOCKS = 4
 # Fractions of the searched layers' uncompressed bytes. All-int8 sits near 0.25 on MiniLM
 # and all-4-bit near 0.14, so budgets above ~0.35 only rebuild what the uniform seeds try;
 # those below 0.14 need 2-bit choices (a smaller budget out of reach just gives the smallest).
