@@ -89,7 +89,8 @@ def test_resume_warns_when_the_quantizer_changed(tmp_path: Path, capsys: pytest.
 
 
 def test_stale_running_trials_are_failed_and_requeued(tmp_path: Path) -> None:
-    data = tiny_study(tmp_path, budget={"trials": 3})
+    # No uniform seeds: the retry joins the end of the queue, behind any seeds still waiting.
+    data = tiny_study(tmp_path, budget={"trials": 3}, seed_uniform=False)
     run_study(study_from_mapping(data))
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     dists = {
