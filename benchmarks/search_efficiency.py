@@ -31,7 +31,7 @@ sampler's own time); a plan repeated inside one method costs nothing, as in the 
     .venv/bin/python benchmarks/search_efficiency.py --quick   # grid, random 25, slimsearch 10/25
     .venv/bin/python benchmarks/search_efficiency.py           # random 200, slimsearch 25/50/100
     .venv/bin/python benchmarks/search_efficiency.py --full    # random 400, slimsearch up to 200
-    # the SmolLM2 variant (~45 s a trial on 2 cores, ~43 min cold):
+    # the SmolLM2 variant (~45 s a trial on 2 cores; ~1h cold, 30 min of it the profile):
     .venv/bin/python benchmarks/search_efficiency.py --study studies/smollm2-short.yaml --quick --threads 2
 
 Cold, on 2 shared cores at load ~3: the sensitivity profile ~8 min (once, cached under the
