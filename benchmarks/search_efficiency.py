@@ -286,9 +286,9 @@ def _show(bench: Bench, entry: Entry) -> str:
 # -- the grid ---------------------------------------------------------------------------------
 def uniform_grid(space: SearchSpace) -> list[dict[str, Any]]:
     """Every (bits, sparsity, rank) on all block Linears alike (embeddings follow the bits
-    where they offer them), plus the embeddings alone at each width, plus each bit-width of
-    the Linears with each width of the embeddings, plus the space's own uniform seeds;
-    duplicates dropped."""
+    where they offer them), plus the embeddings alone at each width, plus the space's own
+    uniform seeds (which pair each Linear bit-width with each embedding width); duplicates
+    dropped."""
     off = sensitivity.off_params(space)
     searched = [k for k in space.knobs if len(k.choices) > 1]
     linear = [k for k in searched if k.layer in space.shapes]
@@ -312,18 +312,6 @@ def uniform_grid(space: SearchSpace) -> list[dict[str, Any]]:
     for k in tables:
         for bits in k.choices:
             add(off | {space.param_name(k): bits})
-    # Each bit-width of the Linears with each width of the tables: "bf16 layers, int8
-    # embeddings" is an obvious setting, and a mixed plan must beat it to count as a gain.
-    for bits in values["bits"]:
-        for width in sorted({v for k in tables for v in k.choices}):
-            params = dict(off)
-            for k in linear:
-                if k.knob == "bits" and bits in k.choices:
-                    params[space.param_name(k)] = bits
-            for k in tables:
-                if width in k.choices:
-                    params[space.param_name(k)] = width
-            add(params)
     for params in space.uniform_params():
         add(dict(params))
     return grid
@@ -492,8 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.monotonic()
         profile = sensitivity.load_or_compute_profile(bench.spec, bench.space, bench.baseline_dir)
         profile_wall = time.monotonic() - t0
-        budgets = bench.spec.seed_budgets or sensitivity.SIZE_BUDGETS
-        seeds += sensitivity.sensitivity_seeds(bench.space, profile, budgets)
+        seeds += sensitivity.sensitivity_seeds(bench.space, profile, bench.spec.seed_budgets)
     ours = run_sampler(bench, "slimsearch", tpe_sampler(args.seed), max(checkpoints), seeds)
     # What computing the profile cost, even when read from the cache.
     ours.extra_seconds = profile.seconds if profile else 0.0

@@ -337,8 +337,7 @@ class Driver:
                 _queue_seeds(study, space.uniform_params(), "uniform", "seeded")
             if spec.seed_sensitivity and not study.user_attrs.get("seeded_sensitivity"):
                 profile = sensitivity.load_or_compute_profile(spec, space, baseline_dir)
-                budgets = spec.seed_budgets or sensitivity.SIZE_BUDGETS
-                seeds = sensitivity.sensitivity_seeds(space, profile, budgets)
+                seeds = sensitivity.sensitivity_seeds(space, profile, spec.seed_budgets)
                 _queue_seeds(study, seeds, "sensitivity", "seeded_sensitivity")
             deadline = self.started + spec.budget.timeout_s if spec.budget.timeout_s else None
             stopped = self.loop(study, executor, space, distributions, baseline_dir, baseline, deadline)

@@ -493,12 +493,15 @@ def greedy_choice(
 def sensitivity_seeds(
     space: SearchSpace,
     profile: Profile,
-    size_budgets: Sequence[float] = SIZE_BUDGETS,
+    size_budgets: Sequence[float] | None = None,
     families: Sequence[str] = FAMILIES,
 ) -> list[dict[str, Any]]:
     """Optuna params dicts, one per (family, size budget): the greedy least-sensitive
-    configuration whose searched units fit in that fraction of their uncompressed bytes.
+    configuration whose searched units fit in that fraction of their uncompressed bytes
+    (``size_budgets``; None: SIZE_BUDGETS, as a study without its own budgets).
     Duplicates are dropped, so fewer may come back."""
+    if size_budgets is None:
+        size_budgets = SIZE_BUDGETS
     off = _check(space, profile, size_budgets)
     compressible = profile.compressible_bytes(off)
     seeds: list[dict[str, Any]] = []

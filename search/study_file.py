@@ -160,7 +160,7 @@ class StudySpec:
     cache: Path
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
     # Size budgets of the sensitivity seeds (fractions of the searched units' bytes); None:
-    # sensitivity.SIZE_BUDGETS.
+    # sensitivity_seeds' defaults.
     seed_budgets: tuple[float, ...] | None = None
 
     def objective(self, name: str) -> ObjectiveSpec | None:
