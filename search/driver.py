@@ -383,7 +383,7 @@ class Driver:
             while not out_of_time and executor.in_flight() < executor.capacity:
                 if budget is not None and self.finished_count(study) + len(self.running) >= budget:
                     break
-                trial = study.ask(fixed_distributions=distributions)
+                trial = ask_retry_first(study, distributions)
                 plan = self.decode(space, trial)
                 trial.set_user_attr("plan", plan.to_dict())
                 self.running[trial.number] = (trial, time.monotonic())
@@ -537,6 +537,27 @@ def _dominates(a: FrozenTrial, b: FrozenTrial, directions: list[optuna.study.Stu
     pa = [s * v for s, v in zip(signs, a.values, strict=True)]
     pb = [s * v for s, v in zip(signs, b.values, strict=True)]
     return all(x <= y for x, y in zip(pa, pb, strict=True)) and pa != pb
+
+
+def ask_retry_first(study: optuna.Study, distributions: dict[str, Any]) -> Trial:
+    """``study.ask``, except that a re-queued retry of an orphaned trial runs before the seeds
+    still waiting. Optuna pops the oldest WAITING trial and a retry is queued last, so with
+    many seeds and a small budget the retry would never run. Optuna has no queue priority:
+    this claims the retry the way ``ask`` claims a waiting trial (the storage's atomic
+    WAITING -> RUNNING switch, safe against a second driver)."""
+    for t in study.get_trials(deepcopy=False, states=[TrialState.WAITING]):
+        if "retry_of" not in t.user_attrs:
+            continue
+        try:
+            claimed = study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        if claimed:
+            trial = Trial(study, t._trial_id)
+            for name, dist in distributions.items():
+                trial._suggest(name, dist)
+            return trial
+    return study.ask(fixed_distributions=distributions)
 
 
 def _queue_seeds(study: optuna.Study, seeds: list[dict[str, Any]], kind: str, done_attr: str) -> None:

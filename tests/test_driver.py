@@ -88,22 +88,29 @@ def test_resume_warns_when_the_quantizer_changed(tmp_path: Path, capsys: pytest.
     assert f"quantizer version {QUANTIZER_VERSION - 1}" in capsys.readouterr().err
 
 
-def test_stale_running_trials_are_failed_and_requeued(tmp_path: Path) -> None:
-    # No uniform seeds: the retry joins the end of the queue, behind any seeds still waiting.
-    data = tiny_study(tmp_path, budget={"trials": 3}, seed_uniform=False)
+def test_stale_running_trials_are_failed_and_requeued_ahead_of_waiting_seeds(tmp_path: Path) -> None:
+    data = tiny_study(tmp_path, budget={"trials": 3})
     run_study(study_from_mapping(data))
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    waiting = study.get_trials(deepcopy=False, states=[TrialState.WAITING])
+    assert len(waiting) >= 2  # uniform seeds the budget did not reach
     dists = {
         "bert.encoder.layer.0.attention.self.query:bits": optuna.distributions.CategoricalDistribution(
             [32, 8, 4]
         )
     }
-    orphan = study.ask(fixed_distributions=dists)  # as if the driver died mid-trial
-    result = run_study(study_from_mapping(data), trials=8)
+    orphan = study.ask(fixed_distributions=dists)  # the driver died mid-seed: it took the oldest
+    assert orphan.number == waiting[0].number
+    waiting = waiting[1:]
+    # Budget for two more finished trials: the orphan (failed now) and its retry, which must
+    # jump the queue of waiting seeds (Optuna alone would run the oldest seed instead).
+    result = run_study(study_from_mapping(data), trials=5)
     trials = _trials(result.run_dir)
     assert next(t for t in trials if t.number == orphan.number).state == TrialState.FAIL
     retried = [t for t in trials if t.user_attrs.get("retry_of") == orphan.number]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    still = study.get_trials(deepcopy=False, states=[TrialState.WAITING])
+    assert [t.number for t in still] == [t.number for t in waiting]
 
 
 def test_cli_run_and_pareto(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
