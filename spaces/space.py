@@ -296,7 +296,8 @@ class SearchSpace:
     def uniform_params(self) -> list[dict[str, Any]]:
         """Seed configurations: all off, then each non-off value of one knob in every layer
         that offers it (embeddings follow the bits choice where they offer it too), then each
-        bit-width of the Linears with each width of the embedding tables."""
+        bit-width of the Linears with each width of the embedding tables, then each uniform
+        structured (heads, neurons) pair with each bit-width of the Linears."""
         off = {self.param_name(k): k.choices[0] for k in self.knobs if len(k.choices) > 1}
         for k in self.knobs:
             if len(k.choices) > 1 and OFF_VALUES[k.knob] in k.choices:
@@ -330,6 +331,28 @@ class SearchSpace:
                 for k in tables:
                     if width in k.choices:
                         params[self.param_name(k)] = width
+                add(params)
+        # Structured pruning composes with the kernels too (on MiniLM, int8 with half the FFN
+        # neurons of every block: 0.27x the latency, within 0.3 points), so each uniform
+        # (heads, neurons) pair comes with each bit-width of the Linears (tables follow it).
+        heads = [k for k in self.knobs if k.knob == "heads" and len(k.choices) > 1]
+        neurons = [k for k in self.knobs if k.knob == "neurons" and len(k.choices) > 1]
+        pairs = [
+            (h, n)
+            for h in sorted({v for k in heads for v in k.choices} | {0.0})
+            for n in sorted({v for k in neurons for v in k.choices} | {0.0})
+            if h or n
+        ]
+        for bits in sorted({v for k in linears for v in k.choices} | {32}, reverse=True):
+            for h, n in pairs:
+                params = dict(off)
+                for group, value in ((heads, h), (neurons, n)):
+                    for k in group:
+                        if value in k.choices:
+                            params[self.param_name(k)] = value
+                for k in widths:
+                    if bits in k.choices:
+                        params[self.param_name(k)] = bits
                 add(params)
         return seeds
 

@@ -87,6 +87,25 @@ def test_uniform_seeds_cross_linear_widths_with_table_widths() -> None:
     assert len(seeds) == 6 and seeds[0] == dict.fromkeys(seeds[0], 32)  # all off first, none twice
 
 
+def test_uniform_seeds_cross_structured_pairs_with_linear_widths() -> None:
+    space = SearchSpace(tiny_bert(), space_config_from_mapping(STRUCTURED_SPACE))
+    seeds = space.uniform_params()
+    blocks = ("bert.encoder.layer.0", "bert.encoder.layer.1")
+    linear = [n for n in space.distributions() if n.endswith(":bits") and "embeddings" not in n]
+    for bits in (32, 8):
+        for heads in (0.0, 0.5):
+            for neurons in (0.0, 0.25, 0.5):
+                if not heads and not neurons:
+                    continue
+                assert any(
+                    all(s[f"{b}:heads"] == heads and s[f"{b}:neurons"] == neurons for b in blocks)
+                    and all(s[n] == bits for n in linear)
+                    and all(s[n] == 1.0 for n in s if n.endswith(":rank"))
+                    for s in seeds
+                ), (bits, heads, neurons)
+    assert len({json.dumps(s, sort_keys=True) for s in seeds}) == len(seeds)
+
+
 def test_space_without_structured_section_keeps_its_knobs() -> None:
     space = SearchSpace(tiny_bert(), space_config_from_mapping({"default": {"bits": [32, 8]}}))
     assert not any(k.knob in ("heads", "neurons") for k in space.knobs)
