@@ -9,7 +9,8 @@ re-runs reuse):
   plus each Linear bit-width with each embedding width (e.g. bf16 layers, int8 table);
 - random search: Optuna's RandomSampler for N trials;
 - slimsearch as the driver runs it: uniform seeds, then sensitivity seeds, then
-  multivariate TPE with the accuracy constraint, reusing identical plans.
+  multivariate TPE with the accuracy constraint, every other trial a refinement step from
+  the feasible front (when the study refines it), reusing identical plans.
 Random search and slimsearch are each one run; their numbers at 25/50/100 trials are the
 prefixes of that run (sequential ask/tell with a fixed seed: a prefix is the shorter run).
 
@@ -59,7 +60,7 @@ import optuna
 from optuna.trial import TrialState
 
 from slimsearch.search import models, sensitivity
-from slimsearch.search.driver import Driver, constraint_values
+from slimsearch.search.driver import Driver, constraint_values, queue_refinement
 from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.report import hypervolume
 from slimsearch.search.study_file import StudySpec, load_study
@@ -238,8 +239,10 @@ def run_sampler(
     sampler: optuna.samplers.BaseSampler,
     trials: int,
     seeds: Sequence[Mapping[str, Any]] = (),
+    profile: sensitivity.Profile | None = None,
 ) -> MethodRun:
-    """Ask/tell like the driver: constraints set on complete trials, screened ones PRUNED."""
+    """Ask/tell like the driver: constraints set on complete trials, screened ones PRUNED;
+    with a ``profile``, half of the trials after the seeds refine the front, as the driver's."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=[o.direction for o in bench.spec.objectives], sampler=sampler)
     for params in seeds:
@@ -250,6 +253,8 @@ def run_sampler(
     seen: set[str] = set()
     for i in range(trials):
         started = time.monotonic()
+        if profile is not None:
+            queue_refinement(study, bench.space, profile)
         trial = study.ask(fixed_distributions=distributions)
         plan = bench.space.decode(trial.params)
         overhead = time.monotonic() - started
@@ -456,6 +461,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="study",
         help="sensitivity seeds as the study file says (default), or forced on/off",
     )
+    parser.add_argument(
+        "--refine",
+        choices=("study", "on", "off"),
+        default="study",
+        help="front refinement as the study file says (default), or forced on/off (on needs the profile)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "search_efficiency.json")
     args = parser.parse_args(argv)
     if args.quick and args.full:
@@ -469,7 +480,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     started, load_before = time.monotonic(), _load()
     bench = setup(args.study, args.cache_file, args.threads)
     if args.sensitivity != "study":
-        bench.spec = replace(bench.spec, seed_sensitivity=args.sensitivity == "on")
+        on = args.sensitivity == "on"
+        refine = on and bool(bench.spec.raw.get("refine_front", True))
+        bench.spec = replace(bench.spec, seed_sensitivity=on, refine_front=refine)
+    if args.refine != "study":
+        if args.refine == "on" and not bench.spec.seed_sensitivity:
+            parser.error("--refine on needs the sensitivity profile: give --sensitivity on too")
+        bench.spec = replace(bench.spec, refine_front=args.refine == "on")
     say(f"baseline: {bench.baseline}; {len(bench.cache.entries)} cached evaluations")
     grid = run_grid(bench, uniform_grid(bench.space))
 
@@ -481,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = sensitivity.load_or_compute_profile(bench.spec, bench.space, bench.baseline_dir)
         profile_wall = time.monotonic() - t0
         seeds += sensitivity.sensitivity_seeds(bench.space, profile, bench.spec.seed_budgets)
-    ours = run_sampler(bench, "slimsearch", tpe_sampler(args.seed), max(checkpoints), seeds)
+    refiner = profile if bench.spec.refine_front else None
+    ours = run_sampler(bench, "slimsearch", tpe_sampler(args.seed), max(checkpoints), seeds, refiner)
     # What computing the profile cost, even when read from the cache.
     ours.extra_seconds = profile.seconds if profile else 0.0
     rnd = run_sampler(bench, "random", optuna.samplers.RandomSampler(seed=args.seed), n_random)
@@ -521,6 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seeds": len(seeds),
         "seed_uniform": bench.spec.seed_uniform,
         "seed_sensitivity": bench.spec.seed_sensitivity,
+        "refine_front": bench.spec.refine_front,
         "wall_s": round(wall, 1),
         "new_evaluations": bench.cache.new,
         "load_average": {"before": load_before, "after": _load()},

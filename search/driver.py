@@ -23,7 +23,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from slimsearch.evaluators.latency import merge_quietest, quiet_times
-from slimsearch.search import models, pareto, sensitivity
+from slimsearch.search import models, pareto, refine, sensitivity
 from slimsearch.search.executors import Executor, make_executor
 from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, constraint_metric, load_study
@@ -113,6 +113,7 @@ class Driver:
         self.known: dict[str, TrialResult] = {}  # plan JSON -> its first complete result
         self.done_here = 0  # trials finished by this driver (for the ETA)
         self.quiet_ms: dict[str, float] = {}  # quietest baseline time per shape, for the drift gate
+        self.profile: sensitivity.Profile | None = None  # set when the study refines its front
 
     # -- set-up -------------------------------------------------------------------------
     def open_study(self, space: SearchSpace, baseline_dir: Path) -> optuna.Study:
@@ -335,8 +336,11 @@ class Driver:
             baseline = self.measure_baseline(study, executor, baseline_dir)
             if spec.seed_uniform and not study.user_attrs.get("seeded"):
                 _queue_seeds(study, space.uniform_params(), "uniform", "seeded")
-            if spec.seed_sensitivity and not study.user_attrs.get("seeded_sensitivity"):
+            seeding = spec.seed_sensitivity and not study.user_attrs.get("seeded_sensitivity")
+            if seeding or spec.refine_front:
                 profile = sensitivity.load_or_compute_profile(spec, space, baseline_dir)
+                self.profile = profile if spec.refine_front else None
+            if seeding:
                 seeds = sensitivity.sensitivity_seeds(space, profile, spec.seed_budgets)
                 _queue_seeds(study, seeds, "sensitivity", "seeded_sensitivity")
             deadline = self.started + spec.budget.timeout_s if spec.budget.timeout_s else None
@@ -383,6 +387,8 @@ class Driver:
             while not out_of_time and executor.in_flight() < executor.capacity:
                 if budget is not None and self.finished_count(study) + len(self.running) >= budget:
                     break
+                if self.profile is not None:
+                    queue_refinement(study, space, self.profile)
                 trial = ask_retry_first(study, distributions)
                 plan = self.decode(space, trial)
                 trial.set_user_attr("plan", plan.to_dict())
@@ -558,6 +564,18 @@ def ask_retry_first(study: optuna.Study, distributions: dict[str, Any]) -> Trial
                 trial._suggest(name, dist)
             return trial
     return study.ask(fixed_distributions=distributions)
+
+
+def queue_refinement(study: optuna.Study, space: SearchSpace, profile: sensitivity.Profile) -> bool:
+    """Queue one step from the feasible front when nothing waits and it is refinement's turn
+    (half of the trials after the seeds); True when one was queued."""
+    if study.get_trials(deepcopy=False, states=[TrialState.WAITING]) or not refine.should_refine(study):
+        return False
+    proposal = refine.propose(study, space, profile)
+    if proposal is None:
+        return False
+    study.enqueue_trial(proposal.params, user_attrs=proposal.user_attrs())
+    return True
 
 
 def _queue_seeds(study: optuna.Study, seeds: list[dict[str, Any]], kind: str, done_attr: str) -> None:

@@ -162,6 +162,10 @@ class StudySpec:
     # Size budgets of the sensitivity seeds (fractions of the searched units' bytes); None:
     # sensitivity_seeds' defaults.
     seed_budgets: tuple[float, ...] | None = None
+    # Half of the trials after the seeds step from the feasible front where the sensitivity
+    # profile says it hurts least (search/refine.py); needs the profile, so it follows
+    # seed_sensitivity unless the file says otherwise.
+    refine_front: bool = False
 
     def objective(self, name: str) -> ObjectiveSpec | None:
         return next((o for o in self.objectives if o.name == name), None)
@@ -186,6 +190,7 @@ _TOP_KEYS = {
     "screening",
     "distill",
     "seed_sensitivity",
+    "refine_front",
 }
 
 
@@ -526,6 +531,16 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     if not isinstance(seed_uniform, bool):
         raise _fail("seed_uniform", seed_uniform, "write true or false")
     seed_sensitivity, seed_budgets = _seed_sensitivity(data.get("seed_sensitivity", False))
+    refine_front = data.get("refine_front", seed_sensitivity)
+    if not isinstance(refine_front, bool):
+        raise _fail("refine_front", refine_front, "write true or false")
+    if refine_front and not seed_sensitivity:
+        raise _fail(
+            "refine_front",
+            refine_front,
+            "refining the front needs the sensitivity profile: set seed_sensitivity: true, "
+            "or drop refine_front",
+        )
     remeasure = data.get("remeasure_front", True)
     if not isinstance(remeasure, bool):
         raise _fail("remeasure_front", remeasure, "write true or false")
@@ -548,6 +563,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         distill=distill,
         seed_sensitivity=seed_sensitivity,
         seed_budgets=seed_budgets,
+        refine_front=refine_front,
         budget=budget,
         executor=executor,
         storage=_choice(data.get("storage", "sqlite"), "storage", STORAGES),

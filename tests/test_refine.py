@@ -1,0 +1,185 @@
+"""Front refinement: sensitivity-guided steps from the feasible front (search/refine.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+
+from conftest import tiny_study
+from slimsearch.search import refine
+from slimsearch.search.driver import queue_refinement, run_study
+from slimsearch.search.sensitivity import Option, Profile
+from slimsearch.search.study_file import StudyError, study_from_mapping
+
+UNITS = ("a", "b", "c")
+# "a" is fragile at 8 bits, "b" and "c" are robust; "c" is twice the size of "b".
+SIZES = {"a": 1000, "b": 1000, "c": 2000}
+LOSS = {"a:bits": [(8, 0.5), (4, 0.9)], "b:bits": [(8, 0.01), (4, 0.2)], "c:bits": [(8, 0.01), (4, 0.3)]}
+
+
+def profile() -> Profile:
+    options = {
+        u: [Option({f"{u}:bits": bits}, SIZES[u] * bits // 32) for bits in (32, 8, 4)] for u in UNITS
+    }
+    return Profile("k", "cross-entropy", 8, 0.3, LOSS, options)
+
+
+class FakeSpace:
+    """What propose() reads of a SearchSpace: the off params (via uniform_params)."""
+
+    def uniform_params(self) -> list[dict[str, Any]]:
+        return [{f"{u}:bits": 32 for u in UNITS}]
+
+
+def study_with(feasible: list[dict[str, int]], infeasible: tuple[dict[str, int], ...] = ()) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    dists = {f"{u}:bits": CategoricalDistribution([32, 8, 4]) for u in UNITS}
+    for i, params in enumerate([*feasible, *infeasible]):
+        trial = optuna.trial.create_trial(
+            params=params,
+            distributions=dists,
+            values=[80.0 - i, 4000.0 - 100 * i],
+            constraints={"accuracy_drop": -1.0 if i < len(feasible) else 1.0},
+            user_attrs={"seed": "uniform"},
+        )
+        study.add_trial(trial)
+    return study
+
+
+def test_moves_rank_bytes_saved_per_loss_added() -> None:
+    off = {f"{u}:bits": 32 for u in UNITS}
+    ranked = refine.moves(profile(), off, off)
+    # Each unit's best next value is int8 (75% saved for little loss); "c" saves twice "b"'s
+    # bytes for the same loss, the fragile "a" comes last.
+    assert [(m.param, m.value) for m in ranked] == [("c:bits", 8), ("b:bits", 8), ("a:bits", 8)]
+    # From int8, "b"'s next step is 4 bits (125 bytes for 0.19: 658 per unit of loss), behind
+    # "a" to int8 (750 for 0.5: 1500); "c", already at its smallest, offers none.
+    at8 = off | {"b:bits": 8, "c:bits": 4}
+    assert [(m.param, m.value) for m in refine.moves(profile(), at8, off)] == [
+        ("a:bits", 8),
+        ("b:bits", 4),
+    ]
+
+
+def test_children_take_longer_steps_and_never_repeat_a_plan() -> None:
+    study = study_with([{f"{u}:bits": 32 for u in UNITS}])
+    space, prof = FakeSpace(), profile()
+    seen = []
+    for steps in (1, 2, 4):
+        proposal = refine.propose(study, space, prof)  # type: ignore[arg-type]
+        assert proposal is not None and proposal.parent == 0
+        assert proposal.moves == min(steps, 3)
+        changed = {k for k, v in proposal.params.items() if v != 32}
+        assert len(changed) == min(steps, 3)
+        assert proposal.params not in seen
+        seen.append(proposal.params)
+        study.enqueue_trial(proposal.params, user_attrs=proposal.user_attrs())
+        study.ask()  # claims it, so the next proposal sees it as tried
+    # One move compresses the best unit; two add the next best.
+    assert seen[0] == {"a:bits": 32, "b:bits": 32, "c:bits": 8}
+    assert seen[1] == {"a:bits": 32, "b:bits": 8, "c:bits": 8}
+
+
+def test_step_sizes_double_from_the_start_then_shrink() -> None:
+    assert refine.step_sizes(1, 43) == [1, 2, 4, 8, 16, 32, 43]
+    assert refine.step_sizes(8, 43) == [8, 16, 32, 43, 4, 2, 1]
+    assert refine.step_sizes(64, 5) == [5, 4, 2, 1]
+    assert refine.step_sizes(1, 0) == []
+
+
+def test_a_feasible_child_starts_at_twice_the_step_that_made_it() -> None:
+    study = study_with([{f"{u}:bits": 32 for u in UNITS}])
+    dists = {f"{u}:bits": CategoricalDistribution([32, 8, 4]) for u in UNITS}
+    child = {"a:bits": 32, "b:bits": 32, "c:bits": 8}  # one move from the parent
+    attrs = refine.Proposal(child, 0, 1).user_attrs()
+    trial = optuna.trial.create_trial(
+        params=child, distributions=dists, values=[79.0, 3500.0], constraints={"d": -1.0}, user_attrs=attrs
+    )
+    study.add_trial(trial)
+    proposal = refine.propose(study, FakeSpace(), profile())  # type: ignore[arg-type]
+    assert proposal is not None and proposal.parent == 1 and proposal.moves == 2  # not 1
+
+
+def test_parents_come_from_the_feasible_front_fewest_children_first() -> None:
+    start = {"a:bits": 32, "b:bits": 8, "c:bits": 8}
+    bad = {"a:bits": 4, "b:bits": 4, "c:bits": 4}
+    study = study_with([{f"{u}:bits": 32 for u in UNITS}, start], (bad,))
+    space, prof = FakeSpace(), profile()
+    parents = []
+    for _ in range(4):
+        proposal = refine.propose(study, space, prof)  # type: ignore[arg-type]
+        assert proposal is not None
+        parents.append(proposal.parent)
+        study.enqueue_trial(proposal.params, user_attrs=proposal.user_attrs())
+        study.ask()
+    assert 2 not in parents  # the infeasible trial is never a parent
+    # Both front members, taking turns while each has new steps (parent 0's third child would
+    # repeat a plan already tried, so parent 1 goes on).
+    assert parents[:2] == [0, 1] and set(parents) == {0, 1}
+
+
+def test_refinement_stops_when_no_new_step_is_left() -> None:
+    smallest = {f"{u}:bits": 4 for u in UNITS}
+    study = study_with([smallest])
+    assert refine.propose(study, FakeSpace(), profile()) is None  # type: ignore[arg-type]
+
+
+def test_refinement_takes_every_other_trial_after_the_seeds() -> None:
+    study = study_with([{f"{u}:bits": 32 for u in UNITS}])
+    space, prof = FakeSpace(), profile()
+    kinds = []
+    for _ in range(6):
+        queued = queue_refinement(study, space, prof)  # type: ignore[arg-type]
+        if not queued:  # the sampler's turn: a plan refinement never proposes, so none collide
+            study.enqueue_trial({f"{u}:bits": 4 for u in UNITS})
+        trial = study.ask({f"{u}:bits": CategoricalDistribution([32, 8, 4]) for u in UNITS})
+        kinds.append("refine" if queued else "sampler")
+        study.tell(trial, [70.0, 5000.0])  # dominated: the front does not change
+    assert kinds == ["refine", "sampler", "refine", "sampler", "refine", "sampler"]
+    study.enqueue_trial({f"{u}:bits": 8 for u in UNITS})
+    assert not queue_refinement(study, space, prof)  # type: ignore[arg-type]  # a seed waits: it goes first
+
+
+def test_driver_refines_from_feasible_trials(tmp_path: Path) -> None:
+    data = tiny_study(tmp_path, seed_sensitivity=True, budget={"trials": 40})
+    spec = study_from_mapping(data)
+    assert spec.refine_front  # follows seed_sensitivity
+    result = run_study(spec)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{result.run_dir / 'study.db'}")
+    trials = {t.number: t for t in study.get_trials()}
+    refined = [t for t in trials.values() if t.user_attrs.get("seed") == "refine"]
+    assert refined
+    for t in refined:
+        parent = trials[t.user_attrs[refine.ATTR]]
+        assert parent.state == optuna.trial.TrialState.COMPLETE
+        assert parent.constraints and all(c <= 0 for c in parent.constraints.values())
+        assert t.params != parent.params
+    sampled = [t for t in trials.values() if "seed" not in t.user_attrs]
+    assert len(refined) <= len(sampled) + 1  # every other trial after the seeds
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"refine_front": True}, ["refine_front", "seed_sensitivity: true"]),
+        ({"refine_front": "yes", "seed_sensitivity": True}, ["refine_front", "'yes'", "true or false"]),
+    ],
+)
+def test_refine_front_errors_name_the_value_and_the_fix(
+    tmp_path: Path, overrides: dict[str, Any], words: list[str]
+) -> None:
+    with pytest.raises(StudyError) as err:
+        study_from_mapping(tiny_study(tmp_path, **overrides))
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_refine_front_can_be_turned_off(tmp_path: Path) -> None:
+    spec = study_from_mapping(tiny_study(tmp_path, seed_sensitivity=True, refine_front=False))
+    assert spec.seed_sensitivity and not spec.refine_front
+    assert not study_from_mapping(tiny_study(tmp_path)).refine_front
