@@ -12,6 +12,7 @@ from optuna.distributions import CategoricalDistribution
 from conftest import tiny_study
 from slimsearch.search import refine
 from slimsearch.search.driver import queue_refinement, run_study
+from slimsearch.search.results import open_run
 from slimsearch.search.sensitivity import Option, Profile
 from slimsearch.search.study_file import StudyError, study_from_mapping
 
@@ -161,6 +162,10 @@ def test_driver_refines_from_feasible_trials(tmp_path: Path) -> None:
         assert t.params != parent.params
     sampled = [t for t in trials.values() if "seed" not in t.user_attrs]
     assert len(refined) <= len(sampled) + 1  # every other trial after the seeds
+    table = open_run(result.run_dir).trials().set_index("trial")
+    for t in refined:
+        assert table.loc[t.number, "source"] == f"refined from {t.user_attrs[refine.ATTR]}"
+    assert table.loc[sampled[0].number, "source"] == "sampler"
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,7 @@ def test_trials_table_lists_every_trial(tiny_run: Run) -> None:
     assert set(trials["state"]) == {"COMPLETE"}
     assert trials["on_front"].sum() == len(tiny_run.front_numbers())
     assert (trials["completed_s"].diff().dropna() >= 0).all()
+    assert set(trials["source"]) == {"uniform seed"}  # 8 trials: the uniform seeds alone
 
 
 def test_report_writes_html_with_every_plot_and_csvs(tiny_run: Run, tmp_path: Path) -> None:
