@@ -309,13 +309,9 @@ class SearchSpace:
                 seeds.append(params)
 
         for knob in (*STRUCTURED_KNOBS, *KNOBS):
-            values = sorted({v for k in self.knobs if k.knob == knob for v in k.choices} - {OFF_VALUES[knob]})
-            for value in values:
-                params = dict(off)
-                for k in self.knobs:
-                    if k.knob == knob and value in k.choices and len(k.choices) > 1:
-                        params[self.param_name(k)] = value
-                add(params)
+            knobs = [k for k in self.knobs if k.knob == knob and len(k.choices) > 1]
+            for value in sorted({v for k in knobs for v in k.choices} - {OFF_VALUES[knob]}):
+                add(self._with(off, knobs, value))
         # Tables and Linears tolerate different widths (on MiniLM, 4-bit Linears with a 2-bit
         # table score 80.6% where all 2-bit scores 77.2% and the baseline 80.1%), so "one width
         # for the Linears, another for the tables" is an obvious setting too.
@@ -324,37 +320,26 @@ class SearchSpace:
         linears = [k for k in widths if k.layer in self.shapes]
         for bits in sorted({v for k in linears for v in k.choices}, reverse=True):
             for width in sorted({v for k in tables for v in k.choices}, reverse=True):
-                params = dict(off)
-                for k in linears:
-                    if bits in k.choices:
-                        params[self.param_name(k)] = bits
-                for k in tables:
-                    if width in k.choices:
-                        params[self.param_name(k)] = width
-                add(params)
+                add(self._with(self._with(off, linears, bits), tables, width))
         # Structured pruning composes with the kernels too (on MiniLM, int8 with half the FFN
-        # neurons of every block: 0.27x the latency, within 0.3 points), so each uniform
+        # neurons of every block: 0.29x the latency at 80.2% against 80.3%), so each uniform
         # (heads, neurons) pair comes with each bit-width of the Linears (tables follow it).
         heads = [k for k in self.knobs if k.knob == "heads" and len(k.choices) > 1]
         neurons = [k for k in self.knobs if k.knob == "neurons" and len(k.choices) > 1]
-        pairs = [
-            (h, n)
-            for h in sorted({v for k in heads for v in k.choices} | {0.0})
-            for n in sorted({v for k in neurons for v in k.choices} | {0.0})
-            if h or n
-        ]
         for bits in sorted({v for k in linears for v in k.choices} | {32}, reverse=True):
-            for h, n in pairs:
-                params = dict(off)
-                for group, value in ((heads, h), (neurons, n)):
-                    for k in group:
-                        if value in k.choices:
-                            params[self.param_name(k)] = value
-                for k in widths:
-                    if bits in k.choices:
-                        params[self.param_name(k)] = bits
-                add(params)
+            for h in sorted({v for k in heads for v in k.choices} | {0.0}):
+                for n in sorted({v for k in neurons for v in k.choices} | {0.0}):
+                    if h or n:
+                        add(self._with(self._with(self._with(off, heads, h), neurons, n), widths, bits))
         return seeds
+
+    def _with(self, params: Mapping[str, Any], knobs: Sequence[Knob], value: Any) -> dict[str, Any]:
+        """``params`` with each of ``knobs`` that offers ``value`` set to it."""
+        out = dict(params)
+        for k in knobs:
+            if value in k.choices:
+                out[self.param_name(k)] = value
+        return out
 
     def describe(self) -> str:
         layers = sorted({k.layer for k in self.knobs})
