@@ -9,7 +9,8 @@ profile's measured options), and the top 1, 2, 4, ... of those moves at once. A 
 successive children take successively longer steps (then shorter ones, below where it
 started); a child that stays feasible joins the front and is refined in turn, starting at
 twice the step that made it, so the front walks down in size while the constraint holds.
-Screening rejects an overlong step in seconds.
+A step that broke the constraint rules out the longer ones from the same parent (they hold
+its moves), and screening rejects an overlong step in seconds.
 
     proposal = propose(study, space, profile)   # params of one new plan, or None
     if proposal is not None:
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from slimsearch.search.sensitivity import Option, Profile, off_params, option_cost
 from slimsearch.spaces import SearchSpace
@@ -101,9 +102,17 @@ def propose(study: optuna.Study, space: SearchSpace, profile: Profile) -> Propos
         if source
     }
     children: dict[int, int] = {}
+    # The smallest step that broke the constraint, per parent: a longer step from there holds
+    # the same moves and more, so it is not tried.
+    broke: dict[int, int] = {}
     for t in trials:
-        if ATTR in t.user_attrs:
-            children[int(t.user_attrs[ATTR])] = children.get(int(t.user_attrs[ATTR]), 0) + 1
+        if ATTR not in t.user_attrs:
+            continue
+        parent_number = int(t.user_attrs[ATTR])
+        children[parent_number] = children.get(parent_number, 0) + 1
+        if _infeasible(t):
+            size = int(t.user_attrs.get("refine_moves", 1))
+            broke[parent_number] = min(size, broke.get(parent_number, size))
     front: list[FrozenTrial] = [
         t for t in study.best_trials if not (t.user_attrs.get("plan") or {}).get("distill")
     ]
@@ -114,13 +123,23 @@ def propose(study: optuna.Study, space: SearchSpace, profile: Profile) -> Propos
         # A step that kept its child feasible is doubled from there on: a walk down the
         # front grows geometrically instead of one knob per trial.
         start = 2 * int(parent.user_attrs.get("refine_moves", 0)) or 1
+        limit = broke.get(parent.number, len(ranked) + 1)
         for count in step_sizes(start, len(ranked)):
+            if count >= limit:
+                continue
             child = dict(params)
             for move in ranked[:count]:
                 child[move.param] = move.value
             if _key(child) not in tried:
                 return Proposal(child, parent.number, count)
     return None
+
+
+def _infeasible(trial: FrozenTrial) -> bool:
+    """Rejected by screening, or complete with a constraint violated."""
+    if trial.state == TrialState.PRUNED:
+        return True
+    return trial.state == TrialState.COMPLETE and any(c > 0 for c in trial.constraints.values())
 
 
 def step_sizes(start: int, available: int) -> list[int]:

@@ -106,6 +106,22 @@ def test_a_feasible_child_starts_at_twice_the_step_that_made_it() -> None:
     assert proposal is not None and proposal.parent == 1 and proposal.moves == 2  # not 1
 
 
+def test_a_step_that_broke_the_constraint_rules_out_longer_ones() -> None:
+    study = study_with([{f"{u}:bits": 32 for u in UNITS}])
+    dists = {f"{u}:bits": CategoricalDistribution([32, 8, 4]) for u in UNITS}
+    one = {"a:bits": 32, "b:bits": 32, "c:bits": 8}
+    broken = optuna.trial.create_trial(
+        params=one,
+        distributions=dists,
+        values=[60.0, 3500.0],
+        constraints={"d": 1.0},  # the one-move child broke the constraint
+        user_attrs=refine.Proposal(one, 0, 1).user_attrs(),
+    )
+    study.add_trial(broken)
+    # Every longer step from trial 0 holds that move; no shorter one is left.
+    assert refine.propose(study, FakeSpace(), profile()) is None  # type: ignore[arg-type]
+
+
 def test_parents_come_from_the_feasible_front_fewest_children_first() -> None:
     start = {"a:bits": 32, "b:bits": 8, "c:bits": 8}
     bad = {"a:bits": 4, "b:bits": 4, "c:bits": 4}
