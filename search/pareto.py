@@ -79,8 +79,24 @@ def all_rows(
             row = {"trial": t.number, "plan": "", "feasible": False}
         row["state"] = t.state.name
         row["error"] = t.user_attrs.get("error", "")
+        row["source"] = trial_source(t)
         rows.append(row)
     return rows
+
+
+def trial_source(trial: FrozenTrial) -> str:
+    """Who proposed the trial: a seed family, a refinement step (and its parent), a retry,
+    stage-two distillation, or the sampler."""
+    attrs = trial.user_attrs
+    if "distilled_from" in attrs:
+        return f"distilled from {attrs['distilled_from']}"
+    if "retry_of" in attrs:
+        return f"retry of {attrs['retry_of']}"
+    if attrs.get("seed") == "refine":
+        return f"refined from {attrs.get('refined_from')}"
+    if "seed" in attrs:
+        return f"{attrs['seed']} seed"
+    return "sampler"
 
 
 def _fmt(value: Any) -> str:

@@ -256,7 +256,7 @@ class Run:
             row["seconds"] = t.user_attrs.get("seconds", math.nan)
             row["completed_s"] = _since(origin, t.datetime_complete)
             row["error"] = t.user_attrs.get("error", "")
-            row["source"] = trial_source(t)
+            row["source"] = pareto.trial_source(t)
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -293,21 +293,6 @@ class Run:
         from slimsearch.search.report import write_report
 
         return write_report(self, out).html
-
-
-def trial_source(trial: FrozenTrial) -> str:
-    """Who proposed the trial: a seed family, a refinement step (and its parent), a retry,
-    stage-two distillation, or the sampler."""
-    attrs = trial.user_attrs
-    if "distilled_from" in attrs:
-        return f"distilled from {attrs['distilled_from']}"
-    if "retry_of" in attrs:
-        return f"retry of {attrs['retry_of']}"
-    if attrs.get("seed") == "refine":
-        return f"refined from {attrs.get('refined_from')}"
-    if "seed" in attrs:
-        return f"{attrs['seed']} seed"
-    return "sampler"
 
 
 def _since(origin: dt.datetime | None, when: dt.datetime | None) -> float:

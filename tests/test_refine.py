@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,10 @@ def test_driver_refines_from_feasible_trials(tmp_path: Path) -> None:
     for t in refined:
         assert table.loc[t.number, "source"] == f"refined from {t.user_attrs[refine.ATTR]}"
     assert table.loc[sampled[0].number, "source"] == "sampler"
+    # The driver's own trials.csv says the same.
+    with open(result.run_dir / "trials.csv", newline="") as f:
+        written = {int(r["trial"]): r["source"] for r in csv.DictReader(f)}
+    assert written == {int(k): v for k, v in table["source"].items()}
 
 
 @pytest.mark.parametrize(
