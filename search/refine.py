@@ -20,18 +20,17 @@ its moves), and screening rejects an overlong step in seconds.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from slimsearch.search.sensitivity import Option, Profile, off_params, option_cost
+from slimsearch.search.sensitivity import Profile, cost_floor, matching_option, off_params, option_cost
 from slimsearch.spaces import SearchSpace
 
 ATTR = "refined_from"  # user attribute a refinement trial carries: its parent's number
-_FLOOR = 1e-6
 
 
 @dataclass(frozen=True)
@@ -52,19 +51,12 @@ class Proposal:
         return {"seed": "refine", ATTR: self.parent, "refine_moves": self.moves}
 
 
-def _option(options: Sequence[Option], params: Mapping[str, Any]) -> Option | None:
-    for o in options:
-        if all(params.get(p) == v for p, v in o.params.items()):
-            return o
-    return None
-
-
 def moves(profile: Profile, params: Mapping[str, Any], off: Mapping[str, Any]) -> list[Move]:
     """For each searched knob, its best value that makes the unit smaller, best ratio first."""
-    floor = _FLOOR * max(abs(profile.baseline_loss), 1.0)
+    floor = cost_floor(profile)
     out = []
     for options in profile.options.values():
-        current = _option(options, params)
+        current = matching_option(options, params)
         if current is None:
             continue
         cost = option_cost(profile, current, off)

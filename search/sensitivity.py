@@ -397,10 +397,24 @@ def compute_profile(
 
 
 # -- seeds ------------------------------------------------------------------------------------
-def _off_option(options: Sequence[Option], off: Mapping[str, Any]) -> Option:
+def matching_option(options: Sequence[Option], params: Mapping[str, Any]) -> Option | None:
+    """The unit's option whose knob values ``params`` all take, if the profile measured it."""
     for o in options:
-        if all(off.get(p) == v for p, v in o.params.items()):
+        if all(params.get(p) == v for p, v in o.params.items()):
             return o
+    return None
+
+
+def cost_floor(profile: Profile) -> float:
+    """Added to every loss cost before dividing by it, on the loss's scale: zero-cost moves
+    stay ordered by bytes saved instead of dividing by zero."""
+    return max(_EPS, 1e-6 * max(abs(profile.baseline_loss), 1.0))
+
+
+def _off_option(options: Sequence[Option], off: Mapping[str, Any]) -> Option:
+    option = matching_option(options, off)
+    if option is not None:
+        return option
     raise ValueError(
         f"no all-off option among {[dict(o.params) for o in options][:3]}; recompute the profile"
     )
@@ -469,8 +483,7 @@ def greedy_choice(
     cost_of = {id(o): option_cost(profile, o, off) for opts in options.values() for o in opts}
     current = {u: min(opts, key=lambda o: (cost_of[id(o)], o.bytes)) for u, opts in options.items()}
     total = sum(o.bytes for o in current.values())
-    # Costs are on the scale of the loss: a floor keeps zero-cost moves ordered by bytes saved.
-    floor = max(_EPS, 1e-6 * max(abs(profile.baseline_loss), 1.0))
+    floor = cost_floor(profile)
     while total > budget_bytes:
         best: tuple[float, str, Option] | None = None
         for unit, opts in options.items():
@@ -537,12 +550,13 @@ def ladder_rungs(
 
 def seed_bytes(profile: Profile, params: Mapping[str, Any], off: Mapping[str, Any]) -> int:
     """The searched units' bytes under ``params``, from the profile's measured options."""
+    chosen = dict(off) | dict(params)
     total = 0
     for options in profile.options.values():
-        match = [o for o in options if all(params.get(p, off.get(p)) == v for p, v in o.params.items())]
-        if not match:
+        match = matching_option(options, chosen)
+        if match is None:
             raise ValueError(f"params choose values the profile never measured: {dict(options[0].params)}")
-        total += match[0].bytes
+        total += match.bytes
     return total
 
 
