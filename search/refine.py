@@ -27,6 +27,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from slimsearch.search import pareto
 from slimsearch.search.sensitivity import Profile, cost_floor, matching_option, off_params, option_cost
 from slimsearch.spaces import SearchSpace
 
@@ -148,12 +149,7 @@ def step_sizes(start: int, available: int) -> list[int]:
 
 def should_refine(study: optuna.Study) -> bool:
     """Half of the trials after the seeds: refine when refinements have not outnumbered the
-    sampler's own trials (seeds and retries count for neither)."""
-    refined = sampled = 0
-    for t in study.get_trials(deepcopy=False):
-        kind = t.user_attrs.get("seed")
-        if kind == "refine":
-            refined += 1
-        elif kind is None and "retry_of" not in t.user_attrs:
-            sampled += 1
-    return refined <= sampled
+    sampler's own trials (seeds, retries and stage-two trials count for neither)."""
+    sources = [pareto.trial_source(t) for t in study.get_trials(deepcopy=False)]
+    refined = sum(source.startswith("refined from") for source in sources)
+    return refined <= sources.count("sampler")

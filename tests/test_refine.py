@@ -24,9 +24,7 @@ LOSS = {"a:bits": [(8, 0.5), (4, 0.9)], "b:bits": [(8, 0.01), (4, 0.2)], "c:bits
 
 
 def profile() -> Profile:
-    options = {
-        u: [Option({f"{u}:bits": bits}, SIZES[u] * bits // 32) for bits in (32, 8, 4)] for u in UNITS
-    }
+    options = {u: [Option({f"{u}:bits": bits}, SIZES[u] * bits // 32) for bits in (32, 8, 4)] for u in UNITS}
     return Profile("k", "cross-entropy", 8, 0.3, LOSS, options)
 
 
@@ -161,6 +159,23 @@ def test_refinement_takes_every_other_trial_after_the_seeds() -> None:
     assert kinds == ["refine", "sampler", "refine", "sampler", "refine", "sampler"]
     study.enqueue_trial({f"{u}:bits": 8 for u in UNITS})
     assert not queue_refinement(study, space, prof)  # type: ignore[arg-type]  # a seed waits: it goes first
+
+
+def test_stage_two_trials_do_not_count_as_the_samplers() -> None:
+    study = study_with([{f"{u}:bits": 32 for u in UNITS}])
+    dists = {f"{u}:bits": CategoricalDistribution([32, 8, 4]) for u in UNITS}
+    refined = {"a:bits": 32, "b:bits": 32, "c:bits": 8}
+    for params, attrs in (
+        (refined, refine.Proposal(refined, 0, 1).user_attrs()),
+        ({f"{u}:bits": 8 for u in UNITS}, {"distill": {"kind": "logits"}, "distilled_from": 0}),
+    ):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=dists, values=[70.0, 5000.0], user_attrs=attrs
+            )
+        )
+    # One refinement against no sampler trial: the stage-two trial is not the sampler's.
+    assert not refine.should_refine(study)
 
 
 def test_driver_refines_from_feasible_trials(tmp_path: Path) -> None:
