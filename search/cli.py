@@ -23,7 +23,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         address=args.address,
         output=args.output,
     )
-    return 0 if result.counts.get("complete") else 1
+    if result.error:
+        print(f"slimsearch: error: {result.error}", file=sys.stderr)
+    return result.exit_code
 
 
 def _cmd_setup(args: argparse.Namespace) -> int:
@@ -41,7 +43,8 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
     import optuna
 
     from slimsearch.search import pareto
-    from slimsearch.search.driver import RUN_INFO, open_storage
+    from slimsearch.search.driver import RUN_INFO
+    from slimsearch.search.storage import open_for_reading
 
     info_path = Path(args.run) / RUN_INFO
     if not info_path.is_file():
@@ -51,7 +54,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
     info = json.loads(info_path.read_text())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(
-        study_name=info["study_name"], storage=open_storage(info["storage"], info["url"])
+        study_name=info["study_name"], storage=open_for_reading(info["storage"], info["url"])
     )
     baseline = dict(study.user_attrs.get("baseline", {}))
     rows = pareto.front_rows(study, info["objectives"], baseline)
@@ -104,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as exc:
         print(f"slimsearch: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from slimsearch.search.export import ExportMismatch
+
+        if not isinstance(exc, ExportMismatch):
+            raise
+        print(f"slimsearch: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -131,11 +131,12 @@ class Run:
                 "e.g. runs/minilm-sentiment"
             )
         self.info: dict[str, Any] = json.loads(info_path.read_text())
-        from slimsearch.search.driver import open_storage
+        from slimsearch.search.storage import open_for_reading
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.load_study(
-            study_name=self.info["study_name"], storage=open_storage(self.info["storage"], self.info["url"])
+            study_name=self.info["study_name"],
+            storage=open_for_reading(self.info["storage"], self.info["url"]),
         )
         self.name: str = self.info["study_name"]
         self.objectives: list[str] = list(self.info["objectives"])
@@ -283,11 +284,19 @@ class Run:
 
     # -- actions ------------------------------------------------------------------------
     def export(
-        self, trial: int, out: str | Path, *, overwrite: bool = False, repeats: int | None = None
+        self,
+        trial: int,
+        out: str | Path,
+        *,
+        overwrite: bool = False,
+        repeats: int | None = None,
+        allow_mismatch: bool = False,
     ) -> ExportReport:
         from slimsearch.search.export import export_trial
 
-        return export_trial(self, trial, out, overwrite=overwrite, repeats=repeats)
+        return export_trial(
+            self, trial, out, overwrite=overwrite, repeats=repeats, allow_mismatch=allow_mismatch
+        )
 
     def report(self, out: str | Path | None = None) -> Path:
         from slimsearch.search.report import write_report
