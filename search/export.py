@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from optuna.trial import FrozenTrial
 from safetensors import safe_open
 from torch import Tensor, nn
 
@@ -32,7 +33,7 @@ from slimsearch.evaluators.latency import measure_all
 from slimsearch.search import models
 from slimsearch.search.log import quiet_libraries, say
 from slimsearch.search.study_file import StudyError
-from slimsearch.search.worker import TrialJob, eval_batches
+from slimsearch.search.worker import TrialJob, cached_baseline, eval_batches, rebuild, timing_objectives
 from slimsearch.spaces import CompressionPlan, apply_plan, save_compressed
 from slimsearch.spaces.methods import LowRankLinear, PackedEmbedding, PackedLinear
 
@@ -302,6 +303,13 @@ def model_card(report: ExportReport) -> str:
         f"threads): {lat.candidate_ms:.3f} ms vs {lat.baseline_ms:.3f} ms, ratio {lat.ratio:.3f}"
         + (f" (95% interval {lat.ratio_ci95[0]:.3f}-{lat.ratio_ci95[1]:.3f})" if lat.ratio_ci95 else "")
         + (" - the machine was noisy: treat the ratio as rough." if lat.noisy else "."),
+        "- Rebuild: "
+        + {
+            True: f"the weights are bit for bit the model the search measured (state sha256 "
+            f"`{report.state_sha256[:16]}`).",
+            False: "**differs from the model the search measured** (exported with --allow-mismatch).",
+            None: "the trial predates state digests; checked by re-validation only.",
+        }[report.identical],
         f"- Quality was measured on the study's full test split ({report.eval_examples} examples"
         f"{' of ' + str(report.eval_tokens) + ' tokens' if report.eval_tokens else ''}).",
         "",
@@ -340,6 +348,69 @@ def model_card(report: ExportReport) -> str:
 
 
 # -- exporting a trial --------------------------------------------------------------------
+class ExportMismatch(RuntimeError):
+    """The rebuilt model is not the one the search measured."""
+
+
+# Re-validation runs the same model on the same rows: quality may move only by float
+# rounding (one example flipped at a near-tie, a relative 1e-3 elsewhere).
+REVALIDATION_RTOL = 1e-3
+
+
+def measured_records(run: Run, trial: FrozenTrial) -> dict[str, Any]:
+    """The records of the trial that measured this one's plan (a repeat points to it)."""
+    records = dict(trial.user_attrs.get("records", {}))
+    seen = {trial.number}
+    while "reused_from" in records and int(records["reused_from"]) not in seen:
+        source = run.all_trials[int(records["reused_from"])]
+        seen.add(source.number)
+        records = dict(source.user_attrs.get("records", {}))
+    return records
+
+
+def check_rebuild(trial: int, digest: str, expected: str | None, allow_mismatch: bool) -> bool | None:
+    if expected is None:
+        say(f"warning: trial {trial} predates state digests: the rebuild is checked by re-validation only")
+        return None
+    if digest == expected:
+        say(f"rebuild check: the weights are bit for bit the searched model's (sha256 {digest[:12]})")
+        return True
+    message = (
+        f"trial {trial}: the rebuilt model differs from the one the search measured (state sha256 "
+        f"{digest[:12]}, measured {expected[:12]}); the baseline folder, the data or the slimsearch version "
+        "changed since the trial ran, or it ran on a machine whose kernels round differently"
+    )
+    if not allow_mismatch:
+        raise ExportMismatch(message + "; nothing was written. Re-run the trial, or pass --allow-mismatch")
+    say(f"warning: {message}; writing it anyway (--allow-mismatch)")
+    return False
+
+
+def check_revalidation(
+    trial: int,
+    measured: Mapping[str, float],
+    searched: Mapping[str, float],
+    timed: set[str],
+    examples: int,
+    allow_mismatch: bool,
+) -> None:
+    """Quality re-measured at export must be what the search measured, within rounding."""
+    off = []
+    for name, value in measured.items():
+        if name in timed or name not in searched:
+            continue
+        before = searched[name]
+        tolerance = 100.0 / max(examples, 1) if name == "accuracy" else REVALIDATION_RTOL * abs(before)
+        if abs(value - before) > tolerance + 1e-12:
+            off.append(f"{name} {value:.6g} now, {before:.6g} in the search")
+    if not off:
+        return
+    message = f"trial {trial}: re-validation differs from the search beyond rounding: {'; '.join(off)}"
+    if not allow_mismatch:
+        raise ExportMismatch(message + "; nothing was written. Pass --allow-mismatch to write it anyway")
+    say(f"warning: {message}; writing it anyway (--allow-mismatch)")
+
+
 @dataclass
 class ExportReport:
     out: Path
@@ -358,6 +429,8 @@ class ExportReport:
     eval_tokens: int = 0
     paths: dict[str, int] = field(default_factory=dict)
     created: str = ""
+    state_sha256: str = ""
+    identical: bool | None = None  # the rebuild's state equals the searched model's (None: unknown)
 
     def info(self) -> dict[str, Any]:
         data = asdict(self)
@@ -381,9 +454,14 @@ def export_trial(
     *,
     overwrite: bool = False,
     repeats: int | None = None,
+    allow_mismatch: bool = False,
 ) -> ExportReport:
-    """Rebuild ``trial`` of ``run`` from its plan and the baseline folder, re-validate it,
-    and write an export folder at ``out``."""
+    """Rebuild ``trial`` of ``run`` from its plan and the baseline folder, check that it is
+    the model the search measured (the same state digest, and the same quality on the full
+    test split), and write an export folder at ``out``.
+
+    A rebuild that differs is refused (``ExportMismatch``) unless ``allow_mismatch``; then the
+    export is written and its card says so."""
     from slimsearch.search.results import Run, open_run
 
     run = run if isinstance(run, Run) else open_run(run)
@@ -393,14 +471,11 @@ def export_trial(
         say(f"warning: trial {trial} is not on the Pareto front (front: {front}); exporting it anyway")
     spec = run.spec
     plan = CompressionPlan.from_dict(frozen.user_attrs["plan"])
+    records = measured_records(run, frozen)
     baseline_dir = run.baseline_dir()
     out = Path(out).resolve()
     check_out_folder(out, overwrite)  # before minutes of work, not after
     torch.set_num_threads(spec.latency.threads)
-
-    say(f"rebuilding trial {trial} ({plan.summary()}) from {baseline_dir}")
-    base_model, tokenizer = models.load_baseline(baseline_dir, spec.task.kind, spec.model.trust_remote_code)
-    candidate = apply_plan(copy.deepcopy(base_model), plan).eval()
 
     job = TrialJob(
         number=trial,
@@ -413,6 +488,17 @@ def export_trial(
         baseline=dict(run.baseline),
         trust_remote_code=spec.model.trust_remote_code,
     )
+    say(f"rebuilding trial {trial} ({plan.summary()}) from {baseline_dir}")
+    selection = records.get("selection")
+    if plan.structured and not selection:
+        say(
+            "warning: this trial predates recorded structured selections: its heads and neurons are "
+            "chosen again on the worker's calibration batch, and the rebuild is checked by re-validation"
+        )
+    candidate, plan, digest = rebuild(job, selection)
+    base_model, tokenizer = cached_baseline(job)
+    identical = check_rebuild(trial, digest, records.get("state_sha256"), allow_mismatch)
+
     batches = eval_batches(job, tokenizer)
     timing = replace(spec.latency, repeats=repeats or max(spec.latency.repeats, 20))
     context = EvalContext(
@@ -431,6 +517,10 @@ def export_trial(
         say(f"re-measuring {objective.name}")
         evaluator = make_evaluator(objective.ref, dict(objective.options))
         measured[objective.name] = float(evaluator.evaluate(candidate, context))
+    searched = {k: float(v) for k, v in dict(frozen.user_attrs.get("metrics", {})).items()}
+    examples, tokens = _eval_sizes(batches, spec.task.kind)
+    timed = {o.name for o in timing_objectives(spec.objectives)}
+    check_revalidation(trial, measured, searched, timed, examples, allow_mismatch)
     # Latency against the baseline even when the study did not optimize it (cached otherwise).
     latency = LatencyComparison.from_record(measure_all(candidate, context, base_model), timing)
     if latency.noisy:
@@ -438,7 +528,7 @@ def export_trial(
             "warning: the latency passes varied a lot (other processes on these cores?); the ratio is "
             "rough: export again on a quiet machine for one to trust"
         )
-    del base_model, context
+    del context
 
     examples, tokens = _eval_sizes(batches, spec.task.kind)
     report = ExportReport(
@@ -451,12 +541,14 @@ def export_trial(
         plan_summary=plan.summary(),
         size_bytes=0,
         measured=measured,
-        search={k: float(v) for k, v in dict(frozen.user_attrs.get("metrics", {})).items()},
+        search=searched,
         baseline={k: float(v) for k, v in run.baseline.items()} | {"latency_ms": latency.baseline_ms},
         latency=latency,
         eval_examples=examples,
         eval_tokens=tokens,
         paths=realization(candidate),
+        state_sha256=digest,
+        identical=identical,
         created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
     # The size is only known once written; write, then fill in the card and info with it.

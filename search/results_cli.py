@@ -14,7 +14,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.repeats is not None and args.repeats < 1:
         raise StudyError(f"--repeats {args.repeats}: give at least 1 timed pass")
     run = open_run(args.run)
-    report = export_trial(run, args.trial, args.out, overwrite=args.force, repeats=args.repeats)
+    report = export_trial(
+        run,
+        args.trial,
+        args.out,
+        overwrite=args.force,
+        repeats=args.repeats,
+        allow_mismatch=args.allow_mismatch,
+    )
     lat = report.latency
     print(f"exported trial {report.trial} of {report.study} to {report.out}")
     for name, value in report.measured.items():
@@ -54,6 +61,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     exp.add_argument("--trial", type=int, required=True, help="trial number (see `slimsearch pareto RUN`)")
     exp.add_argument("--force", action="store_true", help="replace OUT if it holds files")
     exp.add_argument("--repeats", type=int, help="timed passes per model (default: the study's, at least 20)")
+    exp.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="write the export even when the rebuild differs from the searched model (the card says so)",
+    )
     exp.set_defaults(func=_cmd_export)
 
     rep = sub.add_parser("report", help="write an HTML report (offline, plotly inline) and CSVs of a run")

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,7 +31,7 @@ from slimsearch.evaluators.latency import remember_quiet
 from slimsearch.search import models, tasks
 from slimsearch.search.locks import machine_lock
 from slimsearch.search.study_file import ObjectiveSpec, TaskSpec
-from slimsearch.spaces import CompressionPlan, apply_plan
+from slimsearch.spaces import CompressionPlan, compress, state_digest
 from slimsearch.spaces.methods.distill import DistillRecipe, TeacherCache, distill
 
 
@@ -91,7 +91,7 @@ class ScreenRows:
 _SCREEN: dict[tuple[str, TaskSpec, int], ScreenRows] = {}
 
 
-def _baseline(job: TrialJob) -> tuple[nn.Module, Any]:
+def cached_baseline(job: TrialJob) -> tuple[nn.Module, Any]:
     if job.baseline_dir not in _BASELINES:
         _BASELINES[job.baseline_dir] = models.load_baseline(
             Path(job.baseline_dir), job.task.kind, job.trust_remote_code
@@ -150,7 +150,7 @@ def _screen(job: TrialJob, model: nn.Module, context: EvalContext, tokenizer: An
     subset = replace(context, batches=rows.batches, records={})
     with machine_lock(job.cache_dir, exclusive=False):
         if rows.baseline_accuracy is None:
-            rows.baseline_accuracy = Accuracy().evaluate(_baseline(job)[0], subset)
+            rows.baseline_accuracy = Accuracy().evaluate(cached_baseline(job)[0], subset)
         accuracy = Accuracy().evaluate(model, subset)
     total = sum(int(b["labels"].numel()) for b in rows.batches)
     upper = wilson_upper(round(accuracy * total / 100), total, job.screen.z)
@@ -239,20 +239,35 @@ def _distill(job: TrialJob, model: nn.Module, plan: CompressionPlan, context: Ev
     recipe = DistillRecipe.from_dict(plan.distill)
     if recipe.is_off:
         return
-    teacher, tokenizer = _baseline(job)
+    teacher, tokenizer = cached_baseline(job)
     batches = distill_batches(job, tokenizer, recipe.batch_size)
     with machine_lock(job.cache_dir, exclusive=False):
         cache = teacher_cache(job, teacher, batches, recipe.kind)
         context.records["distill"] = distill(model, cache, batches, recipe, job.task.kind)
 
 
-def build_model(job: TrialJob) -> tuple[nn.Module, CompressionPlan]:
-    base, tokenizer = _baseline(job)
+def build_model(
+    job: TrialJob, selection: Mapping[str, str] | None = None
+) -> tuple[nn.Module, CompressionPlan]:
+    """The trial's compressed model and its plan as applied (with the heads and neurons that
+    structured pruning kept: ``selection``, when given, decides them instead)."""
+    base, tokenizer = cached_baseline(job)
     plan = CompressionPlan.from_json(job.plan_json)
+    if selection:
+        plan = replace(plan, selection=dict(selection))
     model = copy.deepcopy(base)
-    calibration = calibration_batch(job, tokenizer) if plan.structured else None
-    apply_plan(model, plan, calibration=calibration)
-    return model.eval(), plan
+    needs_data = plan.structured and not plan.selection
+    applied = compress(model, plan, calibration=calibration_batch(job, tokenizer) if needs_data else None)
+    return model.eval(), applied
+
+
+def rebuild(job: TrialJob, selection: Mapping[str, str] | None) -> tuple[nn.Module, CompressionPlan, str]:
+    """What a trial measured, built again: the compressed model (distilled when its plan
+    says so), its plan as applied, and the digest of its state (``state_digest``)."""
+    model, plan = build_model(job, selection)
+    context = EvalContext(task=job.task.kind, batches=[], vocab_size=0, plan=plan)  # type: ignore[arg-type]
+    _distill(job, model, plan, context)
+    return model.eval(), plan, state_digest(model)
 
 
 class TrialTimeout(Exception):
@@ -324,7 +339,7 @@ def run_trial(job: TrialJob) -> TrialResult:
             torch.set_num_threads(job.latency.threads)
             remember_quiet(job.quiet_ms)
             model, plan = build_model(job)
-            reference, tokenizer = _baseline(job)
+            reference, tokenizer = cached_baseline(job)
             context = EvalContext(
                 task=job.task.kind,  # type: ignore[arg-type]
                 batches=eval_batches(job, tokenizer),
@@ -336,6 +351,11 @@ def run_trial(job: TrialJob) -> TrialResult:
             )
             context.records["realized"] = plan.realized()
             _distill(job, model, plan, context)
+            model.eval()
+            # What export checks its rebuild against: the units kept and the exact weights.
+            if plan.selection:
+                context.records["selection"] = dict(plan.selection)
+            context.records["state_sha256"] = state_digest(model)
             rejected = _screen(job, model, context, tokenizer)
             if rejected is not None:
                 context.records["fidelity"] = "screen"

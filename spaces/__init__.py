@@ -1,9 +1,9 @@
 """What can be chosen and how a choice is applied: search spaces, plans, compression methods."""
 
-from slimsearch.spaces.apply import apply_plan, compressible_modules, structured_blocks
+from slimsearch.spaces.apply import apply_plan, compress, compressible_modules, structured_blocks
 from slimsearch.spaces.methods.realized import REALIZED
 from slimsearch.spaces.plan import PLAN_VERSION, CompressionPlan, LayerSettings, StructuredSettings
-from slimsearch.spaces.serialize import load_compressed, save_compressed, serialized_size
+from slimsearch.spaces.serialize import load_compressed, save_compressed, serialized_size, state_digest
 from slimsearch.spaces.space import (
     Choices,
     SearchSpace,
@@ -23,10 +23,12 @@ __all__ = [
     "StructuredChoices",
     "StructuredSettings",
     "apply_plan",
+    "compress",
     "compressible_modules",
     "load_compressed",
     "save_compressed",
     "serialized_size",
     "space_config_from_mapping",
+    "state_digest",
     "structured_blocks",
 ]

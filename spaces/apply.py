@@ -12,6 +12,7 @@ Linears were already replaced, so a plan cannot be applied on top of another one
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from torch import Tensor, nn
 
@@ -81,13 +82,24 @@ def structured_fractions(model: nn.Module, plan: CompressionPlan) -> dict[tuple[
 def apply_plan(
     model: nn.Module, plan: CompressionPlan, calibration: Mapping[str, Tensor] | None = None
 ) -> nn.Module:
-    """Compress ``model`` in place as ``plan`` says and return it. An all-off plan changes nothing.
+    """Compress ``model`` in place as ``plan`` says and return it (see ``compress``)."""
+    compress(model, plan, calibration)
+    return model
+
+
+def compress(
+    model: nn.Module, plan: CompressionPlan, calibration: Mapping[str, Tensor] | None = None
+) -> CompressionPlan:
+    """Compress ``model`` in place as ``plan`` says; returns the plan as applied, with the
+    heads and neurons structured pruning kept in its ``selection``, so that applying the
+    returned plan to the same baseline rebuilds this model exactly, with no calibration.
+    An all-off plan changes nothing.
 
     ``calibration`` is a small batch of model inputs (keyword arguments of ``model(...)``,
     e.g. ``input_ids`` and ``attention_mask``) used only to choose which heads and neurons
-    structured pruning removes, by weight times activation norm. When it is None, structured
-    pruning falls back to weight magnitude alone (fine for rebuilding shapes before loading
-    saved tensors, weaker for choosing what to prune). Other methods ignore it.
+    structured pruning removes, by weight times activation norm, for units the plan's
+    selection does not name. When it is None, structured pruning falls back to weight
+    magnitude alone. Other methods ignore it.
     """
     unknown = [k for k in plan.layers if not k.startswith("re:") and k not in compressible_modules(model)]
     if unknown:
@@ -96,8 +108,7 @@ def apply_plan(
             f"compressible layers look like {list(compressible_modules(model))[:3]}"
         )
     fractions = structured_fractions(model, plan)
-    if fractions:
-        prune_structured(model, fractions, calibration)
+    selection = prune_structured(model, fractions, calibration, plan.selection) if fractions else {}
     modules = compressible_modules(model)  # after pruning: shapes (and objects) changed
     for name, settings in plan.active(modules).items():
         module = modules[name]
@@ -109,4 +120,4 @@ def apply_plan(
                 model.set_submodule(tied, TiedHead(packed))
         elif isinstance(module, nn.Linear):
             model.set_submodule(name, compress_linear(module, settings))
-    return model
+    return replace(plan, selection=selection)

@@ -118,6 +118,10 @@ class CompressionPlan:
     distill: Mapping[str, Any] | None = None
     version: int = PLAN_VERSION
     structured: Mapping[str, StructuredSettings] = field(default_factory=dict)
+    # Which heads / neurons structured pruning kept, by unit ("<owner>:heads"): a hex mask of
+    # the kept groups (bit i: group i). Filled in when a plan is applied (``compress``), so a
+    # plan that carries it rebuilds exactly the same model without calibration data.
+    selection: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.version != PLAN_VERSION:
@@ -125,6 +129,12 @@ class CompressionPlan:
                 f"plan version {self.version!r} is not supported by this slimsearch "
                 f"(it reads version {PLAN_VERSION}); re-run the study with this version"
             )
+        for unit, mask in self.selection.items():
+            if ":" not in unit or not isinstance(mask, str) or not re.fullmatch(r"[0-9a-f]+", mask):
+                raise ValueError(
+                    f"plan selection {unit!r}: {mask!r} is not '<module>:<kind>' -> a hex mask of kept "
+                    "groups; was the plan edited by hand?"
+                )
         for key in [*self.layers, *self.structured]:
             if key.startswith("re:"):
                 try:
@@ -174,6 +184,8 @@ class CompressionPlan:
         }
         if self.structured:
             data["structured"] = {k: asdict(v) for k, v in self.structured.items()}
+        if self.selection:
+            data["selection"] = dict(self.selection)
         return data
 
     def to_json(self) -> str:
@@ -186,7 +198,11 @@ class CompressionPlan:
         layers = {str(k): LayerSettings(**v) for k, v in data["layers"].items()}
         structured = {str(k): StructuredSettings(**v) for k, v in (data.get("structured") or {}).items()}
         return cls(
-            layers=layers, distill=data.get("distill"), version=int(data["version"]), structured=structured
+            layers=layers,
+            distill=data.get("distill"),
+            version=int(data["version"]),
+            structured=structured,
+            selection={str(k): str(v) for k, v in (data.get("selection") or {}).items()},
         )
 
     @classmethod

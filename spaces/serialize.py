@@ -6,10 +6,12 @@ export writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load, save
 from torch import Tensor, nn
@@ -34,6 +36,19 @@ def state_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
         seen[key] = name
         tensors[name] = tensor.detach().contiguous()
     return tensors, aliases
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 of the model's stored state: every tensor's name, dtype, shape and bytes, and
+    which names share a tensor. Equal digests mean the same weights, bit for bit."""
+    tensors, aliases = state_tensors(model)
+    digest = hashlib.sha256(json.dumps(sorted(aliases.items())).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)  # a view, no copy
+    return digest.hexdigest()
 
 
 def to_bytes(model: nn.Module, plan: CompressionPlan) -> bytes:

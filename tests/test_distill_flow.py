@@ -10,13 +10,16 @@ from optuna.trial import TrialState
 
 from conftest import tiny_study
 from slimsearch.search.driver import run_study
+from slimsearch.search.pareto import is_repeat
+from slimsearch.search.results import open_run
 from slimsearch.search.study_file import StudyError, study_from_mapping
 from slimsearch.spaces import CompressionPlan
 
 
 def _complete(run: Path) -> list[optuna.trial.FrozenTrial]:
+    """Complete trials that measured something (a repeated plan is answered, not measured)."""
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{run / 'study.db'}")
-    return study.get_trials(states=[TrialState.COMPLETE])
+    return [t for t in study.get_trials(states=[TrialState.COMPLETE]) if not is_repeat(t)]
 
 
 def test_two_stage_flow_distils_the_pareto_candidates(tmp_path: Path) -> None:
@@ -46,6 +49,10 @@ def test_two_stage_flow_distils_the_pareto_candidates(tmp_path: Path) -> None:
         assert "+KD(logits, 3 steps)" in plan.summary()
     # The teacher's outputs were computed once and cached on disk for other workers and runs.
     assert len(list((tmp_path / "cache" / "teacher").glob("*.safetensors"))) == 1
+    # Export distils again, with the same data and seed: the very weights the trial measured.
+    report = open_run(result.run_dir).export(stage_two[0].number, tmp_path / "out", repeats=2)
+    assert report.identical is True
+    assert report.state_sha256 == stage_two[0].user_attrs["records"]["state_sha256"]
 
 
 def test_every_trial_mode_searches_recipe_knobs(tmp_path: Path) -> None:

@@ -20,11 +20,11 @@ from conftest import tiny_study
 from slimsearch.evaluators import Accuracy, EvalContext
 from slimsearch.search import models, tasks
 from slimsearch.search.driver import run_study
-from slimsearch.search.export import INFO_FILE, PLAN_FILE, WEIGHTS, write_export
+from slimsearch.search.export import INFO_FILE, PLAN_FILE, WEIGHTS, ExportMismatch, write_export
 from slimsearch.search.results import Run, open_run
 from slimsearch.search.results_cli import add_commands
 from slimsearch.search.study_file import StudyError, study_from_mapping
-from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
+from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan, state_digest
 from slimsearch.spaces.methods import PackedEmbedding, TiedHead
 from slimsearch.spaces.testing import STANDARD_CASES, MethodCase
 from tiny import LM_TEXT, MODELS, tiny_bert, tiny_llama
@@ -191,3 +191,108 @@ def test_cli_export_command(tiny_run: Run, tmp_path: Path, capsys: pytest.Captur
     out = capsys.readouterr().out
     size = (tmp_path / "out" / WEIGHTS).stat().st_size
     assert f"weights: {size} bytes" in out and "latency vs baseline" in out
+
+
+# -- the exported model is the measured model ------------------------------------------------
+@pytest.fixture(scope="module")
+def structured_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("structured")
+    space = {
+        "default": {"bits": [32, 8]},
+        "structured": {"heads": [0.0, 0.5], "neurons": [0.0, 0.5]},
+    }
+    data = tiny_study(root, space=space, budget={"trials": 6}, constraints={"max_accuracy_drop": 100.0})
+    data["screening"] = False
+    run_study(study_from_mapping(data))
+    return open_run(root / "run")
+
+
+def _structured_trial(run: Run) -> int:
+    for t in run.complete_trials():
+        plan = CompressionPlan.from_dict(t.user_attrs["plan"])
+        if (
+            any(not s.is_off for s in plan.structured.values())
+            and "reused_from" not in t.user_attrs["records"]
+        ):
+            return t.number
+    raise AssertionError("the uniform seeds include structured plans: one must have run")
+
+
+def test_export_of_a_structured_trial_is_the_searched_model(structured_run: Run, tmp_path: Path) -> None:
+    # Heads and neurons are chosen on a calibration batch at trial time; the trial records
+    # which were kept and the digest of its weights, and export rebuilds exactly that.
+    number = _structured_trial(structured_run)
+    records = structured_run.trial(number).user_attrs["records"]
+    assert records["selection"] and len(records["state_sha256"]) == 64
+    report = structured_run.export(number, tmp_path / "out", repeats=3)
+    assert report.identical is True and report.state_sha256 == records["state_sha256"]
+    assert report.measured["accuracy"] == structured_run.trial(number).values[0]
+    assert report.size_bytes == structured_run.trial(number).user_attrs["metrics"]["size_bytes"]
+    assert "bit for bit the model the search measured" in (tmp_path / "out" / "README.md").read_text()
+    stored = CompressionPlan.from_dict(json.loads((tmp_path / "out" / PLAN_FILE).read_text()))
+    assert dict(stored.selection) == records["selection"]  # the folder alone rebuilds it
+    loaded, _ = slimsearch.load(tmp_path / "out")
+    assert state_digest(loaded) == records["state_sha256"]
+    # What the old export did (the plan without the calibration batch) is another model.
+    base, _ = models.load_baseline(structured_run.baseline_dir(), "classification")
+    plan = CompressionPlan.from_dict(structured_run.trial(number).user_attrs["plan"])
+    assert state_digest(apply_plan(base, plan)) != records["state_sha256"]
+
+
+def _tampered(run: Run, number: int, monkeypatch: pytest.MonkeyPatch, **attrs: Any) -> None:
+    """Make ``run.trial(number)`` carry other user attributes (a finished trial's stored ones
+    cannot be changed)."""
+    trial = copy.deepcopy(run.trial(number))
+    for key, value in attrs.items():
+        trial.user_attrs[key] = dict(trial.user_attrs[key]) | value
+    original = run.trial
+    monkeypatch.setattr(run, "trial", lambda n: trial if n == number else original(n))
+
+
+def test_export_refuses_a_rebuild_that_differs(
+    structured_run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    number = _structured_trial(structured_run)
+    _tampered(structured_run, number, monkeypatch, records={"state_sha256": "0" * 64})
+    with pytest.raises(ExportMismatch, match="differs from the one the search measured"):
+        structured_run.export(number, tmp_path / "refused", repeats=3)
+    assert not (tmp_path / "refused").exists()  # nothing written
+    report = structured_run.export(number, tmp_path / "forced", repeats=3, allow_mismatch=True)
+    assert report.identical is False
+    assert "differs from the model the search measured" in (tmp_path / "forced" / "README.md").read_text()
+
+
+def test_export_refuses_a_revalidation_outside_rounding(
+    structured_run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    number = _structured_trial(structured_run)
+    accuracy = structured_run.trial(number).user_attrs["metrics"]["accuracy"]
+    _tampered(structured_run, number, monkeypatch, metrics={"accuracy": accuracy - 20})
+    with pytest.raises(
+        ExportMismatch,
+        match=r"differs from the search beyond rounding: accuracy [\d.]+ now, [\d.]+ in the search",
+    ):
+        structured_run.export(number, tmp_path / "refused", repeats=3)
+
+
+def test_cli_export_mismatch_exits_non_zero(
+    structured_run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slimsearch.search import export
+
+    number = _structured_trial(structured_run)
+    monkeypatch.setattr(export, "measured_records", lambda run, trial: {"state_sha256": "f" * 64})
+    parser = argparse.ArgumentParser(prog="slimsearch")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(
+        ["export", str(structured_run.path), str(tmp_path / "o"), "--trial", str(number)]
+    )
+    with pytest.raises(ExportMismatch):
+        args.func(args)
+    from slimsearch.search.cli import main
+
+    code = main(
+        ["export", str(structured_run.path), str(tmp_path / "o"), "--trial", str(number), "--repeats", "2"]
+    )
+    assert code == 1 and not (tmp_path / "o").exists()
+    assert "differs from the one the search measured" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from slimsearch.spaces import (
 )
 from slimsearch.spaces.methods import LowRankLinear, PackedEmbedding, PackedLinear, max_useful_rank
 from slimsearch.spaces.methods.quantize import dequantize_groups, group_size_for, quantize_groups
-from slimsearch.spaces.methods.structured import find_units, prune_structured, removed_groups
+from slimsearch.spaces.methods.structured import find_units, kept_indices, prune_structured, removed_groups
 from tiny import tiny_bert, tiny_llama
 
 
@@ -217,7 +217,7 @@ def test_pruned_model_equals_original_with_removed_groups_zeroed(make: type[nn.M
     for unit in units:
         name, cols = unit.consumer
         weight = reference.get_submodule(name).weight
-        drop = sorted(set(range(unit.groups)) - set(kept[f"{unit.owner}:{unit.kind}"]))
+        drop = sorted(set(range(unit.groups)) - set(kept_indices(kept[f"{unit.owner}:{unit.kind}"])))
         with torch.no_grad():
             for g in drop:
                 weight[:, g * cols : (g + 1) * cols] = 0
@@ -236,8 +236,10 @@ def test_calibration_importance_uses_activations_not_only_weights() -> None:
         mlp.up_proj.weight[dead] *= 10.0
         mlp.down_proj.weight[:, dead] *= 10.0
     fractions = {(unit.block, "neurons"): 0.5}
-    calibrated = prune_structured(copy.deepcopy(model), fractions, batch())[f"{unit.owner}:neurons"]
-    magnitude = prune_structured(copy.deepcopy(model), fractions, None)[f"{unit.owner}:neurons"]
+    calibrated = kept_indices(
+        prune_structured(copy.deepcopy(model), fractions, batch())[f"{unit.owner}:neurons"]
+    )
+    magnitude = kept_indices(prune_structured(copy.deepcopy(model), fractions, None)[f"{unit.owner}:neurons"])
     assert set(calibrated).isdisjoint(dead)
     assert set(magnitude) == set(dead)
 
