@@ -17,7 +17,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from torch import nn
 
 from slimsearch.spaces.methods import max_useful_rank
-from slimsearch.spaces.methods.packed import EMBEDDING_BITS
+from slimsearch.spaces.methods.packed import EMBEDDING_BITS, lookup_scale
 from slimsearch.spaces.methods.structured import Kind, find_units, shrunk_shapes
 from slimsearch.spaces.plan import ALLOWED_BITS, CompressionPlan, LayerSettings, StructuredSettings
 
@@ -223,6 +223,18 @@ class SearchSpace:
                 f"its blocks include {blocks[:4]}"
             )
         kinds = {(u.block, u.kind) for u in self.units}
+        for kind in STRUCTURED_KNOBS:
+            missing = [b for b in chosen if (b, kind) not in kinds]
+            if getattr(choices, kind) != (0.0,) and missing:
+                # Never search less than the study file asks for without saying so.
+                layout = (
+                    "attention layout (query/key/value and output projections)" if kind == "heads" else "MLP"
+                )
+                raise ValueError(
+                    f"space.structured.{kind}: blocks {missing[:3]} have no {layout} that structured pruning "
+                    f"knows, so their {kind} cannot be pruned; set {kind}: [0.0], or limit "
+                    "space.structured.blocks to blocks that have them"
+                )
         for block in chosen:
             for kind in STRUCTURED_KNOBS:
                 if (block, kind) in kinds:
@@ -235,6 +247,11 @@ class SearchSpace:
         head = get_out() if callable(get_out) else None
         names = {id(m): n for n, m in model.named_modules()}
         if isinstance(emb, nn.Embedding):
+            if config.embeddings != (32,):
+                try:
+                    lookup_scale(emb)  # a table whose forward packing cannot keep is refused here
+                except ValueError as exc:
+                    raise ValueError(f"space.embeddings: {exc}") from None
             self.knobs.append(Knob(names[id(emb)], "bits", config.embeddings))
         tied = isinstance(head, nn.Linear) and isinstance(emb, nn.Embedding) and head.weight is emb.weight
         if isinstance(head, nn.Linear) and not tied:

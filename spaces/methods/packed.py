@@ -180,26 +180,59 @@ class PackedLinear(nn.Module):
         )
 
 
+def lookup_scale(emb: nn.Embedding) -> float:
+    """What ``emb``'s forward multiplies a looked-up row by: 1.0 for a plain nn.Embedding,
+    ``embed_scale`` for transformers' ``*ScaledWordEmbedding`` (Gemma's is sqrt(hidden));
+    ValueError for any other subclass, whose forward a packed table could not reproduce."""
+    if type(emb) is nn.Embedding:
+        return 1.0
+    scale = getattr(emb, "embed_scale", None)
+    name = type(emb).__name__
+    if isinstance(scale, Tensor) and scale.numel() == 1:
+        scale = float(scale)
+    if type(emb).__name__.endswith("ScaledWordEmbedding") and isinstance(scale, (int, float)):
+        # Checked, not assumed: the module must compute exactly lookup x scale.
+        ids = torch.arange(min(emb.num_embeddings, 8))
+        with torch.no_grad():
+            expected = F.embedding(ids, emb.weight, emb.padding_idx) * float(scale)
+            if torch.allclose(emb(ids).float(), expected.float(), rtol=1e-5, atol=1e-6):
+                return float(scale)
+    raise ValueError(
+        f"the embedding table is a {name}, whose forward is more than a row lookup; slimsearch cannot "
+        "pack it without changing what it computes: keep it at 32 bits (space.embeddings: [32])"
+    )
+
+
 class PackedEmbedding(nn.Module):
-    """An embedding table stored in 16, 8, 4 or 2 bits; rows are dequantized as they are looked up."""
+    """An embedding table stored in 16, 8, 4 or 2 bits; rows are dequantized as they are looked
+    up, then multiplied by ``lookup_scale`` (1.0 but for scaled word embeddings such as Gemma's,
+    whose table is stored unscaled: a tied output layer reads it as it is)."""
 
     values: Tensor
     scale: Tensor
     offset: Tensor
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, padding_idx: int | None) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int,
+        padding_idx: int | None,
+        lookup_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.bits = bits
         self.padding_idx = padding_idx
+        self.lookup_scale = lookup_scale
         self._cache: dict[str, Any] = {}
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, bits: int) -> PackedEmbedding:
         if bits not in EMBEDDING_BITS:
             raise ValueError(f"embeddings take bits {list(EMBEDDING_BITS)} (32 is off), not {bits!r}")
-        out = cls(emb.num_embeddings, emb.embedding_dim, bits, emb.padding_idx)
+        out = cls(emb.num_embeddings, emb.embedding_dim, bits, emb.padding_idx, lookup_scale(emb))
         weight = emb.weight.detach().float()
         if bits in GROUPED_BITS:
             codes, scale, offset = quantize_groups(weight, bits)
@@ -222,6 +255,11 @@ class PackedEmbedding(nn.Module):
         return SIZE
 
     def forward(self, ids: Tensor) -> Tensor:
+        rows = self._rows(ids)
+        return rows * self.lookup_scale if self.lookup_scale != 1.0 else rows
+
+    def _rows(self, ids: Tensor) -> Tensor:
+        """The stored (unscaled) rows of ``ids``, dequantized."""
         if self.bits == 16:
             return F.embedding(ids, self.values.view(self.num_embeddings, -1)).float()
         if self.bits == 8:
@@ -235,7 +273,7 @@ class PackedEmbedding(nn.Module):
     def dense_weight(self) -> Tensor:
         if "dense" not in self._cache:
             all_ids = torch.arange(self.num_embeddings)
-            self._cache["dense"] = self.forward(all_ids)
+            self._cache["dense"] = self._rows(all_ids)
         weight: Tensor = self._cache["dense"]
         return weight
 
@@ -250,7 +288,8 @@ class PackedEmbedding(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
+        scaled = f", lookup_scale={self.lookup_scale:g}" if self.lookup_scale != 1.0 else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}{scaled}"
 
 
 class TiedHead(nn.Module):

@@ -103,6 +103,31 @@ def _bert_attention(name: str, module: nn.Module) -> Unit | None:
     )
 
 
+def _deberta_attention(name: str, module: nn.Module) -> Unit | None:
+    """DeBERTa(-v2)'s disentangled attention: ``self`` with query_proj/key_proj/value_proj,
+    and, when it does not share them, pos_query_proj/pos_key_proj (per-head projections of
+    the relative-position embeddings); ``output.dense`` consumes the heads."""
+    inner = getattr(module, "self", None)
+    out = getattr(getattr(module, "output", None), "dense", None)
+    projections = ("query_proj", "key_proj", "value_proj")
+    if inner is None or out is None or not all(hasattr(inner, a) for a in projections):
+        return None
+    head_dim = _width(inner, "attention_head_size")
+    owner = _join(name, "self")
+    extra = tuple(
+        p for p in ("pos_query_proj", "pos_key_proj") if isinstance(getattr(inner, p, None), nn.Linear)
+    )
+    return Unit(
+        kind="heads",
+        block=_parent(name),
+        owner=owner,
+        producers=tuple((_join(owner, p), head_dim) for p in (*projections, *extra)),
+        consumer=(_join(name, "output.dense"), head_dim),
+        groups=_width(inner, "num_attention_heads"),
+        head_dim=head_dim,
+    )
+
+
 def _gated_mlp(name: str, module: nn.Module) -> Unit | None:
     if not all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
         return None
@@ -135,6 +160,7 @@ def _bert_mlp(name: str, module: nn.Module) -> Unit | None:
 DETECTORS: tuple[Callable[[str, nn.Module], Unit | None], ...] = (
     _llama_attention,
     _bert_attention,
+    _deberta_attention,
     _gated_mlp,
     _bert_mlp,
 )
@@ -273,15 +299,50 @@ def _update_owner(owner: nn.Module, unit: Unit, kept: int) -> None:
         setattr(owner, "all_head_size", kept * unit.heads_per_group * unit.head_dim)  # noqa: B010
 
 
-def prune_unit(model: nn.Module, unit: Unit, fraction: float, norms: Mapping[str, Tensor] | None) -> Tensor:
-    """Remove ``fraction`` of the unit's groups in place; returns the kept group indices."""
+def unit_key(unit: Unit) -> str:
+    return f"{unit.owner}:{unit.kind}"
+
+
+def encode_kept(kept: Tensor) -> str:
+    """Kept group indices as a hex mask (bit i set: group i kept)."""
+    return f"{sum(1 << int(i) for i in kept.tolist()):x}"
+
+
+def kept_indices(mask: str) -> list[int]:
+    """The group indices a selection mask keeps, ascending."""
+    value = int(mask, 16)
+    return [i for i in range(value.bit_length()) if value >> i & 1]
+
+
+def decode_kept(mask: str, unit: Unit, removed: int) -> Tensor:
+    value = int(mask, 16)
+    kept = kept_indices(mask)
+    if value >> unit.groups or len(kept) != unit.groups - removed:
+        raise ValueError(
+            f"plan selection for {unit_key(unit)} keeps {len(kept)} groups (mask {mask}), but the plan "
+            f"removes {removed} of this model's {unit.groups}: the selection belongs to another model "
+            "or plan"
+        )
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def prune_unit(
+    model: nn.Module,
+    unit: Unit,
+    fraction: float,
+    norms: Mapping[str, Tensor] | None,
+    kept: Tensor | None = None,
+) -> Tensor:
+    """Remove ``fraction`` of the unit's groups in place (the ``kept`` ones stay, when given);
+    returns the kept group indices."""
     removed = removed_groups(fraction, unit.groups)
     if removed == 0:
         return torch.arange(unit.groups)
-    scores = _group_scores(model, unit, norms)
-    # Stable order: equal scores keep the lower index, so the same inputs give the same model.
-    order = torch.sort(-scores, stable=True).indices
-    kept = torch.sort(order[: unit.groups - removed]).values
+    if kept is None:
+        scores = _group_scores(model, unit, norms)
+        # Stable order: equal scores keep the lower index, so the same inputs give the same model.
+        order = torch.sort(-scores, stable=True).indices
+        kept = torch.sort(order[: unit.groups - removed]).values
     for name, rows in unit.producers:
         model.set_submodule(name, _shrink(_linear(model, name), _kept_index(kept, rows), None))
     name, cols = unit.consumer
@@ -294,21 +355,33 @@ def prune_structured(
     model: nn.Module,
     fractions: Mapping[tuple[str, Kind], float],
     calibration: Mapping[str, Tensor] | None = None,
-) -> dict[str, list[int]]:
-    """Prune every unit whose (block, kind) has a non-zero fraction; returns kept groups by owner.
+    selection: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Prune every unit whose (block, kind) has a non-zero fraction; returns the kept groups
+    of each pruned unit as a selection (``unit_key`` -> hex mask).
 
-    All importances come from one forward pass of the unpruned model (one-shot pruning).
+    A unit named in ``selection`` keeps exactly those groups (a rebuild); the others are
+    ranked on one forward pass of the unpruned model (one-shot pruning).
     """
+    selection = selection or {}
     units = [u for u in find_units(model) if fractions.get((u.block, u.kind), 0.0) > 0]
     active = [u for u in units if removed_groups(fractions[(u.block, u.kind)], u.groups) > 0]
     for unit in active:
         for name, _ in (*unit.producers, unit.consumer):
             _linear(model, name)  # refuse before changing anything
+    given = {
+        unit_key(u): decode_kept(
+            selection[unit_key(u)], u, removed_groups(fractions[(u.block, u.kind)], u.groups)
+        )
+        for u in active
+        if unit_key(u) in selection
+    }
+    ranked = [u for u in active if unit_key(u) not in given]
     norms = None
-    if active and calibration is not None:
-        norms = activation_norms(model, [u.consumer[0] for u in active], calibration)
+    if ranked and calibration is not None:
+        norms = activation_norms(model, [u.consumer[0] for u in ranked], calibration)
     kept = {}
     for unit in active:
-        index = prune_unit(model, unit, fractions[(unit.block, unit.kind)], norms)
-        kept[f"{unit.owner}:{unit.kind}"] = index.tolist()
+        index = prune_unit(model, unit, fractions[(unit.block, unit.kind)], norms, given.get(unit_key(unit)))
+        kept[unit_key(unit)] = encode_kept(index)
     return kept
