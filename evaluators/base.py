@@ -27,7 +27,9 @@ class LatencySpec:
     interval is within +-precision of it, or ``max_repeats`` passes (never fewer than
     ``repeats``). ``max_drift``: re-measure when the baseline runs this much slower than the
     quietest it has run (in this process or earlier trials of the study: a busy neighbour).
-    0 turns either off.
+    0 turns either off. ``time_budget``: seconds one measurement (all shapes, warm-up and
+    retries) may take; past it the best attempt so far is kept and flagged ``noisy`` (0: no
+    limit).
     """
 
     batch_size: int = 1
@@ -42,6 +44,7 @@ class LatencySpec:
     max_drift: float = 0.05
     shapes: tuple[tuple[int, int], ...] = ()
     target: str | None = None
+    time_budget: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "warmup", "repeats", "threads", "retries", "max_repeats"):
@@ -51,7 +54,7 @@ class LatencySpec:
                 raise ValueError(f"latency.{name}={value!r}: give an integer >= {low}")
         if not isinstance(self.max_cv, (int, float)) or not self.max_cv > 0:
             raise ValueError(f"latency.max_cv={self.max_cv!r}: give a positive fraction such as 0.15")
-        for name, example in (("precision", "0.01"), ("max_drift", "0.05")):
+        for name, example in (("precision", "0.01"), ("max_drift", "0.05"), ("time_budget", "60 (seconds)")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"latency.{name}={value!r}: give a fraction >= 0 such as {example} (0: off)")

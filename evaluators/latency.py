@@ -13,12 +13,15 @@ The protocol, per input shape:
    it has run (in this process, or in earlier trials of the study). On a VM a neighbour's
    load shifts the ratio itself (it slows fp32 and int8 kernels unequally), so the attempt
    with the fastest baseline is kept.
+   All of it within ``time_budget`` seconds: past it no new block or attempt starts, and
+   the best attempt so far is kept (flagged ``noisy`` when it failed a gate).
 5. Report the median, the inter-quartile range, a bootstrap 95% interval of the ratio to
    the baseline, and the environment (CPU, threads, torch version, node).
 """
 
 from __future__ import annotations
 
+import math
 import platform
 import random
 import statistics
@@ -49,14 +52,17 @@ def _timer(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], fl
     return once
 
 
-def _warm_up(run: Callable[[], float], minimum: int) -> int:
-    """Run at least ``minimum`` passes, then blocks until two blocks' medians agree within 10%."""
+def _warm_up(run: Callable[[], float], minimum: int, deadline: float = math.inf) -> int:
+    """Run at least ``minimum`` passes, then blocks until two blocks' medians agree within 10%
+    (or the deadline passes)."""
     for _ in range(minimum):
         run()
     block = max(3, minimum // 2)
     previous = statistics.median(run() for _ in range(block))
     passes = minimum + block
     for _ in range(MAX_WARMUP_BLOCKS):
+        if time.monotonic() > deadline:
+            break
         current = statistics.median(run() for _ in range(block))
         passes += block
         if abs(current - previous) <= 0.1 * previous:
@@ -139,9 +145,13 @@ def quiet_times(record: dict[str, Any]) -> dict[str, float]:
 
 
 def _sample(
-    run_cand: Callable[[], float], run_base: Callable[[], float] | None, spec: LatencySpec
+    run_cand: Callable[[], float],
+    run_base: Callable[[], float] | None,
+    spec: LatencySpec,
+    deadline: float = math.inf,
 ) -> tuple[list[float], list[float]]:
-    """Blocks of ``repeats`` interleaved passes until the ratio is precise enough (or capped)."""
+    """Blocks of ``repeats`` interleaved passes until the ratio is precise enough (or capped,
+    or the deadline passed: at least one block is always taken)."""
     cand: list[float] = []
     base: list[float] = []
     cap = max(spec.max_repeats, spec.repeats)
@@ -152,6 +162,8 @@ def _sample(
             if run_base is not None:
                 base.append(run_base())
         if run_base is None or spec.precision <= 0 or len(cand) + spec.repeats > cap:
+            return cand, base
+        if time.monotonic() > deadline:
             return cand, base
         if len(cand) < check_at:
             continue
@@ -169,22 +181,30 @@ def measure(
     vocab_size: int,
     reference: nn.Module | None = None,
     shape: tuple[int, int] | None = None,
+    deadline: float = math.inf,
 ) -> dict[str, Any]:
-    """Measure one input shape by the protocol above; returns medians, spread and noise."""
+    """Measure one input shape by the protocol above; returns medians, spread and noise.
+
+    Past ``deadline`` (time.monotonic()) no more warm-up blocks, sample blocks or attempts
+    start: the best attempt so far is kept, and flagged noisy when it failed a gate."""
     torch.set_num_threads(spec.threads)
     batch, seq = shape or (spec.batch_size, spec.seq_len)
     inputs = latency_inputs(batch, seq, vocab_size)
     run_cand = _timer(model, inputs)
     run_base = _timer(reference, inputs) if reference is not None else None
-    warm = _warm_up(run_cand, spec.warmup)
+    warm = _warm_up(run_cand, spec.warmup, deadline)
     key = quiet_key(batch, seq, spec.threads, reference)
     if run_base is not None:
-        warm += _warm_up(run_base, spec.warmup)
+        warm += _warm_up(run_base, spec.warmup, deadline)
     attempts: list[dict[str, Any]] = []
+    out_of_time = False
     for attempt in range(spec.retries + 1):
         if attempt:
+            if time.monotonic() > deadline:
+                out_of_time = True
+                break
             time.sleep(0.2 * attempt)  # a short pause: a burst of other work may pass
-        cand, base = _sample(run_cand, run_base, spec)
+        cand, base = _sample(run_cand, run_base, spec, deadline)
         result: dict[str, Any] = {"batch_size": batch, "seq_len": seq, "repeats": len(cand)}
         result |= _spread(cand)
         result["warmup_passes"] = warm
@@ -208,6 +228,7 @@ def measure(
     best["noisy"] = best["robust_cv"] > spec.max_cv or (
         spec.max_drift > 0 and best.get("baseline_drift", 0.0) > spec.max_drift
     )
+    best["out_of_time"] = out_of_time or time.monotonic() > deadline
     return best
 
 
@@ -215,7 +236,8 @@ def measure_all(model: nn.Module, context: EvalContext, reference: nn.Module | N
     """Every configured shape, plus the environment; cached in ``context.records``."""
     if "latency" not in context.records:
         spec = context.latency
-        shapes = [measure(model, spec, context.vocab_size, reference, s) for s in spec.all_shapes()]
+        deadline = time.monotonic() + spec.time_budget if spec.time_budget > 0 else math.inf
+        shapes = [measure(model, spec, context.vocab_size, reference, s, deadline) for s in spec.all_shapes()]
         record: dict[str, Any] = {"shapes": shapes, "environment": environment(spec)}
         record["median_ms"] = sum(s["median_ms"] for s in shapes)
         if all("ratio" in s for s in shapes):

@@ -101,3 +101,44 @@ def test_exclusive_lock_waits_for_shared_holders(tmp_path: Path) -> None:
     lock_file = tmp_path / "locks" / "measure.lock"
     with machine_lock(tmp_path, exclusive=True), lock_file.open("a") as f, pytest.raises(BlockingIOError):
         fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+
+def test_time_budget_bounds_a_measurement_and_flags_it() -> None:
+    """A measurement that cannot settle (impossible precision and CV gates) ends at its time
+    budget with the best attempt kept and flagged, instead of running to max_repeats times
+    every retry. The deadline is already past: no wall-clock race is involved."""
+    model = tiny_bert()
+    spec = LatencySpec(
+        batch_size=1,
+        seq_len=8,
+        warmup=0,
+        repeats=5,
+        threads=1,
+        precision=1e-9,
+        max_repeats=10_000,
+        max_cv=1e-9,
+        retries=5,
+        time_budget=1e-9,
+    )
+    out = measure(model, spec, vocab_size=96, reference=model, deadline=time.monotonic())
+    assert out["repeats"] == 5 and out["attempts"] == 1  # one block, one attempt, then it stopped
+    assert out["out_of_time"] is True and out["noisy"] is True
+    unbounded = LatencySpec(
+        batch_size=1,
+        seq_len=8,
+        warmup=0,
+        repeats=5,
+        threads=1,
+        precision=1e-9,
+        max_repeats=15,
+        max_cv=1e-9,
+        retries=1,
+        time_budget=0,
+    )
+    out = measure(model, unbounded, vocab_size=96, reference=model)
+    assert out["repeats"] == 15 and out["attempts"] == 2 and out["out_of_time"] is False
+
+
+def test_time_budget_is_checked_in_the_study_file() -> None:
+    with pytest.raises(ValueError, match="time_budget"):
+        LatencySpec(time_budget=-1)
