@@ -2,22 +2,27 @@
 
 - ``InProcessExecutor`` runs each job in the driver's own process (tests, debugging).
 - ``RayExecutor`` runs each job as a Ray task, on a local Ray that it starts itself (files
-  under the run folder, no dashboard, bound to 127.0.0.1) or on an existing cluster given
+  under the run folder, no dashboard, every server bound to 127.0.0.1, its processes ended
+  with the driver's however it ends) or on an existing cluster given
   by address. When the study names a latency target (a Ray custom resource), a trial is
   split in two tasks: quality anywhere, timing only on nodes that carry the target.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import subprocess
 import tempfile
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from slimsearch.search import raywatch
 from slimsearch.search.log import say
 from slimsearch.search.study_file import StudyError
 from slimsearch.search.worker import TrialJob, TrialResult, run_trial, timing_objectives
@@ -60,6 +65,36 @@ class InProcessExecutor:
 
     def shutdown(self) -> None:
         self._queue.clear()
+
+
+LOOPBACK = "127.0.0.1"
+CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """While it is open, a Ray started by this process binds every server to 127.0.0.1.
+
+    Ray resolves a loopback node address to the machine's network address (so that other
+    nodes could join) and its gRPC servers then listen on every interface. With clusters
+    off (the switch Ray has for Windows and macOS), the node address stays loopback and so
+    does every server; a local Ray has no other nodes. Read when Ray is imported, so it is
+    also set on the module if Ray already is; both are put back on exit, so a later
+    connection to a real cluster from this process is not affected.
+    """
+    import ray._private.ray_constants as constants
+
+    previous = os.environ.get(CLUSTER_SWITCH), constants.ENABLE_RAY_CLUSTER
+    os.environ[CLUSTER_SWITCH] = "0"
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if previous[0] is None:
+            os.environ.pop(CLUSTER_SWITCH, None)
+        else:
+            os.environ[CLUSTER_SWITCH] = previous[0]
+        constants.ENABLE_RAY_CLUSTER = previous[1]
 
 
 # Unix socket paths are limited to 107 bytes; Ray puts sockets several levels below its
@@ -124,6 +159,7 @@ class RayExecutor:
         self._trials: dict[int, _Pending] = {}
         self._owner: dict[Any, tuple[int, int]] = {}  # ref -> (trial number, part index)
         self._started_here = False
+        self._watchdog: subprocess.Popen[bytes] | None = None
         self._cpus = cpus_per_trial
         if address:
             check_address(address)
@@ -134,15 +170,24 @@ class RayExecutor:
             else:
                 temp = _ray_temp_dir(run_dir)
                 temp.mkdir(parents=True, exist_ok=True)
-                say(f"starting a local Ray ({os.cpu_count()} CPUs, session files under {temp})")
-                ray.init(
-                    num_cpus=os.cpu_count(),
-                    include_dashboard=False,
-                    _temp_dir=str(temp),
-                    _node_ip_address="127.0.0.1",
-                    logging_level=logging.WARNING,
-                    log_to_driver=True,
-                )
+                say(f"starting a local Ray on 127.0.0.1 ({os.cpu_count()} CPUs, session files under {temp})")
+                self._watchdog = raywatch.start()
+                with loopback_only():
+                    ray.init(
+                        num_cpus=os.cpu_count(),
+                        include_dashboard=False,
+                        _temp_dir=str(temp),
+                        _node_ip_address=LOOPBACK,
+                        logging_level=logging.WARNING,
+                        log_to_driver=True,
+                    )
+                node_ip = ray.util.get_node_ip_address()
+                if node_ip != LOOPBACK:  # Ray would listen on the network: never run so
+                    self.shutdown()
+                    raise RuntimeError(
+                        f"the local Ray came up on {node_ip}, not {LOOPBACK}; it was shut down. "
+                        "Start a cluster yourself (`ray start --head`) and pass its --address"
+                    )
             self._started_here = True
         # max_retries=1: a task whose worker process died is run once more. max_calls=1: the
         # worker exits after the task, so the next task starts in a fresh process.
@@ -200,6 +245,9 @@ class RayExecutor:
             self.cancel(number, "shutdown")
         if self._started_here:
             self._ray.shutdown()
+            self._started_here = False
+        raywatch.stop(self._watchdog)  # ends the agents that outlive ray.shutdown()
+        self._watchdog = None
 
 
 def merge_parts(number: int, parts: list[TrialResult]) -> TrialResult:
