@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
 import yaml
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from slimsearch.evaluators.latency import merge_quietest, quiet_times
-from slimsearch.search import models, pareto, refine, sensitivity
+from slimsearch.search import comparable, models, pareto, preflight, refine, retry, sensitivity, storage
 from slimsearch.search.executors import Executor, make_executor
+from slimsearch.search.faults import FailureStreak, RunAborted, RunFolderWatch
+from slimsearch.search.locks import run_lock
 from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, constraint_metric, load_study
 from slimsearch.search.worker import ScreenSpec, TrialJob, TrialResult, timing_objectives
@@ -32,12 +31,15 @@ from slimsearch.spaces import CompressionPlan, SearchSpace
 from slimsearch.spaces.methods.distill import DistillRecipe
 from slimsearch.spaces.methods.quantize import QUANTIZER_VERSION
 
-MAX_RETRIES = 1
 RATIO_SHOWN = ("size_bytes", "latency_ms", "perplexity")  # progress shows these against the baseline
 RUN_INFO = "run.json"
 # A trial past its timeout first gets TrialTimeout raised inside it; past this much more,
 # its task is killed (code stuck in native calls cannot see the signal).
 KILL_GRACE_S = 10.0
+# Answered repeats cost no budget, so a sampler that only proposes measured plans (a small
+# space, fully explored) would never stop: this many in a row end the run.
+MAX_REPEATS_IN_A_ROW = 100
+EXIT_CODES = {"interrupted": 130, "terminated": 143, "aborted": 1}
 
 
 @dataclass
@@ -48,31 +50,18 @@ class RunResult:
     front: list[dict[str, Any]]
     stopped: str
     counts: dict[str, int] = field(default_factory=dict)
+    error: str | None = None  # why an aborted run stopped
+
+    @property
+    def exit_code(self) -> int:
+        """130 / 143 when interrupted by SIGINT / SIGTERM, 1 when aborted or nothing completed."""
+        if self.stopped in EXIT_CODES:
+            return EXIT_CODES[self.stopped]
+        return 0 if self.counts.get("complete") else 1
 
 
 def storage_url(spec: StudySpec) -> str:
-    if spec.storage == "sqlite":
-        return f"sqlite:///{spec.output / 'study.db'}"
-    return str(spec.output / "study.journal")
-
-
-def _sqlite_pragmas(connection: Any, record: Any) -> None:
-    # WAL with synchronous=NORMAL survives a killed process (only a power cut can lose the
-    # last commits) and makes each commit ~10x cheaper: Optuna commits every parameter of
-    # every ask, which cost 1.8 s per trial on a 109-parameter space with the defaults.
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
-def open_storage(kind: str, url: str) -> optuna.storages.BaseStorage:
-    if kind == "journal":
-        return JournalStorage(JournalFileBackend(url))
-    storage = optuna.storages.RDBStorage(url)
-    sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
-    storage.engine.dispose()  # reconnect with the pragmas
-    return storage
+    return storage.storage_url(spec.output, spec.storage)
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -114,37 +103,28 @@ class Driver:
         self.done_here = 0  # trials finished by this driver (for the ETA)
         self.quiet_ms: dict[str, float] = {}  # quietest baseline time per shape, for the drift gate
         self.profile: sensitivity.Profile | None = None  # set when the study refines its front
+        self.max_repeats = MAX_REPEATS_IN_A_ROW
+        self.streak = FailureStreak(spec.executor.max_consecutive_failures)
+        self.watch = RunFolderWatch(self.run_dir, storage.storage_path(self.run_dir, spec.storage))
 
     # -- set-up -------------------------------------------------------------------------
     def open_study(self, space: SearchSpace, baseline_dir: Path) -> optuna.Study:
         spec = self.spec
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        url = storage_url(spec)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(
+        directions = [o.direction for o in spec.objectives]
+        study = optuna.load_study(
             study_name=spec.name,
-            storage=open_storage(spec.storage, url),
-            directions=[o.direction for o in spec.objectives],
+            storage=storage.open_for_driver(self.run_dir, spec.storage, spec.name, directions),
             sampler=make_sampler(spec),
-            load_if_exists=True,
         )
-        fingerprint = {"space": space.fingerprint(), "objectives": self.objectives}
-        if self.spec.distill.search:
-            fingerprint["distill"] = {k: list(v) for k, v in self.spec.distill.search.items()}
-        stored = study.user_attrs.get("fingerprint")
-        if stored is None:
-            study.set_user_attr("fingerprint", fingerprint)
-            study.set_user_attr("quantizer", QUANTIZER_VERSION)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(self.objectives)
-        elif stored != fingerprint:
+        if [d.name.lower() for d in study.directions] != directions:
             raise StudyError(
-                f"output: {self.run_dir} holds a study with a different search space or objectives "
-                f"(stored {stored}, now {fingerprint}); resume with the original study file, or "
-                "give a new output folder (--output) to start a fresh study"
+                f"output: {self.run_dir} holds the study {spec.name!r} with directions "
+                f"{[d.name.lower() for d in study.directions]}, not {directions}; resume with the original "
+                "study file, or give a new output folder (--output)"
             )
-        elif (measured_with := study.user_attrs.get("quantizer", 1)) != QUANTIZER_VERSION:
+        self.check_comparable(study, space, baseline_dir)
+        if (measured_with := study.user_attrs.get("quantizer", 1)) != QUANTIZER_VERSION:
             # Not refused: the stored trials are still real measurements, just of other codes.
             say(
                 f"warning: {self.run_dir} was measured with quantizer version "
@@ -155,7 +135,7 @@ class Driver:
         info = {
             "study_name": spec.name,
             "storage": spec.storage,
-            "url": url,
+            "url": storage_url(spec),
             "objectives": self.objectives,
             "task": spec.task.kind,
             "baseline_dir": str(baseline_dir),
@@ -165,17 +145,34 @@ class Driver:
         (self.run_dir / "study.yaml").write_text(yaml.safe_dump(dict(spec.raw), sort_keys=False))
         return study
 
-    def recover(self, study: optuna.Study) -> None:
-        """Trials left RUNNING by a killed driver: mark FAILED, re-queue their params once."""
-        for t in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
-            study.tell(t.number, state=TrialState.FAIL)
-            retries = int(t.user_attrs.get("retries", 0))
-            if retries < MAX_RETRIES and t.params:
-                study.enqueue_trial(t.params, user_attrs={"retries": retries + 1, "retry_of": t.number})
-            say(
-                f"trial {t.number} was left running by an earlier driver: marked failed"
-                + (", re-queued" if retries < MAX_RETRIES else ", retry cap reached")
+    def check_comparable(self, study: optuna.Study, space: SearchSpace, baseline_dir: Path) -> None:
+        """Refuse a resume whose trials would not be comparable with the stored ones; record
+        what they are scored by in a new study."""
+        spec = self.spec
+        fingerprint: dict[str, Any] = {"space": space.fingerprint(), "objectives": self.objectives}
+        if spec.distill.search:
+            fingerprint["distill"] = {k: list(v) for k, v in spec.distill.search.items()}
+        now = comparable.record(spec, space, baseline_dir.name)
+        stored = study.user_attrs.get("comparable")
+        if stored is None and (legacy := study.user_attrs.get("fingerprint")) not in (None, fingerprint):
+            stored = {"space": legacy.get("space"), "objectives": legacy.get("objectives")}
+            now = {"space": fingerprint["space"], "objectives": self.objectives}
+        if stored is not None and stored != now:
+            changes = comparable.differences(stored, now)
+            raise StudyError(
+                f"output: {self.run_dir} holds trials scored another way; resuming would mix them into "
+                f"one front. Changed since they ran: {'; '.join(changes[:8])}"
+                + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+                + ". Resume with the original study file, or give a new output folder (--output)"
             )
+        if "comparable" not in study.user_attrs:  # a new study, or one from before this record
+            study.set_user_attr("comparable", now)
+        if "fingerprint" not in study.user_attrs:
+            study.set_user_attr("fingerprint", fingerprint)
+            study.set_user_attr("quantizer", QUANTIZER_VERSION)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(self.objectives)
 
     def job(
         self, number: int, plan: CompressionPlan, baseline_dir: Path, baseline: dict[str, float]
@@ -227,8 +224,8 @@ class Driver:
 
     # -- the loop -----------------------------------------------------------------------
     def finished_count(self, study: optuna.Study) -> int:
-        states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-        return len(study.get_trials(deepcopy=False, states=states))
+        """Finished trials that spent the budget (see retry.counts_toward_budget)."""
+        return sum(retry.counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
 
     def tell(self, study: optuna.Study, result: TrialResult, baseline: dict[str, float]) -> None:
         trial, _ = self.running.pop(result.number)
@@ -237,6 +234,8 @@ class Driver:
         if result.pruned:
             trial.set_user_attr("records", result.records)
             study.tell(trial, state=TrialState.PRUNED)
+            if "reused_from" not in result.records:  # proposed again, it is answered from this
+                self.known.setdefault(CompressionPlan.from_dict(trial.user_attrs["plan"]).to_json(), result)
             return
         if result.values is None:
             trial.set_user_attr("error", result.error or "unknown error")
@@ -260,17 +259,19 @@ class Driver:
 
     def progress(self, study: optuna.Study, result: TrialResult, baseline: dict[str, float]) -> None:
         trials = study.get_trials(deepcopy=False)
+        counted = sum(retry.counts_toward_budget(t) for t in trials)
         done = sum(t.state == TrialState.COMPLETE for t in trials)
-        failed = sum(t.state == TrialState.FAIL for t in trials)
+        failed = sum(t.state == TrialState.FAIL and retry.counts_toward_budget(t) for t in trials)
         screened = sum(t.state == TrialState.PRUNED for t in trials)
+        repeats = sum("reused_from" in t.user_attrs.get("records", {}) for t in trials)
         best_trials = study.best_trials if done else []
-        front = len(best_trials)
+        front = len(pareto.distinct_front(study)) if done else 0
         elapsed = time.monotonic() - self.started
         budget = self.spec.budget
         eta = ""
-        if budget.trials:
-            per = elapsed / max(1, self.done_here)
-            eta = f", ETA {fmt_seconds(per * max(0, budget.trials - done - failed - screened))}"
+        if budget.trials and self.done_here:
+            per = elapsed / self.done_here
+            eta = f", ETA {fmt_seconds(per * max(0, budget.trials - counted))}"
         if result.values:
             parts = []
             for name, value in result.values.items():
@@ -278,17 +279,18 @@ class Driver:
                 shown = f" ({value / base:.2f}x)" if base and name in RATIO_SHOWN else ""
                 parts.append(f"{name} {value:.4g}{shown}")
             what = ", ".join(parts)
-            if "reused_from" in result.records:
-                what += f" (same plan as trial {result.records['reused_from']}: reused)"
         elif result.pruned:
             scr = result.records.get("screen", {})
             what = f"screened out (accuracy {scr.get('accuracy', 0):.1f} on {scr.get('examples')} examples)"
         else:
             what = "failed"
+        if "reused_from" in result.records:
+            what += f" (same plan as trial {result.records['reused_from']}: answered from it, not counted)"
         total = f"/{budget.trials}" if budget.trials else ""
         say(
-            f"trial {result.number}: {what} [{result.seconds:.1f}s] | {done + failed + screened}{total} done "
-            f"({failed} failed, {screened} screened out, {len(self.running)} running), front {front}, "
+            f"trial {result.number}: {what} [{result.seconds:.1f}s] | {counted}{total} done "
+            f"({failed} failed, {screened} screened out, {repeats} repeats answered, "
+            f"{len(self.running)} running), front {front}, "
             f"elapsed {fmt_seconds(elapsed)}{eta}{self.best_so_far(study, best_trials)}"
         )
 
@@ -304,6 +306,11 @@ class Driver:
         return " | best: " + ", ".join(parts)
 
     def run(self) -> RunResult:
+        preflight.preflight(self.spec)  # what can be refused without a model, before any work
+        with run_lock(self.run_dir):
+            return self._run()
+
+    def _run(self) -> RunResult:
         spec = self.spec
         baseline_dir = models.prepare_baseline(spec)
         model, _ = models.load_baseline(baseline_dir, spec.task.kind, spec.model.trust_remote_code)
@@ -314,15 +321,11 @@ class Driver:
         del model
         say(f"search space: {space.describe()}")
         study = self.open_study(space, baseline_dir)
-        self.recover(study)
-        for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]):
-            if "plan" in t.user_attrs and "reused_from" not in t.user_attrs.get("records", {}):
-                key = CompressionPlan.from_dict(t.user_attrs["plan"]).to_json()
-                values = dict(t.user_attrs.get("metrics", {}))
-                self.known.setdefault(
-                    key, TrialResult(t.number, values, dict(t.user_attrs.get("records", {})))
-                )
+        self.watch = RunFolderWatch(self.run_dir, storage.storage_path(self.run_dir, spec.storage))
+        self.watch.start()
         distributions = space.distributions() | self.distill_distributions()
+        retry.recover(study, distributions)
+        self.remember(study)
         executor = make_executor(
             spec.executor.kind,
             self.run_dir,
@@ -330,7 +333,12 @@ class Driver:
             spec.latency.threads,
             spec.executor.address,
         )
-        stopped = "budget"
+        if spec.executor.kind == "inprocess" and spec.executor.trial_timeout_s:
+            say(
+                "note: in-process, executor.trial_timeout is a signal that Python code sees; a native "
+                "call that blocks signals runs past it (executor kind ray kills the task instead)"
+            )
+        stopped, error = "budget", None
         previous_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
         try:
             baseline = self.measure_baseline(study, executor, baseline_dir)
@@ -343,9 +351,16 @@ class Driver:
             if seeding:
                 seeds = sensitivity.sensitivity_seeds(space, profile, spec.seed_budgets)
                 _queue_seeds(study, seeds, "sensitivity", "seeded_sensitivity")
-            deadline = self.started + spec.budget.timeout_s if spec.budget.timeout_s else None
+            # The time budget is the search's: set-up (fetching, fine-tuning, the baseline
+            # measurement, the sensitivity profile) does not spend it.
+            deadline = time.monotonic() + spec.budget.timeout_s if spec.budget.timeout_s else None
+            if deadline is not None:
+                say(
+                    f"set-up took {fmt_seconds(time.monotonic() - self.started)}; the search's "
+                    f"{fmt_seconds(spec.budget.timeout_s or 0)} start now"
+                )
             stopped = self.loop(study, executor, space, distributions, baseline_dir, baseline, deadline)
-            if spec.distill.mode == "finalists" and stopped != "timeout":
+            if spec.distill.mode == "finalists" and stopped not in ("timeout", "exhausted"):
                 waiting = len(study.get_trials(deepcopy=False, states=[TrialState.WAITING]))
                 extra = self.queue_finalists(study)
                 if extra:  # queued seeds not yet run go first: Optuna pops waiting trials in order
@@ -354,18 +369,52 @@ class Driver:
                     stopped = self.loop(*args, budget=budget)
             if spec.remeasure_front:
                 self.remeasure_front(study, executor, baseline_dir, baseline)
-        except KeyboardInterrupt:
-            stopped = "interrupted"
-            say("interrupted: cancelling running trials; the front so far is written below")
+        except KeyboardInterrupt as exc:
+            stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            say(f"{stopped}: cancelling running trials (they are queued again for a resume)")
+        except RunAborted as exc:
+            stopped, error = "aborted", str(exc)
+            say(f"error: {exc}")
         finally:
             signal.signal(signal.SIGTERM, previous_term)
-            for trial, _ in self.running.values():
-                trial.set_user_attr("error", f"cancelled ({stopped})")
-                study.tell(trial, state=TrialState.FAIL)
-            self.running.clear()
+            self.cancel_running(study, distributions, stopped)
             executor.shutdown()
+        if stopped == "aborted" and not self.watch.intact():  # nothing left to write the front into
+            print(f"\nslimsearch: error: {error}")
+            return RunResult(self.run_dir, study, {}, [], stopped, {}, error)
         baseline = dict(study.user_attrs.get("baseline", {}))
-        return self.finish(study, baseline, stopped)
+        result = self.finish(study, baseline, stopped)
+        result.error = error
+        return result
+
+    def remember(self, study: optuna.Study) -> None:
+        """Plans measured (or screened out) in earlier runs: a repeat is answered from them."""
+        for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED]):
+            records = dict(t.user_attrs.get("records", {}))
+            if "plan" not in t.user_attrs or "reused_from" in records:
+                continue
+            key = CompressionPlan.from_dict(t.user_attrs["plan"]).to_json()
+            if t.state == TrialState.COMPLETE:
+                values = dict(t.user_attrs.get("metrics", {}))
+                self.known.setdefault(key, TrialResult(t.number, values, records))
+            else:
+                self.known.setdefault(key, TrialResult(t.number, None, records, pruned=True))
+
+    def cancel_running(self, study: optuna.Study, distributions: dict[str, Any], stopped: str) -> None:
+        """Trials cut short by the run stopping: FAILED, not counted, queued again whole."""
+        for number in list(self.running):
+            try:
+                done = retry.fail_and_requeue(
+                    study,
+                    study.get_trials(deepcopy=False)[number],
+                    distributions,
+                    f"cancelled: the run was {stopped}",
+                    counted=False,
+                )
+                say(f"trial {number}: cancelled, {done}")
+            except Exception as exc:  # the storage itself may be what failed
+                say(f"trial {number}: could not be marked cancelled ({type(exc).__name__}: {exc})")
+        self.running.clear()
 
     def loop(
         self,
@@ -380,13 +429,27 @@ class Driver:
     ) -> str:
         budget = budget if budget is not None else self.spec.budget.trials
         stopped = "budget"
+        repeats = 0  # answered repeats in a row
+        waited = False
         while True:
+            self.watch.check()
             out_of_time = deadline is not None and time.monotonic() >= deadline
+            if out_of_time and not study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]):
+                if not waited:  # so that the run always ends with a front
+                    say("the search's time is up before any trial finished: waiting for the first one")
+                    waited = True
+                out_of_time = executor.in_flight() > 0
             if out_of_time:
                 stopped = "timeout"
             while not out_of_time and executor.in_flight() < executor.capacity:
                 if budget is not None and self.finished_count(study) + len(self.running) >= budget:
                     break
+                if repeats >= self.max_repeats:
+                    say(
+                        f"the last {repeats} proposals were all plans measured before: the space looks "
+                        "exhausted, so the search stops here"
+                    )
+                    return "exhausted"
                 if self.profile is not None:
                     queue_refinement(study, space, self.profile)
                 trial = ask_retry_first(study, distributions)
@@ -394,14 +457,16 @@ class Driver:
                 trial.set_user_attr("plan", plan.to_dict())
                 self.running[trial.number] = (trial, time.monotonic())
                 earlier = self.known.get(plan.to_json())
-                if earlier is not None:  # the same plan was measured before: reuse it
-                    reused = TrialResult(
-                        trial.number, dict(earlier.values or {}), {"reused_from": earlier.number}
-                    )
+                if earlier is not None:  # the same plan was measured before: answer from it
+                    records = {k: v for k, v in earlier.records.items() if k == "screen"}
+                    values = dict(earlier.values) if earlier.values is not None else None
+                    records |= {"reused_from": earlier.number}
+                    reused = TrialResult(trial.number, values, records, pruned=earlier.pruned)
                     self.tell(study, reused, baseline)
-                    self.done_here += 1
                     self.progress(study, reused, baseline)
+                    repeats += 1
                     continue
+                repeats = 0
                 executor.submit(self.job(trial.number, plan, baseline_dir, baseline))
             if executor.in_flight() == 0:
                 return stopped
@@ -410,6 +475,7 @@ class Driver:
                 self.tell(study, result, baseline)
                 self.done_here += 1
                 self.progress(study, result, baseline)
+                self.streak.note(None if result.values is not None or result.pruned else result.error or "?")
 
     # -- distillation ------------------------------------------------------------------------
     def distill_distributions(self) -> dict[str, Any]:
@@ -484,7 +550,9 @@ class Driver:
         """Time the front's trials again, each in a fresh process, interleaved with the baseline."""
         timing = timing_objectives(self.spec.objectives)
         front = [
-            t for t in study.best_trials if str(t.number) not in study.user_attrs.get("final_latency", {})
+            t
+            for t in pareto.distinct_front(study)
+            if str(t.number) not in study.user_attrs.get("final_latency", {})
         ]
         if not timing or not front:
             return
@@ -511,15 +579,18 @@ class Driver:
             print("latency columns of the front: re-measured at the end in fresh processes")
         pareto.write_csv(rows, self.run_dir / "pareto.csv")
         pareto.write_csv(pareto.all_rows(study, self.objectives, baseline), self.run_dir / "trials.csv")
-        states = [t.state for t in study.get_trials(deepcopy=False)]
+        trials = study.get_trials(deepcopy=False)
+        counted = [t for t in trials if retry.counts_toward_budget(t)]
         counts = {
-            "complete": states.count(TrialState.COMPLETE),
-            "failed": states.count(TrialState.FAIL),
+            "complete": sum(t.state == TrialState.COMPLETE for t in counted),
+            "failed": sum(t.state == TrialState.FAIL for t in counted),
+            "repeats": sum(pareto.is_repeat(t) for t in trials),
         }
         took = fmt_seconds(time.monotonic() - self.started)
         print(
             f"\nslimsearch: study {self.spec.name!r} stopped ({stopped}) after {took}: "
-            f"{counts['complete']} trials complete, {counts['failed']} failed"
+            f"{counts['complete']} trials complete, {counts['failed']} failed, "
+            f"{counts['repeats']} repeated plans answered from earlier trials"
         )
         if baseline:
             print("baseline: " + ", ".join(f"{k} {v:.4g}" for k, v in baseline.items()))
@@ -595,8 +666,12 @@ def _run_alone(executor: Executor, job: TrialJob, fresh_process: bool = False) -
     return results[0]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (the run stops cleanly), but exits with 143."""
+
+
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def run_study(

@@ -42,6 +42,8 @@ def baseline_key(spec: StudySpec) -> str:
         task = asdict(spec.task)
         task.pop("eval_batch_size")
         parts["task"] = task
+    if spec.task.kind == "classification" and (classes := tasks.num_labels(spec.task, spec.cache)) != 2:
+        parts["num_labels"] = classes  # only when not 2, so the two-class keys stay as they were
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -57,7 +59,7 @@ def load_baseline(folder: Path, kind: str, trust_remote_code: bool = False) -> t
 
     quiet_libraries()
     model = model_class(kind).from_pretrained(
-        str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code
+        str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
     )
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
@@ -82,6 +84,8 @@ def _from_config(spec: StudySpec) -> tuple[Any, Any]:
 
     config = dict(spec.model.config or {})
     model_type = config.pop("model_type")
+    if spec.task.kind == "classification":
+        config.setdefault("num_labels", tasks.num_labels(spec.task, spec.cache))
     cfg = AutoConfig.for_model(model_type, **config)
     model = model_class(spec.task.kind).from_config(cfg)
     if spec.task.kind == "classification":
@@ -127,8 +131,10 @@ def _load_source(spec: StudySpec) -> tuple[Any, Any]:
         return _load_smollm2(spec.cache)
     folder = assets.minilm_folder(spec.cache) if source == "builtin:all-minilm-l6-v2" else Path(source)
     kwargs: dict[str, Any] = {"trust_remote_code": spec.model.trust_remote_code, "dtype": torch.float32}
+    if not spec.model.allow_pickle:
+        kwargs["use_safetensors"] = True  # transformers then refuses pickle weights itself
     if spec.task.kind == "classification":
-        kwargs["num_labels"] = 2
+        kwargs["num_labels"] = tasks.num_labels(spec.task, spec.cache)
     model = model_class(spec.task.kind).from_pretrained(str(folder), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=spec.model.trust_remote_code)
     return model, tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,15 +47,44 @@ def trial_row(
     return row
 
 
+def is_repeat(trial: FrozenTrial) -> bool:
+    """A trial answered from an earlier one with the same plan (nothing was measured)."""
+    return "reused_from" in trial.user_attrs.get("records", {})
+
+
+def distinct_front(study: optuna.Study) -> list[FrozenTrial]:
+    """Optuna's best (feasible, non-dominated) trials, each plan once: the trial that measured it."""
+    seen: set[str] = set()
+    out = []
+    for t in sorted(study.best_trials, key=lambda t: (is_repeat(t), t.number)):
+        key = json.dumps(t.user_attrs.get("plan"), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return sorted(out, key=lambda t: t.number)
+
+
+def _dominated(
+    row: dict[str, Any], other: dict[str, Any], signs: Sequence[int], names: Sequence[str]
+) -> bool:
+    pairs = [(s * float(other[n]), s * float(row[n])) for s, n in zip(signs, names, strict=True)]
+    return all(o <= r for o, r in pairs) and any(o < r for o, r in pairs)
+
+
 def front_rows(
     study: optuna.Study, objectives: Sequence[str], baseline: dict[str, float]
 ) -> list[dict[str, Any]]:
-    """Pareto-optimal feasible trials (Optuna's best_trials), sorted by the first objective.
+    """The Pareto front as table rows, sorted by the first objective: the feasible,
+    non-dominated trials, each distinct plan once.
 
-    Latency values re-measured at the end of the run replace the trial-time ones.
+    Latency values re-measured at the end of the run replace the trial-time ones, and the
+    front is then taken again on those numbers: a row dominated on what it shows is dropped.
     """
     final = study.user_attrs.get("final_latency", {})
-    rows = [trial_row(t, objectives, baseline, final.get(str(t.number))) for t in study.best_trials]
+    rows = [trial_row(t, objectives, baseline, final.get(str(t.number))) for t in distinct_front(study)]
+    signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
+    names = list(objectives)
+    rows = [r for r in rows if not any(_dominated(r, o, signs, names) for o in rows if o is not r)]
     first = objectives[0]
     reverse = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     return sorted(rows, key=lambda r: r[first], reverse=reverse)

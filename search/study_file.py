@@ -71,13 +71,15 @@ class ModelSpec:
     config: Mapping[str, Any] | None = None
     finetune: FinetuneSpec | None = None
     trust_remote_code: bool = False
+    # Pickle weights (pytorch_model.bin) can run code when loaded: refused unless asked for.
+    allow_pickle: bool = False
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     kind: str
     data: str
-    rows: tuple[tuple[str, int], ...] | None = None  # inline data (tests, notebooks)
+    rows: tuple[tuple[str, int | str], ...] | None = None  # inline data (tests, notebooks)
     text: str | None = None  # inline LM text
     train_size: int = 3000
     test_size: int = 1000
@@ -136,6 +138,9 @@ class ExecutorSpec:
     address: str | None = None
     max_in_flight: int = 1
     trial_timeout_s: float | None = None
+    # Stop the run when this many trials in a row fail with the same error (a systematic
+    # fault: a broken plugin, a full disk); None never stops.
+    max_consecutive_failures: int | None = 10
 
 
 @dataclass(frozen=True)
@@ -228,7 +233,7 @@ def _path(base: Path, value: Any) -> Path:
 
 
 def _model(data: Mapping[str, Any], base_dir: Path) -> ModelSpec:
-    raw = _section(data, "model", {"source", "config", "finetune", "trust_remote_code"})
+    raw = _section(data, "model", {"source", "config", "finetune", "trust_remote_code", "allow_pickle"})
     source = raw.get("source")
     config = raw.get("config")
     if source is None and config is None:
@@ -265,7 +270,12 @@ def _model(data: Mapping[str, Any], base_dir: Path) -> ModelSpec:
     trust = raw.get("trust_remote_code", False)
     if not isinstance(trust, bool):
         raise _fail("model.trust_remote_code", trust, "write true or false")
-    return ModelSpec(source=str(source), config=config, finetune=finetune, trust_remote_code=trust)
+    pickle = raw.get("allow_pickle", False)
+    if not isinstance(pickle, bool):
+        raise _fail("model.allow_pickle", pickle, "write true or false")
+    return ModelSpec(
+        source=str(source), config=config, finetune=finetune, trust_remote_code=trust, allow_pickle=pickle
+    )
 
 
 def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
@@ -290,7 +300,12 @@ def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
     if rows is not None:
         if not isinstance(rows, (list, tuple)) or not rows:
             raise _fail("task.rows", rows, "give a list of [text, label] pairs")
-        rows = tuple((str(t), int(label)) for t, label in rows)
+        for i, row in enumerate(rows):
+            if not isinstance(row, (list, tuple)) or len(row) != 2 or isinstance(row[1], (bool, float)):
+                raise _fail(
+                    f"task.rows[{i}]", row, "give a [text, label] pair (label: a whole number or a name)"
+                )
+        rows = tuple((str(t), label if isinstance(label, int) else str(label)) for t, label in rows)
         source = source or "inline"
     elif text is not None:
         source = source or "inline"
@@ -488,8 +503,11 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
             "max_drift",
             "shapes",
             "target",
+            "time_budget",
         },
     )
+    if lat.get("time_budget") not in (None, 0):
+        lat["time_budget"] = parse_duration(lat["time_budget"], "latency.time_budget")
     if "shapes" in lat:
         shapes = lat["shapes"]
         if not isinstance(shapes, list):
@@ -516,12 +534,18 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     )
     if budget.trials is None and budget.timeout_s is None:
         raise StudyError("budget: give budget.trials, budget.timeout, or both, so the search ends")
-    exe = _section(data, "executor", {"kind", "address", "max_in_flight", "trial_timeout"})
+    exe = _section(
+        data, "executor", {"kind", "address", "max_in_flight", "trial_timeout", "max_consecutive_failures"}
+    )
+    failures = exe.get("max_consecutive_failures", 10)
     executor = ExecutorSpec(
         kind=_choice(exe.get("kind", "ray"), "executor.kind", EXECUTORS),
         address=exe.get("address"),
         max_in_flight=_int(exe.get("max_in_flight", 1), "executor.max_in_flight"),
         trial_timeout_s=parse_duration(exe.get("trial_timeout"), "executor.trial_timeout"),
+        max_consecutive_failures=None
+        if failures is None
+        else _int(failures, "executor.max_consecutive_failures"),
     )
     if executor.address is not None and not isinstance(executor.address, str):
         raise _fail(

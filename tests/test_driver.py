@@ -25,7 +25,7 @@ def _trials(result_dir: Path) -> list[optuna.trial.FrozenTrial]:
 
 def test_tiny_study_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = run_study(study_from_mapping(tiny_study(tmp_path)))
-    assert result.counts == {"complete": 8, "failed": 0}
+    assert result.counts == {"complete": 8, "failed": 0, "repeats": 0}
     trials = _trials(result.run_dir)
     assert len(trials) == 8
     # Seeded first: the all-off configuration is trial 0 and equals the baseline's accuracy.
@@ -73,7 +73,7 @@ def test_resume_keeps_trials_and_refuses_a_changed_space(tmp_path: Path) -> None
     assert result.counts["complete"] == 6
     assert [t.number for t in _trials(tmp_path / "run")][:4] == numbers
     changed = tiny_study(tmp_path, space={"default": {"bits": [32, 8]}})
-    with pytest.raises(StudyError, match="different search space"):
+    with pytest.raises(StudyError, match=r"scored another way.*space\..*:bits: \[32, 8, 4\] -> \[32, 8\]"):
         run_study(study_from_mapping(changed))
 
 
@@ -102,11 +102,13 @@ def test_stale_running_trials_are_failed_and_requeued_ahead_of_waiting_seeds(tmp
     orphan = study.ask(fixed_distributions=dists)  # the driver died mid-seed: it took the oldest
     assert orphan.number == waiting[0].number
     waiting = waiting[1:]
-    # Budget for two more finished trials: the orphan (failed now) and its retry, which must
-    # jump the queue of waiting seeds (Optuna alone would run the oldest seed instead).
-    result = run_study(study_from_mapping(data), trials=5)
+    # Budget for one more finished trial: the orphan's retry, which must jump the queue of
+    # waiting seeds (Optuna alone would run the oldest seed instead). The orphan itself, cut
+    # short by the driver's death, is failed but spends no budget.
+    result = run_study(study_from_mapping(data), trials=4)
     trials = _trials(result.run_dir)
-    assert next(t for t in trials if t.number == orphan.number).state == TrialState.FAIL
+    failed = next(t for t in trials if t.number == orphan.number)
+    assert failed.state == TrialState.FAIL and failed.user_attrs["orphaned"]
     retried = [t for t in trials if t.user_attrs.get("retry_of") == orphan.number]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
     still = study.get_trials(deepcopy=False, states=[TrialState.WAITING])
@@ -129,7 +131,7 @@ def test_cli_run_and_pareto(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_tiny_study_through_local_ray(tmp_path: Path, ray_session: None) -> None:
     data = tiny_study(tmp_path, executor={"kind": "ray", "max_in_flight": 2}, budget={"trials": 6})
     result = run_study(study_from_mapping(data))
-    assert result.counts == {"complete": 6, "failed": 0}
+    assert result.counts == {"complete": 6, "failed": 0, "repeats": 0}
     pids = {t.user_attrs["records"]["pid"] for t in _trials(result.run_dir)}
     import os
 
@@ -149,22 +151,32 @@ def test_trial_past_its_timeout_fails_and_the_search_goes_on(tmp_path: Path) -> 
     assert timed_out and result.counts["complete"] >= 2 and len(trials) == 4
 
 
-def test_identical_plans_are_not_measured_twice(tmp_path: Path) -> None:
+def test_identical_plans_are_answered_without_spending_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A one-knob space with two values: after both are measured, every proposal is a repeat.
+    # Repeats spend no budget, so the run must end because the space is exhausted, not
+    # because 6 trials ran; the front shows each plan once.
+    from slimsearch.search import driver
+
+    monkeypatch.setattr(driver, "MAX_REPEATS_IN_A_ROW", 5)
     data = tiny_study(
         tmp_path,
         space={"layers": "bert.encoder.layer.0.output.dense", "default": {"bits": [32, 8]}},
         budget={"trials": 6},
     )
     result = run_study(study_from_mapping(data))
+    assert result.stopped == "exhausted"
     trials = _trials(result.run_dir)
     reused = [t for t in trials if "reused_from" in t.user_attrs["records"]]
     measured = [t for t in trials if "reused_from" not in t.user_attrs["records"]]
-    assert result.counts["complete"] == 6
-    assert len(measured) == 2 and len(reused) == 4
+    assert len(measured) == 2 and len(reused) == 5
+    assert result.counts == {"complete": 2, "failed": 0, "repeats": 5}
     by_number = {t.number: t for t in trials}
     for t in reused:
         assert t.values == by_number[t.user_attrs["records"]["reused_from"]].values
+    plans = [row["plan"] for row in result.front]
+    assert len(plans) == len(set(plans)) and {row["trial"] for row in result.front} <= {0, 1}
 
 
 def test_screening_rejects_trials_below_the_threshold_early(

@@ -68,7 +68,7 @@ def test_killed_ray_worker_is_retried_and_nothing_is_lost(tmp_path: Path, ray_se
     assert killed, "the worker was never killed: the test proved nothing"
     assert killed[0] != os.getpid()  # a Ray worker died, not the driver
     # The killed task ran again (max_retries=1) and completed: every trial is complete.
-    assert result.counts == {"complete": 3, "failed": 0}
+    assert result.counts == {"complete": 3, "failed": 0, "repeats": 0}
 
 
 def test_kill_9_of_the_driver_then_resume_keeps_every_finished_trial(tmp_path: Path) -> None:

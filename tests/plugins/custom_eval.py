@@ -84,3 +84,14 @@ class Slow:
 
         time.sleep(self.seconds)
         return 1.0
+
+
+class CompressedLayers:
+    """How many layers the plan compresses: against size, a deterministic trade-off (fewer
+    compressed layers, more bytes), so a test's front has many points without timing noise."""
+
+    name = "compressed_layers"
+    direction = "minimize"
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        return float(sum(not s.is_off for s in context.plan.layers.values()))

@@ -1,0 +1,85 @@
+"""Trials that did not finish because the run stopped, and their second chance.
+
+A trial left RUNNING by a killed driver (``kill -9``, a closed laptop) and a trial cancelled
+by Ctrl-C or SIGTERM are both marked FAILED and queued again with their whole plan and the
+attributes that say who proposed them (a seed, a refinement step, a stage-two
+distillation), ahead of the seeds still waiting. A killed driver's trial may have been the
+cause, so it is retried once (``MAX_RETRIES``); an interrupted one is not counted. Neither
+counts toward the trial budget: its retry does.
+
+A trial killed while its parameters were being written has only some of them. When it was
+queued (a seed, a retry, a refinement step) the full plan is still known and is queued
+again; a sampler's half-drawn proposal is not, and the trial is marked plainly as not
+retried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from slimsearch.search.log import say
+
+MAX_RETRIES = 1
+# Attributes a finished trial gains; everything else a trial carries says who proposed it.
+RESULT_ATTRS = frozenset(
+    {"plan", "metrics", "records", "seconds", "node", "error", "traceback", "before_distill"}
+    | {"retries", "retry_of", "interrupted", "orphaned", "not_retried"}
+)
+NOT_COUNTED = ("interrupted", "orphaned")  # user attributes of trials the budget skips
+
+
+def full_params(trial: FrozenTrial, distributions: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The trial's whole parameter set, or None when part of it was never drawn."""
+    if set(distributions) <= set(trial.params):
+        return dict(trial.params)
+    fixed = trial.system_attrs.get("fixed_params")  # set by enqueue_trial: the full plan
+    if isinstance(fixed, Mapping) and set(distributions) <= set(fixed):
+        return dict(fixed)
+    return None
+
+
+def fail_and_requeue(
+    study: optuna.Study, trial: FrozenTrial, distributions: Mapping[str, Any], reason: str, *, counted: bool
+) -> str:
+    """Mark an unfinished (RUNNING) trial FAILED, not counted toward the budget, and queue it
+    again with its whole plan; returns what was done, for the log."""
+    params = full_params(trial, distributions)
+    retries = int(trial.user_attrs.get("retries", 0)) + (1 if counted else 0)
+    live = optuna.trial.Trial(study, trial._trial_id)
+    live.set_user_attr("orphaned" if counted else "interrupted", True)
+    live.set_user_attr("error", reason)
+    done = "re-queued"
+    if params is None:
+        done = "not retried: it was stopped while the sampler was drawing its parameters"
+    elif retries > MAX_RETRIES:
+        done = "not retried: retry cap reached"
+    if done != "re-queued":
+        live.set_user_attr("not_retried", done.removeprefix("not retried: "))
+    study.tell(trial.number, state=TrialState.FAIL)
+    if params is not None and done == "re-queued":
+        attrs = {k: v for k, v in trial.user_attrs.items() if k not in RESULT_ATTRS}
+        study.enqueue_trial(params, user_attrs=attrs | {"retries": retries, "retry_of": trial.number})
+    return done
+
+
+def recover(study: optuna.Study, distributions: Mapping[str, Any]) -> None:
+    """Trials an earlier driver left RUNNING (it was killed): FAILED, and queued again once."""
+    for t in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
+        done = fail_and_requeue(
+            study, t, distributions, "left running by a driver that was killed", counted=True
+        )
+        say(f"trial {t.number} was left running by an earlier driver: marked failed, {done}")
+
+
+def counts_toward_budget(trial: FrozenTrial) -> bool:
+    """Finished trials that spend the trial budget: not answered repeats (their plan was
+    measured before), not trials cut short by the run stopping (their retry counts)."""
+    if trial.state not in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED):
+        return False
+    if "reused_from" in trial.user_attrs.get("records", {}):
+        return False
+    return not any(trial.user_attrs.get(key) for key in NOT_COUNTED)
