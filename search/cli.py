@@ -29,11 +29,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_setup(args: argparse.Namespace) -> int:
-    from slimsearch.search import models
+    from slimsearch.search import models, preflight
     from slimsearch.search.log import say
     from slimsearch.search.study_file import load_study
 
     spec = load_study(args.study)
+    preflight.check_folder("cache", spec.cache)
+    preflight.check_data(spec)
+    preflight.check_model(spec)
     folder = models.prepare_baseline(spec)
     say(f"baseline ready: {folder}")
     return 0

@@ -209,9 +209,11 @@ class Driver:
             return dict(stored)
         say("measuring the uncompressed baseline")
         result = _run_alone(executor, self.job(-1, CompressionPlan(), baseline_dir, {}))
-        if result.values is None:
-            raise RuntimeError(
-                f"the baseline could not be evaluated: {result.error}\n{result.traceback or ''}"
+        if result.values is None:  # every trial would fail the same way
+            say(f"the baseline's measurement failed:\n{result.traceback or result.error}")
+            raise RunAborted(
+                f"the uncompressed baseline could not be evaluated ({result.error}); fix the cause "
+                "(the traceback is above) and run the study again"
             )
         study.set_user_attr("baseline", result.values)
         study.set_user_attr("baseline_records", result.records)

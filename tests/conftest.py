@@ -65,6 +65,16 @@ def ray_session() -> Iterator[None]:
     temp = tempfile.mkdtemp(prefix="ssray-")
     # Workers import test plugins (tests/plugins) too.
     env = {"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}}
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="ERROR", runtime_env=env)
+    from slimsearch.search.executors import loopback_only
+
+    with loopback_only():  # as the executor starts its own: nothing listens beyond 127.0.0.1
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _temp_dir=temp,
+            _node_ip_address="127.0.0.1",
+            logging_level="ERROR",
+            runtime_env=env,
+        )
     yield
     ray.shutdown()

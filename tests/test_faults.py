@@ -137,6 +137,7 @@ def test_unanswering_ray_address_is_refused_before_any_trial(tmp_path: Path) -> 
     data = tiny_study(tmp_path, executor={"kind": "ray", "address": f"127.0.0.1:{port}"})
     with pytest.raises(StudyError, match="did not answer"):
         run_study(study_from_mapping(data))
+    assert not (tmp_path / "cache" / "baselines").exists()  # refused before the model was loaded
 
 
 def _free_port() -> int:

@@ -48,23 +48,26 @@ class Sleepy:
 
 
 class SlowOnce:
-    """Writes its pid and sleeps on the first call per marker folder, so a test can kill the
-    worker mid-trial; later calls (the retry) return at once."""
+    """Writes its pid and sleeps on the first call per marker folder (after ``after`` quick
+    ones), so a test can kill the worker mid-trial; later calls (the retry) return at once."""
 
     name = "slow_once"
     direction = "minimize"
 
-    def __init__(self, folder: str, seconds: float = 20.0) -> None:
+    def __init__(self, folder: str, seconds: float = 20.0, after: int = 0) -> None:
         self.folder = folder
         self.seconds = seconds
+        self.after = after
 
     def evaluate(self, model: nn.Module, context: EvalContext) -> float:
         import os
         import time
         from pathlib import Path
 
+        calls = Path(self.folder) / "calls"
+        calls.write_text(calls.read_text() + "x" if calls.exists() else "x")
         marker = Path(self.folder) / "started"
-        if not marker.exists():
+        if len(calls.read_text()) > self.after and not marker.exists():
             marker.write_text(str(os.getpid()))
             time.sleep(self.seconds)
         return 1.0
@@ -95,3 +98,39 @@ class CompressedLayers:
 
     def evaluate(self, model: nn.Module, context: EvalContext) -> float:
         return float(sum(not s.is_off for s in context.plan.layers.values()))
+
+
+class AlwaysFails:
+    """A systematic fault: every trial that compresses anything raises the same error (with a
+    number that changes); the baseline and the all-off plan pass."""
+
+    name = "always_fails"
+    direction = "minimize"
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        import random
+
+        if context.plan.is_off:
+            return 1.0
+        raise RuntimeError(f"the metrics server at port {random.randint(1000, 9999)} refused the connection")
+
+
+class RemovesRunFolder:
+    """Deletes the run folder while the third trial is being measured."""
+
+    name = "removes_run_folder"
+    direction = "minimize"
+
+    def __init__(self, folder: str, marker: str) -> None:
+        self.folder = folder
+        self.marker = marker
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        import shutil
+        from pathlib import Path
+
+        calls = Path(self.marker)
+        calls.write_text(calls.read_text() + "x" if calls.exists() else "x")
+        if len(calls.read_text()) == 3:
+            shutil.rmtree(self.folder)
+        return 1.0
