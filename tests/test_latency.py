@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -108,33 +109,14 @@ def test_time_budget_bounds_a_measurement_and_flags_it() -> None:
     budget with the best attempt kept and flagged, instead of running to max_repeats times
     every retry. The deadline is already past: no wall-clock race is involved."""
     model = tiny_bert()
-    spec = LatencySpec(
-        batch_size=1,
-        seq_len=8,
-        warmup=0,
-        repeats=5,
-        threads=1,
-        precision=1e-9,
-        max_repeats=10_000,
-        max_cv=1e-9,
-        retries=5,
-        time_budget=1e-9,
+    unsettled = LatencySpec(
+        batch_size=1, seq_len=8, warmup=0, repeats=5, threads=1, precision=1e-9, max_cv=1e-9
     )
+    spec = replace(unsettled, max_repeats=10_000, retries=5, time_budget=1e-9)
     out = measure(model, spec, vocab_size=96, reference=model, deadline=time.monotonic())
     assert out["repeats"] == 5 and out["attempts"] == 1  # one block, one attempt, then it stopped
     assert out["out_of_time"] is True and out["noisy"] is True
-    unbounded = LatencySpec(
-        batch_size=1,
-        seq_len=8,
-        warmup=0,
-        repeats=5,
-        threads=1,
-        precision=1e-9,
-        max_repeats=15,
-        max_cv=1e-9,
-        retries=1,
-        time_budget=0,
-    )
+    unbounded = replace(unsettled, max_repeats=15, retries=1, time_budget=0)
     out = measure(model, unbounded, vocab_size=96, reference=model)
     assert out["repeats"] == 15 and out["attempts"] == 2 and out["out_of_time"] is False
 
