@@ -3,9 +3,10 @@
 Ray ends its GCS and raylet with the driver, but its agents (``ray::DashboardAgent``,
 ``ray::RuntimeEnvAgent``) outlive a killed driver by minutes, and they rename themselves,
 so nothing in their command line says whose they are. The driver starts this process with
-a pipe on its stdin; it notes every process descended from the driver, once a second,
-and when the pipe closes (the driver exited, however it died) it kills the ones it noted
-that are still there. Linux only (it reads /proc); elsewhere it does nothing.
+a pipe on its stdin; it notes every process descended from the driver (once a second
+while Ray starts, every 15 s after), and when the pipe closes (the driver exited, however
+it died) it kills the ones it noted that are still there. Linux only (it reads /proc);
+elsewhere it does nothing.
 
 Run as ``python -m slimsearch.search.raywatch DRIVER_PID``.
 """
@@ -21,7 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+# Ray starts its processes in the first seconds: poll often then, rarely after, so the
+# watchdog does not wake up on the cores while latency is being timed.
 POLL_S = 1.0
+LATER_POLL_S = 15.0
+LATER_AFTER_S = 60.0
 PROC = Path("/proc")
 
 
@@ -66,12 +71,14 @@ def watch(driver: int) -> None:
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     seen: dict[int, str] = {}
+    began = time.monotonic()
     while True:
         for pid in descendants(driver) - before:
             started = _start_time(pid)
             if started is not None:
                 seen.setdefault(pid, started)
-        ready, _, _ = select.select([sys.stdin], [], [], POLL_S)
+        poll = POLL_S if time.monotonic() - began < LATER_AFTER_S else LATER_POLL_S
+        ready, _, _ = select.select([sys.stdin], [], [], poll)
         if ready and not os.read(sys.stdin.fileno(), 1024):
             break  # EOF: the driver closed the pipe or died
     time.sleep(0.5)  # a clean ray.shutdown() ends most of them itself
