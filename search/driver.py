@@ -112,10 +112,12 @@ class Driver:
         spec = self.spec
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         directions = [o.direction for o in spec.objectives]
-        study = optuna.load_study(
+        study = optuna.create_study(  # loads it when the storage holds it (always, but for a journal)
             study_name=spec.name,
             storage=storage.open_for_driver(self.run_dir, spec.storage, spec.name, directions),
             sampler=make_sampler(spec),
+            directions=directions,
+            load_if_exists=True,
         )
         if [d.name.lower() for d in study.directions] != directions:
             raise StudyError(

@@ -261,7 +261,9 @@ def test_the_driver_creates_its_storage_whole_or_not_at_all(
 
     monkeypatch.setattr(storage.optuna, "create_study", watching)
     result = run_study(study_from_mapping(tiny_study(tmp_path, budget={"trials": 1})))
-    assert seen == [False] and result.counts["complete"] == 1
+    # The storage's creation, before study.db exists; then the driver's own create_study,
+    # which finds the study there and loads it.
+    assert seen == [False, True] and result.counts["complete"] == 1
     assert not list((tmp_path / "run").glob("study.db.creating-*"))
 
 
@@ -271,3 +273,17 @@ def test_a_second_driver_on_the_same_folder_is_refused(tmp_path: Path) -> None:
     spec = study_from_mapping(tiny_study(tmp_path))
     with run_lock(spec.output), pytest.raises(StudyError, match="is in use by another slimsearch run"):
         run_study(spec)
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite-schema-only"])
+def test_the_driver_creates_its_study_in_any_storage_it_may_use(tmp_path: Path, kind: str) -> None:
+    # A journal is created by appending to it; an SQLite file whose tables another tool
+    # (optuna-dashboard) created holds no study yet: the driver adds its own to either.
+    data = tiny_study(tmp_path, budget={"trials": 2})
+    if kind == "journal":
+        data["storage"] = "journal"
+    else:
+        (tmp_path / "run").mkdir()
+        optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'run' / 'study.db'}")  # tables, no study
+    assert run_study(study_from_mapping(data)).counts["complete"] == 2
+    assert run_study(study_from_mapping(data), trials=3).counts["complete"] == 3  # and resumes
