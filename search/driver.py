@@ -229,17 +229,18 @@ class Driver:
     # -- the loop -----------------------------------------------------------------------
     def finished_count(self, study: optuna.Study) -> int:
         """Finished trials that spent the budget (see retry.counts_toward_budget)."""
-        return sum(retry.counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+        return retry.tally(study.get_trials(deepcopy=False))["spent"]
 
     def tell(self, study: optuna.Study, result: TrialResult, baseline: dict[str, float]) -> None:
         trial, _ = self.running.pop(result.number)
         trial.set_user_attr("seconds", round(result.seconds, 2))
         trial.set_user_attr("node", result.node)
+        measured = result.pruned or result.values is not None
+        if measured and "reused_from" not in result.records:  # proposed again, it is answered from this
+            self.known.setdefault(CompressionPlan.from_dict(trial.user_attrs["plan"]).to_json(), result)
         if result.pruned:
             trial.set_user_attr("records", result.records)
             study.tell(trial, state=TrialState.PRUNED)
-            if "reused_from" not in result.records:  # proposed again, it is answered from this
-                self.known.setdefault(CompressionPlan.from_dict(trial.user_attrs["plan"]).to_json(), result)
             return
         if result.values is None:
             trial.set_user_attr("error", result.error or "unknown error")
@@ -254,22 +255,17 @@ class Driver:
         if source is not None:  # stage two: keep the before-distillation values beside the after
             before = study.get_trials(deepcopy=False)[source].user_attrs.get("metrics", {})
             trial.set_user_attr("before_distill", before)
-        if "reused_from" not in result.records:
-            plan = CompressionPlan.from_dict(trial.user_attrs["plan"])
-            self.known.setdefault(plan.to_json(), result)
         for key, value in constraint_values(self.spec, result.values, baseline).items():
             trial.set_constraint(key, value)
         study.tell(trial, [result.values[name] for name in self.objectives])
 
     def progress(self, study: optuna.Study, result: TrialResult, baseline: dict[str, float]) -> None:
         trials = study.get_trials(deepcopy=False)
-        counted = sum(retry.counts_toward_budget(t) for t in trials)
-        done = sum(t.state == TrialState.COMPLETE for t in trials)
-        failed = sum(t.state == TrialState.FAIL and retry.counts_toward_budget(t) for t in trials)
+        counts = retry.tally(trials)
+        counted, failed, repeats = counts["spent"], counts["failed"], counts["repeats"]
         screened = sum(t.state == TrialState.PRUNED for t in trials)
-        repeats = sum("reused_from" in t.user_attrs.get("records", {}) for t in trials)
-        best_trials = study.best_trials if done else []
-        front = len(pareto.distinct_front(study)) if done else 0
+        best_trials = pareto.distinct(study.best_trials) if counts["complete"] else []
+        front = len(best_trials)
         elapsed = time.monotonic() - self.started
         budget = self.spec.budget
         eta = ""
@@ -325,7 +321,6 @@ class Driver:
         del model
         say(f"search space: {space.describe()}")
         study = self.open_study(space, baseline_dir)
-        self.watch = RunFolderWatch(self.run_dir, storage.storage_path(self.run_dir, spec.storage))
         self.watch.start()
         distributions = space.distributions() | self.distill_distributions()
         retry.recover(study, distributions)
@@ -395,7 +390,7 @@ class Driver:
         """Plans measured (or screened out) in earlier runs: a repeat is answered from them."""
         for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED]):
             records = dict(t.user_attrs.get("records", {}))
-            if "plan" not in t.user_attrs or "reused_from" in records:
+            if "plan" not in t.user_attrs or pareto.is_repeat(t):
                 continue
             key = CompressionPlan.from_dict(t.user_attrs["plan"]).to_json()
             if t.state == TrialState.COMPLETE:
@@ -514,9 +509,7 @@ class Driver:
         front = [t for t in plain if not any(_dominates(o, t, directions) for o in plain)]
         first = 1 if directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
         front.sort(key=lambda t: first * t.values[0])
-        chosen = [
-            t for t in front if t.number not in done and "reused_from" not in t.user_attrs.get("records", {})
-        ]
+        chosen = [t for t in front if t.number not in done and not pareto.is_repeat(t)]
         chosen = [
             t for t in chosen if CompressionPlan.from_dict(t.user_attrs["plan"]).summary() != "baseline"
         ]
@@ -555,7 +548,7 @@ class Driver:
         timing = timing_objectives(self.spec.objectives)
         front = [
             t
-            for t in pareto.distinct_front(study)
+            for t in pareto.distinct(study.best_trials)
             if str(t.number) not in study.user_attrs.get("final_latency", {})
         ]
         if not timing or not front:
@@ -583,13 +576,8 @@ class Driver:
             print("latency columns of the front: re-measured at the end in fresh processes")
         pareto.write_csv(rows, self.run_dir / "pareto.csv")
         pareto.write_csv(pareto.all_rows(study, self.objectives, baseline), self.run_dir / "trials.csv")
-        trials = study.get_trials(deepcopy=False)
-        counted = [t for t in trials if retry.counts_toward_budget(t)]
-        counts = {
-            "complete": sum(t.state == TrialState.COMPLETE for t in counted),
-            "failed": sum(t.state == TrialState.FAIL for t in counted),
-            "repeats": sum(pareto.is_repeat(t) for t in trials),
-        }
+        tally = retry.tally(study.get_trials(deepcopy=False))
+        counts = {key: tally[key] for key in ("complete", "failed", "repeats")}
         took = fmt_seconds(time.monotonic() - self.started)
         print(
             f"\nslimsearch: study {self.spec.name!r} stopped ({stopped}) after {took}: "

@@ -33,7 +33,13 @@ from slimsearch.evaluators.latency import measure_all
 from slimsearch.search import models
 from slimsearch.search.log import quiet_libraries, say
 from slimsearch.search.study_file import StudyError
-from slimsearch.search.worker import TrialJob, cached_baseline, eval_batches, rebuild, timing_objectives
+from slimsearch.search.worker import (
+    TrialJob,
+    cached_baseline,
+    eval_batches,
+    measured_model,
+    timing_objectives,
+)
 from slimsearch.spaces import CompressionPlan, apply_plan, save_compressed
 from slimsearch.spaces.methods import LowRankLinear, PackedEmbedding, PackedLinear
 
@@ -495,7 +501,8 @@ def export_trial(
             "warning: this trial predates recorded structured selections: its heads and neurons are "
             "chosen again on the worker's calibration batch, and the rebuild is checked by re-validation"
         )
-    candidate, plan, digest = rebuild(job, selection)
+    candidate, plan, built = measured_model(job, selection)
+    digest = str(built["state_sha256"])
     base_model, tokenizer = cached_baseline(job)
     identical = check_rebuild(trial, digest, records.get("state_sha256"), allow_mismatch)
 
@@ -530,7 +537,6 @@ def export_trial(
         )
     del context
 
-    examples, tokens = _eval_sizes(batches, spec.task.kind)
     report = ExportReport(
         out=out,
         run=str(run.path),

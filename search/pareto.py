@@ -52,11 +52,11 @@ def is_repeat(trial: FrozenTrial) -> bool:
     return "reused_from" in trial.user_attrs.get("records", {})
 
 
-def distinct_front(study: optuna.Study) -> list[FrozenTrial]:
-    """Optuna's best (feasible, non-dominated) trials, each plan once: the trial that measured it."""
+def distinct(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """``trials`` (e.g. Optuna's best trials), each plan once: the trial that measured it."""
     seen: set[str] = set()
     out = []
-    for t in sorted(study.best_trials, key=lambda t: (is_repeat(t), t.number)):
+    for t in sorted(trials, key=lambda t: (is_repeat(t), t.number)):
         key = json.dumps(t.user_attrs.get("plan"), sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -81,7 +81,7 @@ def front_rows(
     front is then taken again on those numbers: a row dominated on what it shows is dropped.
     """
     final = study.user_attrs.get("final_latency", {})
-    rows = [trial_row(t, objectives, baseline, final.get(str(t.number))) for t in distinct_front(study)]
+    rows = [trial_row(t, objectives, baseline, final.get(str(t.number))) for t in distinct(study.best_trials)]
     signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
     names = list(objectives)
     rows = [r for r in rows if not any(_dominated(r, o, signs, names) for o in rows if o is not r)]

@@ -15,13 +15,14 @@ retried.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from slimsearch.search.log import say
+from slimsearch.search.pareto import is_repeat
 
 MAX_RETRIES = 1
 # Attributes a finished trial gains; everything else a trial carries says who proposed it.
@@ -52,18 +53,19 @@ def fail_and_requeue(
     live = optuna.trial.Trial(study, trial._trial_id)
     live.set_user_attr("orphaned" if counted else "interrupted", True)
     live.set_user_attr("error", reason)
-    done = "re-queued"
+    why_not = None
     if params is None:
-        done = "not retried: it was stopped while the sampler was drawing its parameters"
+        why_not = "it was stopped while the sampler was drawing its parameters"
     elif retries > MAX_RETRIES:
-        done = "not retried: retry cap reached"
-    if done != "re-queued":
-        live.set_user_attr("not_retried", done.removeprefix("not retried: "))
+        why_not = "retry cap reached"
+    if why_not is not None:
+        live.set_user_attr("not_retried", why_not)
     study.tell(trial.number, state=TrialState.FAIL)
-    if params is not None and done == "re-queued":
-        attrs = {k: v for k, v in trial.user_attrs.items() if k not in RESULT_ATTRS}
-        study.enqueue_trial(params, user_attrs=attrs | {"retries": retries, "retry_of": trial.number})
-    return done
+    if params is None or why_not is not None:
+        return f"not retried: {why_not}"
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in RESULT_ATTRS}
+    study.enqueue_trial(params, user_attrs=attrs | {"retries": retries, "retry_of": trial.number})
+    return "re-queued"
 
 
 def recover(study: optuna.Study, distributions: Mapping[str, Any]) -> None:
@@ -80,6 +82,18 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
     measured before), not trials cut short by the run stopping (their retry counts)."""
     if trial.state not in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED):
         return False
-    if "reused_from" in trial.user_attrs.get("records", {}):
+    if is_repeat(trial):
         return False
     return not any(trial.user_attrs.get(key) for key in NOT_COUNTED)
+
+
+def tally(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    """How many trials spent the budget ("spent"), and of those how many completed and
+    failed; how many repeated plans were answered from earlier trials."""
+    spent = [t for t in trials if counts_toward_budget(t)]
+    return {
+        "spent": len(spent),
+        "complete": sum(t.state == TrialState.COMPLETE for t in spent),
+        "failed": sum(t.state == TrialState.FAIL for t in spent),
+        "repeats": sum(is_repeat(t) for t in trials),
+    }

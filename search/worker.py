@@ -261,13 +261,20 @@ def build_model(
     return model.eval(), applied
 
 
-def rebuild(job: TrialJob, selection: Mapping[str, str] | None) -> tuple[nn.Module, CompressionPlan, str]:
-    """What a trial measured, built again: the compressed model (distilled when its plan
-    says so), its plan as applied, and the digest of its state (``state_digest``)."""
+def measured_model(
+    job: TrialJob, selection: Mapping[str, str] | None = None
+) -> tuple[nn.Module, CompressionPlan, dict[str, Any]]:
+    """The model a trial measures: compressed, then distilled when its plan says so. With
+    its plan as applied, and records: the distillation's, and what an export checks its
+    rebuild against (the units structured pruning kept, the digest of the weights). A trial
+    and an export both build it here, so they build it the same way."""
     model, plan = build_model(job, selection)
     context = EvalContext(task=job.task.kind, batches=[], vocab_size=0, plan=plan)  # type: ignore[arg-type]
     _distill(job, model, plan, context)
-    return model.eval(), plan, state_digest(model)
+    if plan.selection:
+        context.records["selection"] = dict(plan.selection)
+    context.records["state_sha256"] = state_digest(model)
+    return model.eval(), plan, context.records
 
 
 class TrialTimeout(Exception):
@@ -338,7 +345,7 @@ def run_trial(job: TrialJob) -> TrialResult:
         with _deadline(job.timeout_s):
             torch.set_num_threads(job.latency.threads)
             remember_quiet(job.quiet_ms)
-            model, plan = build_model(job)
+            model, plan, built = measured_model(job)
             reference, tokenizer = cached_baseline(job)
             context = EvalContext(
                 task=job.task.kind,  # type: ignore[arg-type]
@@ -350,12 +357,7 @@ def run_trial(job: TrialJob) -> TrialResult:
                 reference=reference,
             )
             context.records["realized"] = plan.realized()
-            _distill(job, model, plan, context)
-            model.eval()
-            # What export checks its rebuild against: the units kept and the exact weights.
-            if plan.selection:
-                context.records["selection"] = dict(plan.selection)
-            context.records["state_sha256"] = state_digest(model)
+            context.records |= built
             rejected = _screen(job, model, context, tokenizer)
             if rejected is not None:
                 context.records["fidelity"] = "screen"

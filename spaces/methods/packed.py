@@ -190,7 +190,7 @@ def lookup_scale(emb: nn.Embedding) -> float:
     name = type(emb).__name__
     if isinstance(scale, Tensor) and scale.numel() == 1:
         scale = float(scale)
-    if type(emb).__name__.endswith("ScaledWordEmbedding") and isinstance(scale, (int, float)):
+    if name.endswith("ScaledWordEmbedding") and isinstance(scale, (int, float)):
         # Checked, not assumed: the module must compute exactly lookup x scale.
         ids = torch.arange(min(emb.num_embeddings, 8))
         with torch.no_grad():
