@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -63,11 +64,12 @@ from slimsearch.search import models, sensitivity
 from slimsearch.search.driver import Driver, constraint_values, queue_refinement
 from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.report import hypervolume
+from slimsearch.search.results import knob_order
 from slimsearch.search.study_file import StudySpec, load_study
 from slimsearch.search.worker import TrialResult, run_trial
 from slimsearch.spaces import CompressionPlan, SearchSpace
+from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.quantize import QUANTIZER_VERSION
-from slimsearch.spaces.space import KNOBS
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "studies" / "minilm-size.yaml"
@@ -297,23 +299,24 @@ def uniform_grid(space: SearchSpace) -> list[dict[str, Any]]:
     off = sensitivity.off_params(space)
     searched = [k for k in space.knobs if len(k.choices) > 1]
     linear = [k for k in searched if k.layer in space.shapes]
-    tables = [k for k in searched if k.knob == "bits" and k.layer not in space.shapes]
-    values = {knob: sorted({v for k in linear if k.knob == knob for v in k.choices}) for knob in KNOBS}
+    width = registry.table_method().name
+    tables = [k for k in searched if k.knob == width and k.layer not in space.shapes]
+    order = knob_order()  # bits, sparsity, rank for the built-in methods
+    values = {knob: sorted({v for k in linear if k.knob == knob for v in k.choices}) for knob in order}
     grid: list[dict[str, Any]] = []
 
     def add(params: dict[str, Any]) -> None:
         if params not in grid:
             grid.append(params)
 
-    for bits in values["bits"] or [32]:
-        for sparsity in values["sparsity"] or [0.0]:
-            for rank in values["rank"] or [1.0]:
-                chosen = {"bits": bits, "sparsity": sparsity, "rank": rank}
-                params = dict(off)
-                for k in linear + tables:
-                    if chosen[k.knob] in k.choices:
-                        params[space.param_name(k)] = chosen[k.knob]
-                add(params)
+    ladders = [values[knob] or [registry.get(knob).choice_off_value()] for knob in order]
+    for combo in itertools.product(*ladders):
+        chosen = dict(zip(order, combo, strict=True))
+        params = dict(off)
+        for k in linear + tables:
+            if chosen[k.knob] in k.choices:
+                params[space.param_name(k)] = chosen[k.knob]
+        add(params)
     for k in tables:
         for bits in k.choices:
             add(off | {space.param_name(k): bits})

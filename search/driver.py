@@ -193,6 +193,7 @@ class Driver:
             timeout_s=spec.executor.trial_timeout_s,
             screen=self.screen_spec(baseline) if number >= 0 else None,  # never screen the baseline
             quiet_ms=dict(self.quiet_ms),
+            methods=spec.methods,
         )
 
     def screen_spec(self, baseline: dict[str, float]) -> ScreenSpec | None:

@@ -41,7 +41,8 @@ from slimsearch.search.worker import (
     timing_objectives,
 )
 from slimsearch.spaces import CompressionPlan, apply_plan, save_compressed
-from slimsearch.spaces.methods import LowRankLinear, PackedEmbedding, PackedLinear
+from slimsearch.spaces.methods import PackedEmbedding, PackedLinear, registry
+from slimsearch.spaces.methods.registry import BOTH, SIZE, SPEED
 
 if TYPE_CHECKING:
     from slimsearch.search.results import Run
@@ -234,6 +235,9 @@ def load(folder: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Mod
                 "`slimsearch export RUN --trial N OUT`"
             )
     quiet_libraries()
+    info = json.loads((folder / INFO_FILE).read_text()) if (folder / INFO_FILE).is_file() else {}
+    for method in info.get("methods") or []:
+        registry.resolve(method)  # the study's own methods: their package must be importable here
     plan = CompressionPlan.from_dict(json.loads((folder / PLAN_FILE).read_text()))
     tensors, aliases, stored_plan = _read_weights(folder / WEIGHTS)
     if stored_plan is not None and stored_plan != plan:
@@ -241,10 +245,9 @@ def load(folder: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Mod
             f"{folder / PLAN_FILE} differs from the plan inside {WEIGHTS}; the folder was edited: "
             f"restore {PLAN_FILE} from the weights' metadata or export again"
         )
-    info = json.loads((folder / INFO_FILE).read_text()) if (folder / INFO_FILE).is_file() else {}
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     model = _skeleton(config, info.get("task"), trust_remote_code)
-    apply_plan(model, plan)
+    apply_plan(model, plan, skeleton=True)
     assign_state(model, tensors, aliases)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
@@ -252,26 +255,22 @@ def load(folder: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Mod
 
 # -- the model card -----------------------------------------------------------------------
 def realization(model: nn.Module) -> dict[str, int]:
-    """How many Linear/embedding layers run each compute path (what speed can come from)."""
+    """How many layers run each compute path (what speed can come from): every compressed
+    module says its own (``compute_path``)."""
     counts: dict[str, int] = {}
-
-    def add(key: str) -> None:
-        counts[key] = counts.get(key, 0) + 1
-
     for module in model.modules():
-        if isinstance(module, PackedLinear):
-            if module.bits == 8:
-                add("int8 kernel (real int8 matmul)")
-            elif module.bits == 16:
-                add("bf16 matmul")
-            else:
-                sparse = " sparse" if module.sparse else ""
-                add(f"{module.bits}-bit{sparse} stored, computed dense fp32 (size only)")
-        elif isinstance(module, PackedEmbedding):
-            add(f"{module.bits}-bit embedding table (dequantized on lookup)")
-        elif isinstance(module, LowRankLinear):
-            add(f"low-rank pair (rank {module.rank}): fewer FLOPs")
+        path = getattr(module, "compute_path", None)
+        if isinstance(path, str):
+            counts[path] = counts.get(path, 0) + 1
     return counts
+
+
+REALIZED_TEXT = {
+    BOTH: "fewer bytes and a cheaper computation",
+    SPEED: "a cheaper computation, the same bytes",
+    SIZE: "realized for size only: the file holds its compact form, but the forward pass computes "
+    "with a dense fp32 copy, so it brings no speed-up (and can cost a little)",
+}
 
 
 def _fmt(value: float) -> str:
@@ -321,13 +320,11 @@ def model_card(report: ExportReport) -> str:
         "",
         "## What is real here",
         "",
-        "- int8 layers run real int8 kernels (fbgemm dynamic quantization): smaller and faster.",
-        "- bf16 layers run bf16 matmuls: half the bytes, speed depends on the CPU.",
-        "- 4- and 2-bit weights and unstructured sparsity are realized for size only: the file holds packed "
-        "low-bit codes and bitmasks, but the forward pass computes with a dense fp32 copy, so they "
-        "bring no speed-up (and can cost a little).",
-        "- Low-rank layers are two smaller Linears, and structured pruning (heads, FFN neurons) "
-        "really shrinks the Linears: fewer bytes and fewer FLOPs.",
+    ]
+    lines += [f"- {key}: {REALIZED_TEXT.get(value, value)}." for key, value in report.realized.items()] or [
+        "- nothing is compressed"
+    ]
+    lines += [
         "",
         "Layers by compute path:",
         "",
@@ -434,6 +431,8 @@ class ExportReport:
     eval_examples: int
     eval_tokens: int = 0
     paths: dict[str, int] = field(default_factory=dict)
+    realized: dict[str, str] = field(default_factory=dict)
+    methods: tuple[str, ...] = ()  # the study's own methods, which loading imports
     created: str = ""
     state_sha256: str = ""
     identical: bool | None = None  # the rebuild's state equals the searched model's (None: unknown)
@@ -493,6 +492,7 @@ def export_trial(
         latency=spec.latency,
         baseline=dict(run.baseline),
         trust_remote_code=spec.model.trust_remote_code,
+        methods=spec.methods,
     )
     say(f"rebuilding trial {trial} ({plan.summary()}) from {baseline_dir}")
     selection = records.get("selection")
@@ -553,6 +553,8 @@ def export_trial(
         eval_examples=examples,
         eval_tokens=tokens,
         paths=realization(candidate),
+        realized=plan.realized(),
+        methods=spec.methods,
         state_sha256=digest,
         identical=identical,
         created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),

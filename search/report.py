@@ -26,8 +26,9 @@ import plotly.graph_objects as go
 from optuna.trial import FrozenTrial
 
 from slimsearch.search import pareto, sensitivity
-from slimsearch.search.results import KNOB_ORDER, Axis, Run, open_run
+from slimsearch.search.results import Axis, Run, knob_order, open_run
 from slimsearch.search.study_file import StudyError
+from slimsearch.spaces.methods import registry
 
 MIN_TRIALS_FOR_IMPORTANCE = 8
 TOP_IMPORTANCES = 12
@@ -298,11 +299,12 @@ def _short_names(layers: list[str]) -> list[str]:
 def heatmap_figure(front: pd.DataFrame) -> go.Figure | None:
     from plotly.subplots import make_subplots
 
-    knob_cols = [c for c in front.columns if c.rsplit(":", 1)[-1] in KNOB_ORDER and ":" in c]
+    order = knob_order()
+    knob_cols = [c for c in front.columns if c.rsplit(":", 1)[-1] in order and ":" in c]
     if front.empty or not knob_cols:
         return None
     layers = list(dict.fromkeys(c.rsplit(":", 1)[0] for c in knob_cols))
-    shown = [k for k in KNOB_ORDER if any(f"{layer}:{k}" in front for layer in layers)]
+    shown = [k for k in order if any(f"{layer}:{k}" in front for layer in layers)]
     labels = [
         f"trial {int(t)}" + (" (knee)" if k else "")
         for t, k in zip(front["trial"], front["knee"], strict=True)
@@ -316,6 +318,7 @@ def heatmap_figure(front: pd.DataFrame) -> go.Figure | None:
     )
     short = _short_names(layers)
     for row, knob in enumerate(shown, start=1):
+        method = registry.get(knob)
         z: list[list[float]] = []
         text: list[list[str]] = []
         for _, record in front.iterrows():
@@ -324,10 +327,9 @@ def heatmap_figure(front: pd.DataFrame) -> go.Figure | None:
                 value = record.get(f"{layer}:{knob}")
                 missing = value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
                 zr.append(math.nan if missing else float(value))
-                tr.append("full" if knob == "rank" and missing else ("" if missing else f"{value:g}"))
+                tr.append(method.display(None if missing else value))
             z.append(zr)
             text.append(tr)
-        colors = {"bits": "Viridis", "sparsity": "Reds", "rank": "Blues_r"}[knob]
         fig.add_trace(
             go.Heatmap(
                 z=z,
@@ -335,7 +337,7 @@ def heatmap_figure(front: pd.DataFrame) -> go.Figure | None:
                 y=labels,
                 text=text,
                 texttemplate="%{text}" if len(layers) <= 40 else None,
-                colorscale=colors,
+                colorscale=method.colorscale,
                 showscale=False,
                 hovertemplate="%{y}<br>%{x}<br>" + knob + ": %{text}<extra></extra>",
             ),
@@ -367,9 +369,8 @@ def sensitivity_figure(profile: sensitivity.Profile) -> go.Figure | None:
     if not rows:
         return None
     units = list(profile.options)
-    names = sorted(
-        rows, key=lambda r: (KNOB_ORDER.index(r.split("=")[0]) if r.split("=")[0] in KNOB_ORDER else 99, r)
-    )
+    order = knob_order()
+    names = sorted(rows, key=lambda r: (order.index(r.split("=")[0]) if r.split("=")[0] in order else 99, r))
     z = [[rows[r][u] for u in units] for r in names]
     fig = go.Figure(
         go.Heatmap(

@@ -30,12 +30,20 @@ from optuna.trial import FrozenTrial, TrialState
 from slimsearch.search import models, pareto
 from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, study_from_mapping
 from slimsearch.spaces import CompressionPlan
+from slimsearch.spaces.methods import registry
 
 if TYPE_CHECKING:
     from slimsearch.search.export import ExportReport
 
 RUN_INFO = "run.json"  # the driver's file (driver.RUN_INFO); not imported to keep this light
-KNOB_ORDER = ("bits", "sparsity", "rank")
+
+
+def knob_order() -> tuple[str, ...]:
+    """The layer methods as the results table and report list them: the last stage first
+    (bits, sparsity, rank for the built-in ones)."""
+    methods = registry.methods("linear")
+    ranked = sorted(methods, key=lambda m: -registry.STAGES.index(m.stage))
+    return tuple(m.name for m in ranked)
 # Reference points for objectives that no constraint bounds: a trial must be at least this
 # good to add hypervolume (5 accuracy points / 5 % lost, or 1.25x the baseline's cost).
 DEFAULT_DROP_REFERENCE = 5.0
@@ -111,7 +119,7 @@ def plan_columns(plan: CompressionPlan) -> dict[str, Any]:
     """One column per layer knob, named like the Optuna params: ``<layer>:<knob>``."""
     out: dict[str, Any] = {}
     for layer, settings in plan.layers.items():
-        for knob in KNOB_ORDER:
+        for knob in knob_order():
             out[f"{layer}:{knob}"] = getattr(settings, knob)
     return out
 

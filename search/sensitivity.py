@@ -40,11 +40,12 @@ from slimsearch.search import models, tasks
 from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.study_file import StudySpec, TaskSpec
 from slimsearch.spaces import CompressionPlan, SearchSpace, apply_plan, serialized_size
-from slimsearch.spaces.methods import LowRankLinear, PackedLinear
-from slimsearch.spaces.methods.quantize import QUANTIZER_VERSION
-from slimsearch.spaces.methods.realized import REALIZED, SPEED
+from slimsearch.spaces.apply import compress_linear
+from slimsearch.spaces.methods import registry
+from slimsearch.spaces.methods.calibration import CalibrationStats
+from slimsearch.spaces.methods.registry import SPEED
 from slimsearch.spaces.plan import LayerSettings
-from slimsearch.spaces.space import STRUCTURED_KNOBS, Knob
+from slimsearch.spaces.space import Knob
 
 PROFILE_FORMAT = 2
 PROFILE_ROWS = 128  # classification rows of the TRAINING split the loss is measured on
@@ -72,7 +73,6 @@ LADDER_RUNGS = 12
 # kept 0.113x of the bytes within 0.7 points (min-max 2-bit; 0.108x with least squares).
 FAMILIES = ("fast", "low-bit", "any")
 LOW_BITS = 4
-SPEED_BITS = frozenset(int(k[4:]) for k, v in REALIZED.items() if k.startswith("bits") and SPEED in v)
 # One thread: on 2 shared cores a busy neighbour made 2-thread OpenMP work crawl (an SVD of a
 # 1536x384 layer took 5 s instead of 0.07 s; a forward pass 2x longer). Numbers do not change.
 PROFILE_THREADS = 1
@@ -158,7 +158,7 @@ def profile_key(baseline_dir: Path, task: TaskSpec, space: SearchSpace | str) ->
     fingerprint, as a run's study stores it), subset size."""
     parts = {
         "format": PROFILE_FORMAT,
-        "quantizer": QUANTIZER_VERSION,
+        "methods": registry.versions(),
         "baseline": str(Path(baseline_dir).resolve()),
         "task": asdict(task),
         "space": space if isinstance(space, str) else space.fingerprint(),
@@ -208,14 +208,20 @@ def load_or_compute_profile(spec: StudySpec, space: SearchSpace, baseline_dir: P
     return profile
 
 
-def _calibration(spec: StudySpec, space: SearchSpace, tokenizer: Any) -> dict[str, Tensor] | None:
-    """The worker's calibration batch (training rows), only when structured pruning is searched."""
-    if not any(k.knob in STRUCTURED_KNOBS for k in space.knobs):
+def _calibration(spec: StudySpec, space: SearchSpace, tokenizer: Any) -> CalibrationStats | None:
+    """The statistics trials use (the worker's, from training rows), where a searched method
+    reads them."""
+    wanted: set[str] = set()
+    for knob in space.knobs:
+        method = registry.get(knob.knob)
+        if knob.choices != (method.choice_off_value(),):
+            wanted |= method.needs
+    if not wanted:
         return None
-    from slimsearch.search.worker import TrialJob, calibration_batch
+    from slimsearch.search.worker import TrialJob, calibration_stats
 
     job = TrialJob(-1, "{}", "", str(spec.cache), spec.task, (), spec.latency)
-    return calibration_batch(job, tokenizer)
+    return calibration_stats(job, tokenizer, frozenset(wanted))
 
 
 def loss_batches(task: TaskSpec, cache: Path, tokenizer: Any) -> list[dict[str, Tensor]]:
@@ -290,7 +296,7 @@ class _Measurer:
         space: SearchSpace,
         batches: Sequence[Mapping[str, Tensor]],
         kind: str,
-        calibration: Mapping[str, Tensor] | None,
+        calibration: CalibrationStats | None,
     ) -> None:
         self.pristine = model
         self.work = copy.deepcopy(model).eval()  # Linears are swapped in place here
@@ -300,21 +306,12 @@ class _Measurer:
         self.calibration = calibration
         self.off = off_params(space)
         self.full_bytes = serialized_size(model, CompressionPlan())
-        self.factors: dict[tuple[str, int], LowRankLinear] = {}
+        self.factors: dict[Any, Any] = {}
 
     def compress(self, unit: str, linear: nn.Linear, settings: LayerSettings) -> nn.Module:
-        """``apply.compress_linear``, with each layer's SVD done once per rank: the bytes of
-        every combination with that rank reuse it."""
-        if settings.rank is None:
-            return PackedLinear.from_linear(linear, settings.bits, settings.sparsity)
-        key = (unit, settings.rank)
-        if key not in self.factors:
-            self.factors[key] = LowRankLinear.from_linear(linear, settings.rank)
-        low = copy.deepcopy(self.factors[key])
-        if settings.sparsity or settings.bits != 32:
-            low.down = PackedLinear.from_linear(low.down, settings.bits, settings.sparsity)  # type: ignore[arg-type]
-            low.up = PackedLinear.from_linear(low.up, settings.bits, settings.sparsity)  # type: ignore[arg-type]
-        return low
+        """``apply.compress_linear``, with each layer factorized once per value: the bytes of
+        every combination with that factorization reuse it."""
+        return compress_linear(linear, settings, where=unit, memo=self.factors)
 
     def measure(self, unit: str, params: Mapping[str, Any], with_loss: bool) -> tuple[int, float | None]:
         """(bytes of the unit, task loss or None) with only ``params`` changed from off."""
@@ -337,7 +334,7 @@ class _Measurer:
             layers={unit: plan.layers[unit]} if unit in plan.layers else {},
             structured={unit: plan.structured[unit]} if unit in plan.structured else {},
         )
-        model = apply_plan(copy.deepcopy(self.pristine), only, calibration=self.calibration).eval()
+        model = apply_plan(copy.deepcopy(self.pristine), only, stats=self.calibration).eval()
         off_size = serialized_size(self.pristine.get_submodule(unit), CompressionPlan())
         size = off_size + serialized_size(model, CompressionPlan()) - self.full_bytes
         return size, task_loss(model, self.batches, self.kind) if with_loss else None
@@ -349,7 +346,7 @@ def compute_profile(
     batches: Sequence[Mapping[str, Tensor]],
     kind: str,
     key: str = "",
-    calibration: Mapping[str, Tensor] | None = None,
+    calibration: CalibrationStats | None = None,
 ) -> Profile:
     """Measure every (param, non-off value) loss delta and every option's bytes; shows progress."""
     started = time.monotonic()
@@ -453,9 +450,7 @@ def allowed_options(space: SearchSpace, profile: Profile, family: str) -> dict[s
     for unit, options in profile.options.items():
         keep = list(options)
         if family == "fast" and unit in space.shapes:  # a Linear: only kernels that run faster
-            fast = [
-                o for o in options if all(v in SPEED_BITS for p, v in o.params.items() if p.endswith(":bits"))
-            ]
+            fast = [o for o in options if _fast_only(o)]
             keep = fast or keep  # a layer offering no fast width keeps its options
         elif family == "low-bit":
             low = [o for o in options if _low_bit_only(o, off)]
@@ -464,10 +459,22 @@ def allowed_options(space: SearchSpace, profile: Profile, family: str) -> dict[s
     return out
 
 
+def _knob(param: str) -> str:
+    return param.rsplit(":", 1)[-1]
+
+
+def _fast_only(option: Option) -> bool:
+    """Whether every quantize-stage value of the option is realized for speed."""
+    quantize = [(registry.get(_knob(p)), v) for p, v in option.params.items()]
+    return all(SPEED in m.realized(v) for m, v in quantize if m.stage == "quantize")
+
+
 def _low_bit_only(option: Option, off: Mapping[str, Any]) -> bool:
-    """Whether the option compresses only by bits, to LOW_BITS or fewer."""
+    """Whether the option compresses only by bit-width (the table method's knob), to
+    LOW_BITS or fewer."""
+    width = registry.table_method().name
     changed = {p: v for p, v in option.params.items() if v != off.get(p)}
-    return bool(changed) and all(p.endswith(":bits") and v <= LOW_BITS for p, v in changed.items())
+    return bool(changed) and all(_knob(p) == width and v <= LOW_BITS for p, v in changed.items())
 
 
 def greedy_choice(

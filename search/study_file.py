@@ -16,6 +16,7 @@ import yaml
 
 from slimsearch.evaluators import LatencySpec, evaluator_names
 from slimsearch.spaces import SpaceConfig, space_config_from_mapping
+from slimsearch.spaces.methods import registry
 
 TASK_KINDS = ("classification", "causal-lm")
 BUILTIN_MODELS = ("builtin:all-minilm-l6-v2", "builtin:smollm2-135m")
@@ -171,6 +172,9 @@ class StudySpec:
     # profile says it hurts least (search/refine.py); needs the profile, so it follows
     # seed_sensitivity unless the file says otherwise.
     refine_front: bool = False
+    # Compression methods from the user's packages ("package.module:ClassName"), imported and
+    # registered before the space is read; workers import them too.
+    methods: tuple[str, ...] = ()
 
     def objective(self, name: str) -> ObjectiveSpec | None:
         return next((o for o in self.objectives if o.name == name), None)
@@ -196,6 +200,7 @@ _TOP_KEYS = {
     "distill",
     "seed_sensitivity",
     "refine_front",
+    "methods",
 }
 
 
@@ -480,6 +485,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         raise _fail("name", name, "give a name of letters, digits, '.', '_' or '-'")
     model = _model(data, base)
     task = _task(data, base)
+    methods = _methods(data.get("methods"))
     try:
         space = space_config_from_mapping(data.get("space"))
     except ValueError as exc:
@@ -594,7 +600,23 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         output=_path(base, output),
         cache=_path(base, cache),
         raw=dict(data),
+        methods=methods,
     )
+
+
+def _methods(raw: Any) -> tuple[str, ...]:
+    """Import and register each ``package.module:ClassName`` the study lists."""
+    if raw is None:
+        return ()
+    items = raw if isinstance(raw, list) else None
+    if items is None or not all(isinstance(i, str) and ":" in i for i in items):
+        raise _fail("methods", raw, "give a list of 'package.module:ClassName' references to Method classes")
+    for item in items:
+        try:
+            registry.resolve(item)
+        except ValueError as exc:
+            raise StudyError(f"methods: {exc}") from None
+    return tuple(items)
 
 
 def _seed_sensitivity(value: Any) -> tuple[bool, tuple[float, ...] | None]:

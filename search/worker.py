@@ -32,6 +32,9 @@ from slimsearch.search import models, tasks
 from slimsearch.search.locks import machine_lock
 from slimsearch.search.study_file import ObjectiveSpec, TaskSpec
 from slimsearch.spaces import CompressionPlan, compress, state_digest
+from slimsearch.spaces.apply import needs
+from slimsearch.spaces.methods import registry
+from slimsearch.spaces.methods.calibration import STATS_VERSION, CalibrationStats, capture
 from slimsearch.spaces.methods.distill import DistillRecipe, TeacherCache, distill
 
 
@@ -60,6 +63,7 @@ class TrialJob:
     timeout_s: float | None = None  # enforced here only in-process; Ray tasks are cancelled
     screen: ScreenSpec | None = None
     quiet_ms: dict[str, float] = field(default_factory=dict)  # the drift gate's references
+    methods: tuple[str, ...] = ()  # the study's own compression methods, imported where the job runs
 
 
 @dataclass
@@ -186,6 +190,31 @@ def calibration_batch(job: TrialJob, tokenizer: Any) -> dict[str, Tensor]:
     return _CALIBRATION[key]
 
 
+_STATS: dict[str, CalibrationStats] = {}
+
+
+def calibration_stats(job: TrialJob, tokenizer: Any, needs: frozenset[str]) -> CalibrationStats:
+    """The baseline's calibration statistics on the calibration batch: captured once, kept in
+    memory and on disk under the cache folder (keyed by baseline, task, rows and kinds), so
+    trials, sensitivity and export all read the same numbers."""
+    ident = json.dumps(
+        [job.baseline_dir, asdict(job.task), CALIBRATION_ROWS, sorted(needs), STATS_VERSION], default=str
+    )
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    if key not in _STATS:
+        path = Path(job.cache_dir) / "calibration" / f"{key}.safetensors"
+        if path.is_file():
+            _STATS[key] = CalibrationStats.load(path)
+        else:
+            base, _ = cached_baseline(job)
+            _STATS[key] = capture(base, [calibration_batch(job, tokenizer)], needs)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            _STATS[key].save(tmp)
+            tmp.replace(path)  # whole or not at all, even with workers racing
+    return _STATS[key]
+
+
 _DISTILL_BATCHES: dict[tuple[str, TaskSpec, int], list[dict[str, Tensor]]] = {}
 _TEACHERS: dict[str, TeacherCache] = {}
 LM_DISTILL_BLOCKS = 64
@@ -251,13 +280,16 @@ def build_model(
 ) -> tuple[nn.Module, CompressionPlan]:
     """The trial's compressed model and its plan as applied (with the heads and neurons that
     structured pruning kept: ``selection``, when given, decides them instead)."""
+    for method in job.methods:
+        registry.resolve(method)  # a worker process may not have imported the study's methods
     base, tokenizer = cached_baseline(job)
     plan = CompressionPlan.from_json(job.plan_json)
     if selection:
         plan = replace(plan, selection=dict(selection))
     model = copy.deepcopy(base)
-    needs_data = plan.structured and not plan.selection
-    applied = compress(model, plan, calibration=calibration_batch(job, tokenizer) if needs_data else None)
+    wanted = needs(plan)
+    stats = calibration_stats(job, tokenizer, wanted) if wanted else None
+    applied = compress(model, plan, stats=stats)
     return model.eval(), applied
 
 

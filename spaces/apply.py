@@ -1,24 +1,27 @@
 """Apply a CompressionPlan to a model, in place.
 
-The methods always run in one order, whatever order the plan lists things in:
-1. structured pruning (whole heads and FFN neurons; shrinks Linear shapes),
-2. factorization (rank),
-3. unstructured sparsity (the factors are what gets stored, so they are what is pruned),
-4. quantization of the kept values.
-Later steps see the shapes earlier steps left. Structured pruning refuses a model whose
-Linears were already replaced, so a plan cannot be applied on top of another one.
+The registered methods always run in stage order (registry.STAGES), whatever order the plan
+lists things in: block methods first (structured pruning shrinks Linear shapes), then, within
+each Linear, factorization (whose factors are what gets stored), sparsity (which entries are
+kept) and quantization (how the kept values are stored). Later stages see the shapes earlier
+ones left. Structured pruning refuses a model whose Linears were already replaced, so a plan
+cannot be applied on top of another one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 from torch import Tensor, nn
 
-from slimsearch.spaces.methods import LowRankLinear, PackedEmbedding, PackedLinear, TiedHead
-from slimsearch.spaces.methods.structured import Kind, find_units, prune_structured
-from slimsearch.spaces.plan import CompressionPlan, LayerSettings
+from slimsearch.spaces.methods import registry
+from slimsearch.spaces.methods.calibration import CalibrationStats, LayerStats, NeutralStats, capture
+from slimsearch.spaces.methods.packed import PackedEmbedding, PackedLinear, TiedHead
+from slimsearch.spaces.methods.registry import LinearWork, Method
+from slimsearch.spaces.plan import CompressionPlan, Settings
 
 
 def compressible_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -30,27 +33,92 @@ def compressible_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def block_methods() -> list[Method]:
+    return [m for m in registry.methods("block")]
+
+
 def structured_blocks(model: nn.Module) -> list[str]:
-    """Names of the blocks that structured pruning can address (each holds attention and/or MLP)."""
-    return list(dict.fromkeys(u.block for u in find_units(model)))
+    """Names of the blocks that some block method (structured pruning) can address."""
+    names: list[str] = []
+    for method in block_methods():
+        names.extend(method.blocks(method.layout(model)))
+    return list(dict.fromkeys(names))
 
 
-def compress_linear(linear: nn.Linear, settings: LayerSettings) -> nn.Module:
-    if settings.rank is not None:
-        low = LowRankLinear.from_linear(linear, settings.rank)
-        if settings.sparsity or settings.bits != 32:
-            low.down = PackedLinear.from_linear(low.down, settings.bits, settings.sparsity)  # type: ignore[arg-type]
-            low.up = PackedLinear.from_linear(low.up, settings.bits, settings.sparsity)  # type: ignore[arg-type]
-        return low
-    return PackedLinear.from_linear(linear, settings.bits, settings.sparsity)
+def needs(plan: CompressionPlan) -> frozenset[str]:
+    """The calibration statistics the methods the plan switches on read."""
+    out: set[str] = set()
+    for settings in [*plan.layers.values(), *plan.structured.values()]:
+        for method, _ in settings.steps():
+            out |= method.needs
+    return frozenset(out)
 
 
-def compress_embedding(emb: nn.Embedding, settings: LayerSettings) -> nn.Module:
-    if settings.sparsity or settings.rank is not None:
+def _single(steps: Sequence[tuple[Method, Any]], stage: str, where: str) -> tuple[Method, Any] | None:
+    chosen = [s for s in steps if s[0].stage == stage]
+    if len(chosen) > 1:
         raise ValueError(
-            f"embeddings take only 'bits'; got sparsity={settings.sparsity}, rank={settings.rank}"
+            f"{where}: methods {[m.name for m, _ in chosen]} are all {stage} methods; a layer takes one"
         )
-    return PackedEmbedding.from_embedding(emb, settings.bits)
+    return chosen[0] if chosen else None
+
+
+def _store(work: LinearWork, steps: Sequence[tuple[Method, Any]], where: str) -> nn.Module:
+    for method, value in steps:
+        if method.stage == "sparsify":
+            work = method.sparsify(work, value)
+    quant = _single(steps, "quantize", where)
+    if quant is None:
+        return PackedLinear.from_work(work, 32)  # sparse values stored as they are
+    return quant[0].quantize(work, quant[1])
+
+
+def compress_linear(
+    linear: nn.Linear,
+    settings: Settings,
+    stats: LayerStats | None = None,
+    where: str = "layer",
+    memo: dict[Any, Any] | None = None,
+) -> nn.Module:
+    """The stored form of one Linear under ``settings`` (the layer itself is not changed).
+
+    ``memo`` keeps factorizations by (``where``, method, value), so a caller that stores the
+    same layer many ways (the sensitivity profile) factorizes it once per value."""
+    steps = settings.steps()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    work = LinearWork(linear.weight.detach().float(), bias, stats=stats)
+    later = [s for s in steps if s[0].stage in ("sparsify", "quantize")]
+    factor = _single(steps, "factorize", where)
+    if factor is None:
+        return _store(work, later, where)
+    key = (where, factor[0].name, factor[1])
+    if memo is not None and key in memo:
+        module, parts = copy.deepcopy(memo[key])
+    else:
+        module, parts = factor[0].factorize(work, factor[1])
+        if memo is not None:
+            memo[key] = copy.deepcopy((module, parts))
+    if later:
+        for attr, part in parts.items():
+            setattr(module, attr, _store(part, later, f"{where}.{attr}"))
+    return module
+
+
+def compress_embedding(emb: nn.Embedding, settings: Settings) -> nn.Module:
+    steps = settings.steps()
+    other = {m.name: v for m, v in steps if "table" not in m.scopes}
+    if other:
+        allowed = [m.name for m in registry.methods("table")]
+        raise ValueError(
+            "embeddings take only "
+            + ", ".join(repr(n) for n in allowed)
+            + "; got "
+            + ", ".join(f"{k}={v}" for k, v in other.items())
+        )
+    quant = _single(steps, "quantize", "embedding")
+    if quant is None:
+        return emb
+    return quant[0].quantize_table(emb, quant[1])
 
 
 def _tied_output(model: nn.Module, emb_name: str, emb: nn.Embedding) -> str | None:
@@ -61,8 +129,8 @@ def _tied_output(model: nn.Module, emb_name: str, emb: nn.Embedding) -> str | No
     return None
 
 
-def structured_fractions(model: nn.Module, plan: CompressionPlan) -> dict[tuple[str, Kind], float]:
-    """The plan's structured settings resolved per (block, "heads" | "neurons")."""
+def block_values(model: nn.Module, plan: CompressionPlan) -> dict[str, dict[str, Any]]:
+    """For each block method the plan switches on: block name -> its value."""
     blocks = structured_blocks(model)
     unknown = [k for k in plan.structured if not k.startswith("re:") and k not in blocks]
     if unknown:
@@ -70,45 +138,76 @@ def structured_fractions(model: nn.Module, plan: CompressionPlan) -> dict[tuple[
             f"plan.structured names blocks the model does not have: {unknown[:5]}; "
             f"its blocks look like {blocks[:3]}"
         )
-    out: dict[tuple[str, Kind], float] = {}
+    out: dict[str, dict[str, Any]] = {}
     for block in blocks:
         settings = plan.structured_for(block)
-        if settings is not None and not settings.is_off:
-            out[(block, "heads")] = settings.heads
-            out[(block, "neurons")] = settings.neurons
+        for method, value in settings.steps() if settings is not None else []:
+            out.setdefault(method.name, {})[block] = value
     return out
 
 
+def _layer_stats(stats: CalibrationStats | None, name: str, module: nn.Module) -> LayerStats | None:
+    """The baseline statistics of a Linear's input, where its input is still the baseline's
+    (structured pruning that removed input columns makes them not apply)."""
+    layer = stats.layer(name) if stats is not None else None
+    if layer is None or not isinstance(module, nn.Linear):
+        return None
+    width = layer.act_sq.shape[0] if layer.act_sq is not None else layer.hessian.shape[0]  # type: ignore[union-attr]
+    return layer if width == module.in_features else None
+
+
 def apply_plan(
-    model: nn.Module, plan: CompressionPlan, calibration: Mapping[str, Tensor] | None = None
+    model: nn.Module,
+    plan: CompressionPlan,
+    calibration: Mapping[str, Tensor] | None = None,
+    stats: CalibrationStats | None = None,
+    skeleton: bool = False,
 ) -> nn.Module:
     """Compress ``model`` in place as ``plan`` says and return it (see ``compress``)."""
-    compress(model, plan, calibration)
+    compress(model, plan, calibration, stats, skeleton)
     return model
 
 
 def compress(
-    model: nn.Module, plan: CompressionPlan, calibration: Mapping[str, Tensor] | None = None
+    model: nn.Module,
+    plan: CompressionPlan,
+    calibration: Mapping[str, Tensor] | None = None,
+    stats: CalibrationStats | None = None,
+    skeleton: bool = False,
 ) -> CompressionPlan:
-    """Compress ``model`` in place as ``plan`` says; returns the plan as applied, with the
-    heads and neurons structured pruning kept in its ``selection``, so that applying the
-    returned plan to the same baseline rebuilds this model exactly, with no calibration.
-    An all-off plan changes nothing.
+    """Compress ``model`` in place as ``plan`` says; returns the plan as applied, with what
+    block methods kept (the heads and neurons of structured pruning) in its ``selection``, so
+    that applying the returned plan to the same baseline rebuilds this model exactly, with
+    no calibration. An all-off plan changes nothing.
 
-    ``calibration`` is a small batch of model inputs (keyword arguments of ``model(...)``,
-    e.g. ``input_ids`` and ``attention_mask``) used only to choose which heads and neurons
-    structured pruning removes, by weight times activation norm, for units the plan's
-    selection does not name. When it is None, structured pruning falls back to weight
-    magnitude alone. Other methods ignore it.
+    ``stats`` are the baseline's calibration statistics (calibration.capture), which methods
+    that declare ``needs`` read; when None and ``calibration`` (a small batch of model inputs,
+    keyword arguments of ``model(...)``) is given, they are captured from it first. Without
+    either, structured pruning ranks by weight magnitude alone and methods that require
+    statistics refuse. ``skeleton=True`` builds only the compressed shapes, for weights that
+    will be loaded over them (methods get neutral statistics; see calibration.NeutralStats).
     """
-    unknown = [k for k in plan.layers if not k.startswith("re:") and k not in compressible_modules(model)]
+    modules = compressible_modules(model)
+    unknown = [k for k in plan.layers if not k.startswith("re:") and k not in modules]
     if unknown:
         raise ValueError(
             f"plan names layers the model does not have: {unknown[:5]}; "
-            f"compressible layers look like {list(compressible_modules(model))[:3]}"
+            f"compressible layers look like {list(modules)[:3]}"
         )
-    fractions = structured_fractions(model, plan)
-    selection = prune_structured(model, fractions, calibration, plan.selection) if fractions else {}
+    per_block = block_values(model, plan)
+    wanted = needs(plan)
+    if wanted and skeleton:
+        stats = NeutralStats(model, wanted)
+    elif wanted and calibration is not None and (stats is None or not stats.covers(wanted)):
+        stats = capture(model, [calibration], wanted)
+    selection: dict[str, str] = {}
+    columns: dict[str, Tensor] = {}
+    layouts = {name: registry.get(name).layout(model) for name in per_block}  # before anything changes
+    for method, values in _block_order(per_block):
+        selection.update(method.apply_blocks(model, values, stats, plan.selection))
+        columns.update(method.kept_columns(layouts[method.name], values, selection))
+    if stats is not None:
+        stats = stats.narrowed(columns)  # the statistics follow the columns structured pruning cut
     modules = compressible_modules(model)  # after pruning: shapes (and objects) changed
     for name, settings in plan.active(modules).items():
         module = modules[name]
@@ -119,5 +218,11 @@ def compress(
             if tied is not None and not plan.active([tied]) and isinstance(packed, PackedEmbedding):
                 model.set_submodule(tied, TiedHead(packed))
         elif isinstance(module, nn.Linear):
-            model.set_submodule(name, compress_linear(module, settings))
+            stored = compress_linear(module, settings, _layer_stats(stats, name, module), name)
+            model.set_submodule(name, stored)
     return replace(plan, selection=selection)
+
+
+def _block_order(per_block: Mapping[str, dict[str, Any]]) -> Iterable[tuple[Method, dict[str, Any]]]:
+    for method, _ in registry.in_stage_order(dict.fromkeys(per_block)):
+        yield method, per_block[method.name]

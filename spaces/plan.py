@@ -10,96 +10,138 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Self
 
-from slimsearch.spaces.methods.realized import REALIZED
+from slimsearch.spaces.methods import registry
 
 # Version 1 plans written before structured pruning carry no "structured" key; they read
 # as "no structured pruning", so the version did not need to change.
 PLAN_VERSION = 1
-ALLOWED_BITS = (32, 16, 8, 4, 2)
 
 
-@dataclass(frozen=True)
-class LayerSettings:
-    """What to do to one layer. The defaults are "off": the layer stays exactly as it was.
+class Settings:
+    """What to do to one layer (or block): a value per registered method of this scope. The
+    defaults are "off": a method not given stays off and the layer exactly as it was.
 
-    ``rank`` is an absolute rank for Linear layers (None keeps full rank); embeddings
-    accept only ``bits``. Bits: 32 off, 16 bf16, 8 int8 (per-row scales, int8 kernels),
-    4 and 2 packed codes with group-wise scales (size only).
+    Immutable and hashable; ``settings.<method>`` reads a method's value (its off value when
+    not set), so ``LayerSettings(bits=8).rank`` is None.
     """
 
-    sparsity: float = 0.0
-    bits: int = 32
-    rank: int | None = None
+    scopes: tuple[registry.Scope, ...] = ()
+    where = "layer"
+    __slots__ = ("_values",)
+    _values: dict[str, Any]
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.sparsity < 1.0:
+    def __init__(self, *args: Any, **values: Any) -> None:
+        # Positional values, as the dataclasses these replaced took them, fill the methods that
+        # were there before the registry (sparsity, bits, rank; heads, neurons).
+        listed = [
+            m.name
+            for m in dict.fromkeys(m for s in self.scopes for m in registry.methods(s))
+            if m.always_listed
+        ]
+        if len(args) > len(listed):
+            raise TypeError(f"{type(self).__name__} takes at most {len(listed)} positional values ({listed})")
+        values = {**dict(zip(listed, args, strict=False)), **values}
+        kept: dict[str, Any] = {}
+        for name, value in values.items():
+            method = self._method(name)
+            value = method.check(value)
+            if not method.is_off(value):
+                kept[name] = value
+        object.__setattr__(self, "_values", kept)
+
+    @classmethod
+    def _method(cls, name: str) -> registry.Method:
+        allowed = [m.name for s in cls.scopes for m in registry.methods(s)]
+        if name not in allowed:
             raise ValueError(
-                f"sparsity={self.sparsity!r} is out of range: use a fraction in [0, 1), "
-                "e.g. 0.5 to zero half of the weights"
+                f"{cls.where} settings: unknown method {name!r}; the {cls.where} methods are "
+                f"{sorted(set(allowed))}"
             )
-        if self.bits not in ALLOWED_BITS:
-            raise ValueError(f"bits={self.bits!r} is not supported: choose one of {ALLOWED_BITS}")
-        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
-            raise ValueError(f"rank={self.rank!r} must be a positive integer, or None for full rank")
+        return registry.get(name)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            method = self._method(name)
+        except ValueError as exc:
+            raise AttributeError(str(exc)) from None
+        return self._values.get(name, method.off)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: build a new one (with_values)")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._values == self._values  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(sorted(self._values.items()))))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self._values.items())
+        return f"{type(self).__name__}({inner})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), dict(self._values)))
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """The methods switched on, by name, with their values."""
+        return dict(self._values)
+
+    def with_values(self, **changes: Any) -> Self:
+        return type(self)(**{**self._values, **changes})
 
     @property
     def is_off(self) -> bool:
-        return self.sparsity == 0.0 and self.bits == 32 and self.rank is None
+        return not self._values
+
+    def steps(self) -> list[tuple[registry.Method, Any]]:
+        """The methods switched on, in the order they run."""
+        return list(registry.in_stage_order(self._values))
 
     def short(self) -> str:
-        parts = []
-        if self.rank is not None:
-            parts.append(f"r{self.rank}")
-        if self.sparsity:
-            parts.append(f"s{self.sparsity:g}")
-        if self.bits != 32:
-            parts.append(f"{self.bits}b")
-        return "+".join(parts) or "off"
+        return "+".join(m.short(v) for m, v in self.steps()) or "off"
 
     def realized(self) -> dict[str, str]:
         """Each active method of this setting and what it is realized for ("speed", "size",
-        "speed+size"), from the methods' table."""
-        out = {}
-        if self.rank is not None:
-            out["rank"] = REALIZED["rank"]
-        if self.sparsity:
-            out["sparsity"] = REALIZED["sparsity"]
-        if self.bits != 32:
-            out[f"bits{self.bits}"] = REALIZED[f"bits{self.bits}"]
+        "speed+size"), as the methods declare it."""
+        return {m.realized_key(v): m.realized(v) for m, v in self.steps()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every method of the scope that is always listed (off or not), then the others that
+        are on, in registration order."""
+        out: dict[str, Any] = {}
+        for method in dict.fromkeys(m for s in self.scopes for m in registry.methods(s)):
+            if method.always_listed or method.name in self._values:
+                out[method.name] = self._values.get(method.name, method.off)
         return out
 
 
-@dataclass(frozen=True)
-class StructuredSettings:
-    """Structured pruning of one Transformer block: the fraction of attention heads (whole
-    key/value groups under grouped-query attention) and of FFN neurons removed. 0.0 is off."""
+def _rebuild(cls: type[Settings], values: dict[str, Any]) -> Settings:
+    return cls(**values)
 
-    heads: float = 0.0
-    neurons: float = 0.0
 
-    def __post_init__(self) -> None:
-        for name in ("heads", "neurons"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(
-                    f"structured {name}={value!r} is out of range: use the fraction removed, "
-                    "in [0, 1), e.g. 0.5 to remove half"
-                )
+class LayerSettings(Settings):
+    """Settings of one Linear or embedding table, e.g. ``LayerSettings(bits=8, sparsity=0.5)``.
+    ``rank`` is an absolute rank for Linear layers (None keeps full rank); embeddings accept
+    only the methods of table scope (bits)."""
 
-    @property
-    def is_off(self) -> bool:
-        return self.heads == 0.0 and self.neurons == 0.0
+    scopes = ("linear", "table")
+    where = "layer"
+    __slots__ = ()
 
-    def short(self) -> str:
-        parts = []
-        if self.heads:
-            parts.append(f"h{self.heads:g}")
-        if self.neurons:
-            parts.append(f"n{self.neurons:g}")
-        return "+".join(parts) or "off"
+
+class StructuredSettings(Settings):
+    """Structured pruning of one Transformer block, e.g. the fraction of attention heads
+    (whole key/value groups under grouped-query attention) and of FFN neurons removed."""
+
+    scopes = ("block",)
+    where = "structured"
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -110,8 +152,8 @@ class CompressionPlan:
     ``structured`` maps Transformer block names (e.g. ``bert.encoder.layer.3``,
     ``model.layers.3``) or ``re:`` patterns to StructuredSettings, looked up the same way.
 
-    Whatever order the mappings list things in, apply_plan runs the methods in one fixed
-    order: structured pruning, then factorization, then sparsity, then quantization.
+    Whatever order the mappings list things in, apply_plan runs the methods in stage order
+    (registry.STAGES: structured, depth, factorize, sparsify, quantize).
     """
 
     layers: Mapping[str, LayerSettings] = field(default_factory=dict)
@@ -168,22 +210,18 @@ class CompressionPlan:
     def realized(self) -> dict[str, str]:
         """Every method the plan uses, and what each is realized for (for records and docs)."""
         out: dict[str, str] = {}
-        for settings in self.layers.values():
+        for settings in [*self.layers.values(), *self.structured.values()]:
             out.update(settings.realized())
-        for block in self.structured.values():
-            for name in ("heads", "neurons"):
-                if getattr(block, name):
-                    out[name] = REALIZED[name]
         return dict(sorted(out.items()))
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "version": self.version,
-            "layers": {k: asdict(v) for k, v in self.layers.items()},
+            "layers": {k: v.to_dict() for k, v in self.layers.items()},
             "distill": dict(self.distill) if self.distill else None,
         }
         if self.structured:
-            data["structured"] = {k: asdict(v) for k, v in self.structured.items()}
+            data["structured"] = {k: v.to_dict() for k, v in self.structured.items()}
         if self.selection:
             data["selection"] = dict(self.selection)
         return data

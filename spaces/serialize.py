@@ -86,7 +86,7 @@ def load_compressed(path: str | Path, skeleton: nn.Module) -> tuple[nn.Module, C
     of the same config, any weights), which gives every layer its compressed shape, then load
     the saved tensors into it. Returns the model (in eval mode) and its plan."""
     plan, aliases = read_metadata(path)
-    apply_plan(skeleton, plan)  # no calibration: only the shapes matter, weights are replaced
+    apply_plan(skeleton, plan, skeleton=True)  # only the shapes matter: the weights are replaced
     tensors = load_tensors(path)
     for dropped, kept in aliases.items():
         tensors[dropped] = tensors[kept]

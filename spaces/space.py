@@ -7,25 +7,23 @@ parameter), so multivariate samplers see a fixed-dimension space.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from torch import nn
 
-from slimsearch.spaces.methods import max_useful_rank
-from slimsearch.spaces.methods.packed import EMBEDDING_BITS, lookup_scale
-from slimsearch.spaces.methods.structured import Kind, find_units, shrunk_shapes
-from slimsearch.spaces.plan import ALLOWED_BITS, CompressionPlan, LayerSettings, StructuredSettings
+from slimsearch.spaces.methods import registry
+from slimsearch.spaces.methods.packed import lookup_scale
+from slimsearch.spaces.methods.registry import Method
+from slimsearch.spaces.plan import CompressionPlan, LayerSettings, StructuredSettings
 
 # Linears inside numbered Transformer blocks: bert.encoder.layer.3.*, model.layers.11.*, h.0.*
 DEFAULT_LAYERS = r"re:.*\b(layer|layers|h|block|blocks)\.\d+\..*"
-KNOBS = ("sparsity", "bits", "rank")
-STRUCTURED_KNOBS: tuple[Kind, ...] = ("heads", "neurons")
-OFF_VALUES: dict[str, Any] = {"sparsity": 0.0, "bits": 32, "rank": 1.0, "heads": 0.0, "neurons": 0.0}
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -34,50 +32,100 @@ def _matches(pattern: str, name: str) -> bool:
     return pattern == name
 
 
-@dataclass(frozen=True)
-class Choices:
-    """The values each knob may take. ``rank`` is the fraction of the layer's weights kept by
-    a low-rank factorization (1.0 = off): rank = fraction * in*out/(in+out)."""
+def _check_values(method: Method, values: Any, where: str) -> tuple[Any, ...]:
+    if not isinstance(values, tuple) or not values:
+        raise ValueError(f"{where}{method.name}: give a non-empty list of values, got {values!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{where}{method.name}: values repeat in {list(values)}; list each once")
+    for value in values:
+        try:
+            method.check_choice(value)
+        except ValueError as exc:
+            raise ValueError(f"{where}{exc}") from None
+    return values
 
-    sparsity: tuple[float, ...] = (0.0,)
-    bits: tuple[int, ...] = (32,)
-    rank: tuple[float, ...] = (1.0,)
 
-    def __post_init__(self) -> None:
-        for name in KNOBS:
-            values = getattr(self, name)
-            if not isinstance(values, tuple) or not values:
-                raise ValueError(f"{name}: give a non-empty list of values, got {values!r}")
-            if len(set(values)) != len(values):
-                raise ValueError(f"{name}: values repeat in {list(values)}; list each once")
-        for s in self.sparsity:
-            if not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
-                raise ValueError(f"sparsity: {s!r} is not allowed; use fractions in [0, 1) such as 0.5")
-        for b in self.bits:
-            if b not in ALLOWED_BITS or isinstance(b, bool):
-                raise ValueError(f"bits: {b!r} is not allowed; choose from {list(ALLOWED_BITS)}")
-        for r in self.rank:
-            if not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
-                raise ValueError(
-                    f"rank: {r!r} is not allowed; use the fraction of weights kept, in (0, 1], "
-                    "with 1.0 meaning full rank (off)"
-                )
+class _MethodChoices:
+    """The values each method of a scope may take (a study file's lists); a method not given
+    offers only its off value. Immutable; ``choices.<method>`` reads one method's tuple."""
+
+    scope: registry.Scope = "linear"
+    __slots__ = ("_values",)
+    _values: dict[str, tuple[Any, ...]]
+
+    def __init__(self, **values: Any) -> None:
+        kept = {}
+        for name, items in values.items():
+            method = self._method(name)
+            kept[name] = _check_values(method, items, self._where())
+        object.__setattr__(self, "_values", kept)
+
+    @classmethod
+    def _where(cls) -> str:
+        return ""
+
+    @classmethod
+    def _method(cls, name: str) -> Method:
+        allowed = registry.names(cls.scope)
+        if name not in allowed:
+            raise ValueError(f"unknown knob(s) [{name!r}]; the knobs are {list(allowed)}")
+        return registry.get(name)
+
+    def __getattr__(self, name: str) -> tuple[Any, ...]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            method = self._method(name)
+        except ValueError as exc:
+            raise AttributeError(str(exc)) from None
+        return self._values.get(name, (method.choice_off_value(),))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.items() == other.items()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.items()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
+
+    def items(self) -> list[tuple[str, tuple[Any, ...]]]:
+        """(method, values) for every registered method of the scope, in registration order."""
+        return [(m.name, getattr(self, m.name)) for m in registry.methods(self.scope)]
+
+    def given(self) -> dict[str, tuple[Any, ...]]:
+        return dict(self._values)
+
+
+class Choices(_MethodChoices):
+    """The values each Linear method may take, e.g. ``Choices(bits=(32, 8), rank=(1.0, 0.5))``.
+    ``rank`` is the fraction of the layer's weights kept by a low-rank factorization (1.0 =
+    off): rank = fraction * in*out/(in+out)."""
+
+    scope: registry.Scope = "linear"
+    __slots__ = ()
 
     @classmethod
     def from_mapping(
         cls, data: Mapping[str, Any], base: Choices | None = None, where: str = "space"
     ) -> Choices:
-        unknown = set(data) - set(KNOBS)
+        allowed = registry.names("linear")
+        unknown = set(data) - set(allowed)
         if unknown:
-            hint = " (heads and neurons go under space.structured)" if unknown & set(STRUCTURED_KNOBS) else ""
-            raise ValueError(f"{where}: unknown knob(s) {sorted(unknown)}; the knobs are {list(KNOBS)}{hint}")
-        start = base or cls()
-        values = {}
+            block = set(registry.names("block"))
+            hint = " (heads and neurons go under space.structured)" if unknown & block else ""
+            raise ValueError(
+                f"{where}: unknown knob(s) {sorted(unknown)}; the knobs are {list(allowed)}{hint}"
+            )
+        values = dict(base.given()) if base is not None else {}
         for name, raw in data.items():
             items = raw if isinstance(raw, (list, tuple)) else [raw]
             values[name] = tuple(items)
         try:
-            return replace(start, **values)
+            return cls(**values)
         except ValueError as exc:
             raise ValueError(f"{where}.{exc}") from None
 
@@ -88,32 +136,19 @@ class GroupRule:
     choices: Mapping[str, Any]
 
 
-@dataclass(frozen=True)
-class StructuredChoices:
-    """Structured pruning per Transformer block: fractions of attention heads (whole key/value
-    groups under GQA) and of FFN neurons removed; 0.0 is off. ``blocks`` are block names or
-    ``re:`` patterns (e.g. ``re:.*layer\\.[1-5]``); by default every block found."""
+class StructuredChoices(_MethodChoices):
+    """Per Transformer block: the values each block method may take (structured pruning: the
+    fractions of attention heads, whole key/value groups under GQA, and of FFN neurons
+    removed; 0.0 is off). ``blocks`` are block names or ``re:`` patterns (e.g.
+    ``re:.*layer\\.[1-5]``); by default every block found."""
 
-    heads: tuple[float, ...] = (0.0,)
-    neurons: tuple[float, ...] = (0.0,)
-    blocks: tuple[str, ...] = ("re:.*",)
+    scope: registry.Scope = "block"
+    __slots__ = ("blocks",)
+    blocks: tuple[str, ...]
 
-    def __post_init__(self) -> None:
-        for name in STRUCTURED_KNOBS:
-            values = getattr(self, name)
-            if not isinstance(values, tuple) or not values:
-                raise ValueError(
-                    f"space.structured.{name}: give a non-empty list of fractions, got {values!r}"
-                )
-            if len(set(values)) != len(values):
-                raise ValueError(f"space.structured.{name}: values repeat in {list(values)}; list each once")
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-                    raise ValueError(
-                        f"space.structured.{name}: {v!r} is not allowed; use fractions removed in "
-                        "[0, 1) such as [0.0, 0.25, 0.5], with 0.0 meaning off"
-                    )
-        for pattern in self.blocks:
+    def __init__(self, blocks: tuple[str, ...] = ("re:.*",), **values: Any) -> None:
+        super().__init__(**values)
+        for pattern in blocks:
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
@@ -121,16 +156,27 @@ class StructuredChoices:
                     raise ValueError(
                         f"space.structured.blocks: {pattern!r} is not a valid regex ({exc})"
                     ) from None
+        object.__setattr__(self, "blocks", tuple(blocks))
+
+    @classmethod
+    def _where(cls) -> str:
+        return "space.structured."
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other) and self.blocks == other.blocks  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((super().__hash__(), self.blocks))
 
     @property
     def searched(self) -> bool:
-        return len(self.heads) > 1 or len(self.neurons) > 1 or self.heads != (0.0,) or self.neurons != (0.0,)
+        return any(values != (registry.get(name).choice_off_value(),) for name, values in self.items())
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> StructuredChoices:
         if not isinstance(data, Mapping):
             raise ValueError(f"space.structured: give a mapping with heads/neurons/blocks, got {data!r}")
-        allowed = {f.name for f in fields(cls)}
+        allowed = {*registry.names("block"), "blocks"}
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(
@@ -161,11 +207,18 @@ class SpaceConfig:
                     re.compile(pattern[3:])
                 except re.error as exc:
                     raise ValueError(f"space: pattern {pattern!r} is not a valid regex ({exc})") from None
-        allowed = {"embeddings": (32, *EMBEDDING_BITS), "lm_head": ALLOWED_BITS}
-        for name, bits in allowed.items():
+        method = registry.table_method()
+        allowed = {"embeddings": method.table_allowed() or method.allowed(), "lm_head": method.allowed()}
+        for name, values in allowed.items():
             for b in getattr(self, name):
-                if b not in bits or isinstance(b, bool):
-                    raise ValueError(f"space.{name}: bits {b!r} not allowed; choose from {list(bits)}")
+                try:
+                    method.check_choice(b)
+                    ok = values is None or b in values
+                except ValueError:
+                    ok = False
+                if not ok or isinstance(b, bool):
+                    listed = f"; choose from {list(values)}" if values is not None else ""
+                    raise ValueError(f"space.{name}: {method.name} {b!r} not allowed{listed}")
 
 
 @dataclass(frozen=True)
@@ -199,18 +252,28 @@ class SearchSpace:
             for n in hit:
                 per_layer[n] = Choices.from_mapping(rule.choices, per_layer[n], f"space.groups[{i}]")
         self.knobs: list[Knob] = []
-        self.units = find_units(model)
-        self._add_structured_knobs(config.structured)
+        self.layouts = {m.name: m.layout(model) for m in registry.methods("block")}
+        self._add_block_knobs(config.structured)
+        # A method is a parameter of every searched layer: always for the ones that predate the
+        # registry (existing studies keep their fingerprint), else once some layer searches it.
+        listed = [
+            m
+            for m in registry.methods("linear")
+            if m.always_listed
+            or any(getattr(per_layer[n], m.name) != (m.choice_off_value(),) for n in targets)
+        ]
         for n in targets:
-            for knob in KNOBS:
-                self.knobs.append(Knob(n, knob, getattr(per_layer[n], knob)))
+            for method in listed:
+                self.knobs.append(Knob(n, method.name, getattr(per_layer[n], method.name)))
         self._add_table_knobs(model, config)
 
-    def _add_structured_knobs(self, choices: StructuredChoices) -> None:
+    def _add_block_knobs(self, choices: StructuredChoices) -> None:
         # Only when asked for, so spaces without structured pruning keep their fingerprint.
         if not choices.searched:
             return
-        blocks = list(dict.fromkeys(u.block for u in self.units))
+        methods = registry.methods("block")
+        per_method = {m.name: m.blocks(self.layouts[m.name]) for m in methods}
+        blocks = list(dict.fromkeys(b for m in methods for b in per_method[m.name]))
         chosen = [b for b in blocks if any(_matches(p, b) for p in choices.blocks)]
         if not blocks:
             raise ValueError(
@@ -222,23 +285,21 @@ class SearchSpace:
                 f"space.structured.blocks {list(choices.blocks)} match no block of this model; "
                 f"its blocks include {blocks[:4]}"
             )
-        kinds = {(u.block, u.kind) for u in self.units}
-        for kind in STRUCTURED_KNOBS:
-            missing = [b for b in chosen if (b, kind) not in kinds]
-            if getattr(choices, kind) != (0.0,) and missing:
+        for method in methods:
+            name = method.name
+            missing = [b for b in chosen if b not in per_method[name]]
+            if getattr(choices, name) != (method.choice_off_value(),) and missing:
                 # Never search less than the study file asks for without saying so.
-                layout = (
-                    "attention layout (query/key/value and output projections)" if kind == "heads" else "MLP"
-                )
                 raise ValueError(
-                    f"space.structured.{kind}: blocks {missing[:3]} have no {layout} that structured pruning "
-                    f"knows, so their {kind} cannot be pruned; set {kind}: [0.0], or limit "
-                    "space.structured.blocks to blocks that have them"
+                    f"space.structured.{name}: blocks {missing[:3]} have no {method.block_part} that "
+                    f"{name} pruning knows, so their {name} cannot be pruned; set {name}: "
+                    f"[{method.choice_off_value()}], or limit space.structured.blocks to blocks "
+                    "that have them"
                 )
         for block in chosen:
-            for kind in STRUCTURED_KNOBS:
-                if (block, kind) in kinds:
-                    self.knobs.append(Knob(block, kind, getattr(choices, kind)))
+            for method in methods:
+                if block in per_method[method.name]:
+                    self.knobs.append(Knob(block, method.name, getattr(choices, method.name)))
 
     def _add_table_knobs(self, model: nn.Module, config: SpaceConfig) -> None:
         get_in = getattr(model, "get_input_embeddings", None)
@@ -246,16 +307,18 @@ class SearchSpace:
         emb = get_in() if callable(get_in) else None
         head = get_out() if callable(get_out) else None
         names = {id(m): n for n, m in model.named_modules()}
+        method = registry.table_method()
+        off = (method.choice_off_value(),)
         if isinstance(emb, nn.Embedding):
-            if config.embeddings != (32,):
+            if config.embeddings != off:
                 try:
                     lookup_scale(emb)  # a table whose forward packing cannot keep is refused here
                 except ValueError as exc:
                     raise ValueError(f"space.embeddings: {exc}") from None
-            self.knobs.append(Knob(names[id(emb)], "bits", config.embeddings))
+            self.knobs.append(Knob(names[id(emb)], method.name, config.embeddings))
         tied = isinstance(head, nn.Linear) and isinstance(emb, nn.Embedding) and head.weight is emb.weight
         if isinstance(head, nn.Linear) and not tied:
-            self.knobs.append(Knob(names[id(head)], "bits", config.lm_head))
+            self.knobs.append(Knob(names[id(head)], method.name, config.lm_head))
 
     @staticmethod
     def param_name(knob: Knob) -> str:
@@ -279,60 +342,55 @@ class SearchSpace:
             if value not in k.choices:
                 raise ValueError(f"param {self.param_name(k)}={value!r} is not one of {list(k.choices)}")
             chosen.setdefault(k.layer, {})[k.knob] = value
+        block_names = set(registry.names("block"))
         structured: dict[str, StructuredSettings] = {}
-        fractions: dict[tuple[str, Kind], float] = {}
+        per_method: dict[str, dict[str, Any]] = {}
         for block, values in chosen.items():
-            if not any(kind in values for kind in STRUCTURED_KNOBS):
+            if not block_names & set(values):
                 continue
-            settings = StructuredSettings(
-                heads=float(values.get("heads", 0.0)), neurons=float(values.get("neurons", 0.0))
-            )
+            settings = StructuredSettings(**{n: v for n, v in values.items() if n in block_names})
             structured[block] = settings
-            fractions[(block, "heads")] = settings.heads
-            fractions[(block, "neurons")] = settings.neurons
-        # Ranks are fractions of the limit of the shape each Linear has after structured pruning.
-        shapes = shrunk_shapes(self.units, fractions, self.shapes) if fractions else self.shapes
+            for name, value in settings.values.items():
+                per_method.setdefault(name, {})[block] = value
+        # Settings that depend on shape (rank) see the shape each Linear has after the block methods.
+        shapes: Mapping[str, tuple[int, int]] = self.shapes
+        for method, values in registry.in_stage_order(per_method):
+            shapes = method.shrunk(self.layouts[method.name], values, shapes)
         layers = {}
         for layer, values in chosen.items():
             if layer in structured:
                 continue
             layers[layer] = LayerSettings(
-                sparsity=float(values.get("sparsity", 0.0)),
-                bits=int(values.get("bits", 32)),
-                rank=self._rank(shapes, layer, float(values.get("rank", 1.0))),
+                **{n: registry.get(n).setting(v, shapes.get(layer)) for n, v in values.items()}
             )
         return CompressionPlan(layers=layers, structured=structured)
-
-    @staticmethod
-    def _rank(shapes: Mapping[str, tuple[int, int]], layer: str, fraction: float) -> int | None:
-        if fraction >= 1.0:
-            return None
-        n_in, n_out = shapes[layer]
-        return max(1, int(fraction * max_useful_rank(n_in, n_out)))
 
     def uniform_params(self) -> list[dict[str, Any]]:
         """Seed configurations: all off, then each non-off value of one knob in every layer
         that offers it (embeddings follow the bits choice where they offer it too), then each
         bit-width of the Linears with each width of the embedding tables, then each uniform
-        structured (heads, neurons) pair with each bit-width of the Linears."""
+        combination of the block methods (heads, neurons) with each bit-width of the Linears."""
+        off_of = {m.name: m.choice_off_value() for m in registry.methods()}
         off = {self.param_name(k): k.choices[0] for k in self.knobs if len(k.choices) > 1}
         for k in self.knobs:
-            if len(k.choices) > 1 and OFF_VALUES[k.knob] in k.choices:
-                off[self.param_name(k)] = OFF_VALUES[k.knob]
+            if len(k.choices) > 1 and off_of[k.knob] in k.choices:
+                off[self.param_name(k)] = off_of[k.knob]
         seeds = [dict(off)]
 
         def add(params: dict[str, Any]) -> None:
             if params != off and params not in seeds:
                 seeds.append(params)
 
-        for knob in (*STRUCTURED_KNOBS, *KNOBS):
-            knobs = [k for k in self.knobs if k.knob == knob and len(k.choices) > 1]
-            for value in sorted({v for k in knobs for v in k.choices} - {OFF_VALUES[knob]}):
+        block_methods = registry.methods("block")
+        for method in [*block_methods, *registry.methods("linear")]:
+            knobs = [k for k in self.knobs if k.knob == method.name and len(k.choices) > 1]
+            for value in sorted({v for k in knobs for v in k.choices} - {off_of[method.name]}):
                 add(self._with(off, knobs, value))
         # Tables and Linears tolerate different widths (on MiniLM, 4-bit Linears with a 2-bit
         # table score 80.6% where all 2-bit scores 77.2% and the baseline 80.1%), so "one width
         # for the Linears, another for the tables" is an obvious setting too.
-        widths = [k for k in self.knobs if k.knob == "bits" and len(k.choices) > 1]
+        table = registry.table_method()
+        widths = [k for k in self.knobs if k.knob == table.name and len(k.choices) > 1]
         tables = [k for k in widths if k.layer not in self.shapes]
         linears = [k for k in widths if k.layer in self.shapes]
         for bits in sorted({v for k in linears for v in k.choices}, reverse=True):
@@ -340,14 +398,24 @@ class SearchSpace:
                 add(self._with(self._with(off, linears, bits), tables, width))
         # Structured pruning composes with the kernels too (on MiniLM, int8 with half the FFN
         # neurons of every block: 0.29x the latency at 80.2% against 80.3%), so each uniform
-        # (heads, neurons) pair comes with each bit-width of the Linears (tables follow it).
-        heads = [k for k in self.knobs if k.knob == "heads" and len(k.choices) > 1]
-        neurons = [k for k in self.knobs if k.knob == "neurons" and len(k.choices) > 1]
-        for bits in sorted({v for k in linears for v in k.choices} | {32}, reverse=True):
-            for h in sorted({v for k in heads for v in k.choices} | {0.0}):
-                for n in sorted({v for k in neurons for v in k.choices} | {0.0}):
-                    if h or n:
-                        add(self._with(self._with(self._with(off, heads, h), neurons, n), widths, bits))
+        # combination of the block methods comes with each bit-width of the Linears (tables
+        # follow it).
+        groups = [[k for k in self.knobs if k.knob == m.name and len(k.choices) > 1] for m in block_methods]
+        ladders = [
+            sorted({v for k in knobs for v in k.choices} | {off_of[m.name]})
+            for m, knobs in zip(block_methods, groups, strict=True)
+        ]
+        offs = [off_of[m.name] for m in block_methods]
+        for bits in sorted(
+            {v for k in linears for v in k.choices} | {table.choice_off_value()}, reverse=True
+        ):
+            for combo in itertools.product(*ladders):
+                if list(combo) == offs:
+                    continue
+                params = dict(off)
+                for knobs, value in zip(groups, combo, strict=True):
+                    params = self._with(params, knobs, value)
+                add(self._with(params, widths, bits))
         return seeds
 
     def _with(self, params: Mapping[str, Any], knobs: Sequence[Knob], value: Any) -> dict[str, Any]:

@@ -14,20 +14,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimsearch.spaces import CompressionPlan, LayerSettings, StructuredSettings, apply_plan
-from slimsearch.spaces.methods import LowRankLinear, PackedLinear
+from slimsearch.spaces.methods import LowRankLinear, PackedLinear, registry
 from slimsearch.spaces.methods.distill import (
     DistillRecipe,
     FakeQuantLinear,
     TeacherCache,
     distill,
     evaluate_loss,
-    fake_quantize,
     layer_map,
     teacher_layer_for,
 )
 from slimsearch.spaces.methods.quantize import group_size_for, quantize_rows, unpack_bits
 from slimsearch.spaces.serialize import serialized_size
-from tiny import LM_TEXT, sentiment_rows, tiny_bert, tiny_llama
+from tiny import LM_TEXT, packed_linear, sentiment_rows, tiny_bert, tiny_llama
 
 Batch = dict[str, Tensor]
 BLOCKS = r"re:.*layers?\.\d+\..*"
@@ -110,7 +109,7 @@ SPARSE_INT8 = CompressionPlan(layers={BLOCKS: LayerSettings(sparsity=0.5, bits=8
 SPARSE_4BIT = CompressionPlan(layers={BLOCKS: LayerSettings(sparsity=0.5, bits=4)})
 # Half the heads go: the student's attention maps have fewer heads than the teacher's.
 STRUCT_INT8 = CompressionPlan(
-    layers={BLOCKS: LayerSettings(bits=8)}, structured={"re:.*": StructuredSettings(0.5, 0.5)}
+    layers={BLOCKS: LayerSettings(bits=8)}, structured={"re:.*": StructuredSettings(heads=0.5, neurons=0.5)}
 )
 
 
@@ -178,7 +177,7 @@ def test_layer_map_is_uniform() -> None:
 def test_fake_quant_matches_packed_layer_and_repacks_the_same_mask(bits: int, sparsity: float) -> None:
     torch.manual_seed(0)
     linear = nn.Linear(40, 12)
-    packed = PackedLinear.from_linear(linear, bits, sparsity)
+    packed = packed_linear(linear, bits, sparsity)
     fake = FakeQuantLinear.from_packed(packed)
     x = torch.randn(5, 40)
     # Before training, the stand-in computes what the packed layer stores (dense fp32 path).
@@ -194,7 +193,9 @@ def test_fake_quant_matches_packed_layer_and_repacks_the_same_mask(bits: int, sp
     if sparsity:
         assert torch.equal(repacked.mask, packed.mask)
     # Training saw the deployed layer: the stand-in computes what its re-packed form computes.
-    assert torch.allclose(repacked.dense_weight(), fake_quantize(fake.weight, bits, fake.keep), atol=1e-6)
+    assert torch.allclose(
+        repacked.dense_weight(), registry.get("bits").fake_quantize(fake.weight, bits, fake.keep), atol=1e-6
+    )
     with torch.no_grad():
         deployed = F.linear(x, repacked.dense_weight(), getattr(repacked, "bias", None))
         assert torch.allclose(fake(x), deployed, atol=1e-5)
@@ -202,7 +203,7 @@ def test_fake_quant_matches_packed_layer_and_repacks_the_same_mask(bits: int, sp
 
 def test_straight_through_gradient_is_masked() -> None:
     torch.manual_seed(0)
-    packed = PackedLinear.from_linear(nn.Linear(16, 8), 4, 0.5)
+    packed = packed_linear(nn.Linear(16, 8), 4, 0.5)
     fake = FakeQuantLinear.from_packed(packed)
     fake(torch.randn(3, 16)).sum().backward()
     assert fake.keep is not None and fake.weight.grad is not None
@@ -219,7 +220,7 @@ def test_repacking_keeps_a_mask_whose_kept_weights_quantized_to_zero() -> None:
     linear = nn.Linear(16, 4, bias=False)
     with torch.no_grad():
         linear.weight.copy_(weight)
-    packed = PackedLinear.from_linear(linear, 8, 6 / 16)
+    packed = packed_linear(linear, 8, 6 / 16)
     fake = FakeQuantLinear.from_packed(packed)
     assert fake.keep is not None and int((fake.weight[fake.keep] == 0).sum()) == 24
     assert torch.equal(fake.to_packed().mask, packed.mask)

@@ -26,7 +26,7 @@ from slimsearch.search.results_cli import add_commands
 from slimsearch.search.study_file import StudyError, study_from_mapping
 from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan, state_digest
 from slimsearch.spaces.methods import PackedEmbedding, TiedHead
-from slimsearch.spaces.testing import STANDARD_CASES, MethodCase
+from slimsearch.spaces.testing import MethodCase, registry_cases
 from tiny import LM_TEXT, MODELS, tiny_bert, tiny_llama
 
 
@@ -49,7 +49,7 @@ def _logits(model: nn.Module) -> Tensor:
 
 
 @pytest.mark.parametrize("model_name", sorted(MODELS))
-@pytest.mark.parametrize("case", STANDARD_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", registry_cases(), ids=lambda c: c.name)
 def test_every_method_round_trips(case: MethodCase, model_name: str, tokenizer: Any, tmp_path: Path) -> None:
     base = MODELS[model_name](0)
     plan = case.plan(base)

@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from slimsearch.spaces.testing import STANDARD_CASES, MethodCase, MethodConformance
+from slimsearch.spaces.methods import registry
+from slimsearch.spaces.testing import MethodCase, MethodConformance, registry_cases
 from tiny import MODELS
 
 
 class TestStandardMethods(MethodConformance):
-    @pytest.fixture(params=STANDARD_CASES, ids=lambda c: c.name)
+    @pytest.fixture(params=registry_cases(), ids=lambda c: c.name)
     def case(self, request: pytest.FixtureRequest) -> MethodCase:
         case: MethodCase = request.param
         return case
@@ -32,8 +33,13 @@ class TestStandardMethods(MethodConformance):
         return {"input_ids": ids, "attention_mask": mask}
 
 
-def test_standard_cases_cover_every_realized_method() -> None:
-    from slimsearch.spaces import REALIZED
+def test_generated_cases_cover_every_registered_method_and_stage_pair() -> None:
+    from slimsearch.spaces import realized_table
 
-    covered = {r for case in STANDARD_CASES for r in case.realizes}
-    assert covered == set(REALIZED)
+    cases = registry_cases()
+    covered = {r for case in cases for r in case.realizes}
+    assert covered == set(realized_table())
+    names = {c.name for c in cases}
+    assert {"bits=8", "sparsity=0.5", "rank=4", "heads=0.5", "neurons=0.5", "bits=4@embeddings"} <= names
+    assert {"sparsity=0.5+bits=4", "sparsity=0.5+rank=4", "bits=4+rank=4", "all-combined"} <= names
+    assert {m.name for m in registry.methods()} == {"sparsity", "bits", "rank", "heads", "neurons"}

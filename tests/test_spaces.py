@@ -19,10 +19,10 @@ from slimsearch.spaces import (
     space_config_from_mapping,
     structured_blocks,
 )
-from slimsearch.spaces.methods import LowRankLinear, PackedEmbedding, PackedLinear, max_useful_rank
+from slimsearch.spaces.methods import LowRankLinear, PackedEmbedding, max_useful_rank
 from slimsearch.spaces.methods.quantize import dequantize_groups, group_size_for, quantize_groups
 from slimsearch.spaces.methods.structured import find_units, kept_indices, prune_structured, removed_groups
-from tiny import tiny_bert, tiny_llama
+from tiny import packed_linear, tiny_bert, tiny_llama
 
 
 def batch() -> dict[str, torch.Tensor]:
@@ -287,7 +287,7 @@ def test_groupwise_codes_fit_better_than_min_max_and_pack_densely(bits: int) -> 
     low = offset.float().repeat_interleave(64, dim=1)[:, :100]
     inside = (weight >= low) & (weight <= low + step * (2**bits - 1))
     assert bool(((restored - weight).abs() <= step / 2 + 1e-3)[inside].all())
-    packed = PackedLinear.from_linear(nn.Linear(100, 8), bits)
+    packed = packed_linear(nn.Linear(100, 8), bits)
     assert packed.values.numel() == 800 * bits // 8
     assert packed.values.dtype == torch.uint8
 
@@ -311,7 +311,7 @@ def test_bits_order_error_on_the_same_layer() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(128, 64)
     errors = {
-        b: (PackedLinear.from_linear(linear, b).dense_weight() - linear.weight).abs().mean().item()
+        b: (packed_linear(linear, b).dense_weight() - linear.weight).abs().mean().item()
         for b in (16, 8, 4, 2)
     }
     assert errors[16] < errors[8] < errors[4] < errors[2]
@@ -320,7 +320,7 @@ def test_bits_order_error_on_the_same_layer() -> None:
 def test_int8_layer_runs_on_the_int8_kernel_and_matches_its_weights() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)
-    packed = PackedLinear.from_linear(linear, 8)
+    packed = packed_linear(linear, 8)
     x = torch.randn(5, 64)
     with torch.no_grad():
         y = packed(x)
@@ -330,7 +330,7 @@ def test_int8_layer_runs_on_the_int8_kernel_and_matches_its_weights() -> None:
 
 def test_sparsity_stores_bitmask_and_kept_values_only() -> None:
     linear = nn.Linear(40, 10)
-    packed = PackedLinear.from_linear(linear, 32, sparsity=0.75)
+    packed = packed_linear(linear, 32, 0.75)
     assert packed.mask.numel() == 400 // 8  # the index overhead: one bit a weight
     assert packed.values.numel() == 100
     weight = packed.dense_weight()
@@ -341,7 +341,7 @@ def test_sparsity_stores_bitmask_and_kept_values_only() -> None:
 
 def test_sparse_groupwise_keeps_pruned_weights_exactly_zero() -> None:
     linear = nn.Linear(64, 16)
-    weight = PackedLinear.from_linear(linear, 2, sparsity=0.5).dense_weight()
+    weight = packed_linear(linear, 2, 0.5).dense_weight()
     assert int((weight == 0).sum()) >= 512
 
 

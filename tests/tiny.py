@@ -8,6 +8,10 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from slimsearch.spaces import LayerSettings
+from slimsearch.spaces.apply import compress_linear
+from slimsearch.spaces.methods import PackedLinear
+
 
 def tiny_bert_config() -> dict[str, object]:
     return {
@@ -76,3 +80,11 @@ def sentiment_rows(n: int = 48) -> list[tuple[str, int]]:
 
 
 LM_TEXT = " ".join("the model reads the text and the text is read by the model again" for _ in range(40))
+
+
+def packed_linear(linear: nn.Linear, bits: int = 32, sparsity: float = 0.0) -> PackedLinear:
+    """``linear`` stored by the registered methods at ``bits`` and ``sparsity``."""
+    module = compress_linear(linear, LayerSettings(bits=bits, sparsity=sparsity))
+    if not isinstance(module, PackedLinear):
+        raise TypeError(f"expected a PackedLinear, got {type(module).__name__}")
+    return module

@@ -11,12 +11,13 @@ Three pieces, torch only:
 
 What trains: every float parameter of the student except embedding tables (their packed
 forms hold codes, not parameters, and freezing them keeps a tied LM head frozen too).
-Quantized or sparse layers (``PackedLinear``) train by quantization-aware training: each is
-swapped for a ``FakeQuantLinear`` whose float weight is rounded to the layer's own storage
-grid in the forward pass (8 bits: symmetric int8 per row; 4 and 2 bits: the group-wise
-codes of quantize.py; 16 bits: bf16) with a straight-through gradient, and whose pruned
-entries stay zero. After training each is re-packed with the same bits and the same mask,
-so the student's size and layout do not change.
+Quantized or sparse layers (``PackedLinear``) train as the methods that made them declare
+(``Method.qat``): a layer made only by "requantize" and "train" methods is swapped for a
+``FakeQuantLinear`` whose float weight is rounded to its quantizer's grid in the forward pass
+(``Method.fake_quantize``) with a straight-through gradient, and whose pruned entries stay
+zero; after training the quantizer re-stores it with the same value and the same mask, so
+the student's size and layout do not change. A layer any "frozen" method made (a calibrated
+quantizer whose codes plain rounding would undo) keeps its stored values and does not train.
 
 Attention maps need the eager attention implementation: in transformers 5.23 the default
 ``sdpa`` returns an empty ``attentions`` tuple for ``output_attentions=True`` (with only a
@@ -41,14 +42,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.packed import PackedLinear
-from slimsearch.spaces.methods.quantize import (
-    GROUPED_BITS,
-    dequantize_groups,
-    quantize_groups,
-    quantize_rows,
-    unpack_bits,
-)
+from slimsearch.spaces.methods.quantize import unpack_bits
+from slimsearch.spaces.methods.registry import LinearWork, Method
 
 DISTILL_KINDS = ("off", "logits", "logits+hidden", "logits+hidden+attention")
 TASK_KINDS = ("classification", "causal-lm")
@@ -353,39 +350,47 @@ def _teacher_outputs(batch: Batch, out: Any, hidden: bool, attention: bool, task
 # Quantization-aware training of PackedLinear layers
 
 
-def fake_quantize(weight: Tensor, bits: int, keep: Tensor | None) -> Tensor:
-    """``weight`` rounded to the grid PackedLinear would store it on (no gradient): the same
-    functions and the same masking order as ``PackedLinear.from_linear`` then ``dense_weight``."""
-    w = weight.detach()
-    if keep is not None:
-        w = w * keep
-    if bits == 32:
-        return w
-    if bits == 16:
-        return w.to(torch.bfloat16).float()
-    if bits == 8:
-        codes, scale = quantize_rows(w, 8)
-        return codes.float() * scale[:, None]
-    if bits in GROUPED_BITS:
-        codes, scale, offset = quantize_groups(w, bits, keep)
-        q = dequantize_groups(codes, scale, offset)
-        return q * keep if keep is not None else q
-    raise ValueError(f"bits={bits!r} has no fake-quantization grid; PackedLinear uses 32, 16, 8, 4, 2")
+def quantizer_of(packed: PackedLinear) -> tuple[Method, Any] | None:
+    """The quantize-stage method that stored ``packed`` and its value (None: stored as fp32)."""
+    for name in packed.made_by:
+        method = registry.get(name)
+        if method.stage == "quantize":
+            return method, method.stored_value(packed)
+    if packed.bits != 32:
+        raise ValueError(
+            f"a {packed.bits}-bit PackedLinear records no quantize method: build it through "
+            "apply_plan or a registered method, so distillation knows how to re-store it"
+        )
+    return None
+
+
+def trains(packed: PackedLinear) -> bool:
+    """Whether distillation may change the layer: no method that made it is frozen."""
+    return all(registry.get(name).qat != "frozen" for name in packed.made_by)
 
 
 class FakeQuantLinear(nn.Module):
     """A trainable stand-in for a PackedLinear during distillation.
 
-    The forward pass uses the weight rounded to the layer's grid; the backward pass treats
-    the rounding as identity (straight-through estimator). Pruned entries stay zero and get
-    no gradient, because the mask multiplies the weight before everything else.
+    The forward pass uses the weight rounded to the grid of the method that stored the layer
+    (``Method.fake_quantize``); the backward pass treats the rounding as identity
+    (straight-through estimator). Pruned entries stay zero and get no gradient, because the
+    mask multiplies the weight before everything else.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, bits: int, keep: Tensor | None) -> None:
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        keep: Tensor | None,
+        quantizer: tuple[Method, Any] | None,
+        made_by: tuple[str, ...] = (),
+    ) -> None:
         super().__init__()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
-        self.bits = bits
+        self.quantizer = quantizer
+        self.made_by = made_by  # the methods before the quantizer, which re-storing replays
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.bias = nn.Parameter(bias.detach().float().clone()) if bias is not None else None
         self.keep: Tensor | None
@@ -397,39 +402,46 @@ class FakeQuantLinear(nn.Module):
         if packed.sparse:
             numel = packed.in_features * packed.out_features
             keep = unpack_bits(packed.mask, numel).view(packed.out_features, packed.in_features)
-        return cls(packed.dense_weight(), getattr(packed, "bias", None), packed.bits, keep)
+        quantizer = quantizer_of(packed)
+        before = tuple(n for n in packed.made_by if quantizer is None or n != quantizer[0].name)
+        return cls(packed.dense_weight(), getattr(packed, "bias", None), keep, quantizer, before)
+
+    def rounded(self, w: Tensor) -> Tensor:
+        """``w`` on the stored grid (no gradient)."""
+        if self.quantizer is None:
+            return w.detach() * self.keep if self.keep is not None else w.detach()
+        method, value = self.quantizer
+        return method.fake_quantize(w, value, self.keep)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight * self.keep if self.keep is not None else self.weight
-        w = w + (fake_quantize(w, self.bits, self.keep) - w).detach()
+        w = w + (self.rounded(w) - w).detach()
         return F.linear(x, w, self.bias)
 
-    def to_packed(self) -> PackedLinear:
-        """Re-pack the trained weight with the same bits and exactly the same mask."""
+    def to_packed(self) -> nn.Module:
+        """Re-store the trained weight by the same method and value, with exactly the same mask."""
         weight = self.weight.detach().clone()
-        sparsity = 0.0
         if self.keep is not None:
-            # from_linear re-derives the mask by magnitude: pruned entries are exactly zero
-            # and kept ones are made nonzero, so the smallest |w| are exactly the pruned ones.
+            # Kept entries that trained to exactly zero are stored as the smallest float, as
+            # a mask re-derived by magnitude would have kept them.
             tiny = torch.finfo(weight.dtype).tiny
             weight = torch.where(self.keep & (weight == 0), torch.full_like(weight, tiny), weight)
             weight = weight * self.keep
-            sparsity = 1.0 - int(self.keep.sum()) / self.keep.numel()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias.detach())
-        packed = PackedLinear.from_linear(linear, self.bits, sparsity)
+        bias = self.bias.detach().clone() if self.bias is not None else None
+        work = LinearWork(weight, bias, keep=self.keep, made_by=self.made_by)
+        if self.quantizer is None:
+            packed: nn.Module = PackedLinear.from_work(work, 32)
+        else:
+            packed = self.quantizer[0].quantize(work, self.quantizer[1])
         self._check_repacked(packed)
         return packed
 
-    def _check_repacked(self, packed: PackedLinear) -> None:
-        if (packed.in_features, packed.out_features, packed.bits) != (
-            self.in_features,
-            self.out_features,
-            self.bits,
-        ):
+    def _check_repacked(self, packed: nn.Module) -> None:
+        if not isinstance(packed, PackedLinear):
+            return  # a method's own storage: it answers for its layout
+        bits = 32 if self.quantizer is None else self.quantizer[0].stored_value(packed)
+        expected = 32 if self.quantizer is None else self.quantizer[1]
+        if (packed.in_features, packed.out_features, bits) != (self.in_features, self.out_features, expected):
             raise RuntimeError("re-packing changed the layer's shape or bits; this is a bug in distill")
         if self.keep is None:
             if packed.sparse:
@@ -447,7 +459,9 @@ def trainable_packed(model: nn.Module) -> Iterator[list[str]]:
     Yields the swapped module names. Re-packing runs even if training fails, so the model
     never stays half-swapped.
     """
-    names = [name for name, module in model.named_modules() if isinstance(module, PackedLinear)]
+    names = [
+        name for name, module in model.named_modules() if isinstance(module, PackedLinear) and trains(module)
+    ]
     for name in names:
         packed = model.get_submodule(name)
         if not isinstance(packed, PackedLinear):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar, cast
+
 import torch
 from torch import Tensor, nn
 
-from slimsearch.spaces.methods.realized import REALIZED
+from slimsearch.spaces.methods.registry import BOTH, QAT, LinearWork, Method, Scope, Stage, register
 
 
 def max_useful_rank(in_features: int, out_features: int) -> int:
@@ -29,28 +31,37 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
-        n_in, n_out = linear.in_features, linear.out_features
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls.from_weight(linear.weight.detach(), bias, rank)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Tensor | None, rank: int) -> LowRankLinear:
+        n_out, n_in = weight.shape
         limit = max_useful_rank(n_in, n_out)
         if not 1 <= rank <= limit:
             raise ValueError(
                 f"rank={rank} for a {n_out}x{n_in} Linear would not make it smaller: "
                 f"use a rank from 1 to {limit} (in*out/(in+out))"
             )
-        u, s, vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
+        u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
         root = s[:rank].sqrt()
         down = nn.Linear(n_in, rank, bias=False)
-        up = nn.Linear(rank, n_out, bias=linear.bias is not None)
+        up = nn.Linear(rank, n_out, bias=bias is not None)
         with torch.no_grad():
             down.weight.copy_((root[:, None] * vh[:rank]).float())
             up.weight.copy_((u[:, :rank] * root[None, :]).float())
-            if linear.bias is not None:
-                up.bias.copy_(linear.bias.detach())
+            if bias is not None:
+                up.bias.copy_(bias)
         return cls(down, up, n_in, n_out, rank)
 
     @property
     def realized(self) -> str:
-        """Within the rank limit, fewer weights and fewer multiply-adds (methods/realized.py)."""
-        return REALIZED["rank"]
+        """Within the rank limit, fewer weights and fewer multiply-adds."""
+        return BOTH
+
+    @property
+    def compute_path(self) -> str:
+        return f"low-rank pair (rank {self.rank}): fewer FLOPs"
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.up(self.down(x))
@@ -58,3 +69,69 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+@register
+class Rank(Method):
+    """Low-rank factorization (the ``rank`` knob). A study file lists the fraction of the
+    layer's weights kept (1.0 = off); a plan stores the absolute rank (None = full rank)."""
+
+    name = "rank"
+    position = 30
+    stage: ClassVar[Stage] = "factorize"
+    scopes: ClassVar[frozenset[Scope]] = frozenset({"linear"})
+    off = None
+    choice_off = 1.0
+    qat: ClassVar[QAT] = "train"
+    colorscale = "Blues_r"
+    always_listed = True
+
+    def check(self, value: Any) -> Any:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"rank={value!r} must be a positive integer, or None for full rank")
+        return value
+
+    def check_choice(self, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+            raise ValueError(
+                f"rank: {value!r} is not allowed; use the fraction of weights kept, in (0, 1], "
+                "with 1.0 meaning full rank (off)"
+            )
+        return value
+
+    def setting(self, choice: Any, shape: tuple[int, int] | None) -> Any:
+        if float(choice) >= 1.0:
+            return None
+        if shape is None:
+            raise ValueError("rank applies to Linear layers only")
+        return max(1, int(float(choice) * max_useful_rank(*shape)))
+
+    def is_off(self, value: Any) -> bool:
+        return value is None
+
+    def short(self, value: Any) -> str:
+        return f"r{value}"
+
+    def display(self, value: Any) -> str:
+        return "full" if value is None else f"{value:g}"
+
+    def realized(self, value: Any) -> str:
+        return BOTH
+
+    def examples(self) -> tuple[Any, ...]:
+        return (4,)
+
+    def factorize(self, work: LinearWork, value: Any) -> tuple[nn.Module, dict[str, LinearWork]]:
+        low = LowRankLinear.from_weight(work.weight, work.bias, int(value))
+        made_by = (*work.made_by, self.name)
+        # The down factor sees the layer's input; what the up factor sees was never observed.
+        down, up = cast(nn.Linear, low.down), cast(nn.Linear, low.up)  # from_weight builds Linears
+        parts = {
+            "down": LinearWork(down.weight.detach(), None, stats=work.stats, made_by=made_by),
+            "up": LinearWork(up.weight.detach(), _bias(up), made_by=made_by),
+        }
+        return low, parts
+
+
+def _bias(linear: nn.Linear) -> Tensor | None:
+    return linear.bias.detach() if linear.bias is not None else None

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimsearch.spaces.methods.pruning import magnitude_mask
 from slimsearch.spaces.methods.quantize import (
     GROUPED_BITS,
     dequantize_groups,
@@ -33,7 +32,7 @@ from slimsearch.spaces.methods.quantize import (
     unpack_bits,
     unpack_codes,
 )
-from slimsearch.spaces.methods.realized import REALIZED, SIZE
+from slimsearch.spaces.methods.registry import BOTH, NOTHING, SIZE, LinearWork
 
 LINEAR_BITS = (32, 16, 8, 4, 2)
 EMBEDDING_BITS = (16, 8, 4, 2)
@@ -58,35 +57,73 @@ def _encode(weight: Tensor, bits: int, keep: Tensor | None) -> dict[str, Tensor]
 class PackedLinear(nn.Module):
     """A Linear layer whose weight is stored compressed; see the module docstring."""
 
-    # Buffers (registered in from_linear; "scale", "offset" and "mask" only where used).
+    # Buffers (registered in from_work; "scale", "offset" and "mask" only where used).
     values: Tensor
     scale: Tensor
     offset: Tensor
     mask: Tensor
 
-    def __init__(self, in_features: int, out_features: int, bits: int, sparse: bool) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bits: int, sparse: bool, made_by: tuple[str, ...] = ()
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
         self.sparse = sparse
+        # The registered methods that made this layer (distillation asks them how to train it).
+        self.made_by = made_by
         self._cache: dict[str, Any] = {}
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 32, sparsity: float = 0.0) -> PackedLinear:
+    def from_work(cls, work: LinearWork, bits: int = 32, method: str | None = None) -> PackedLinear:
+        """Store ``work`` (its weight already zero where ``work.keep`` is False) at ``bits``."""
         if bits not in LINEAR_BITS:
             raise ValueError(f"bits={bits!r} is not supported for a Linear; choose from {list(LINEAR_BITS)}")
-        weight = linear.weight.detach().float()
-        out = cls(linear.in_features, linear.out_features, bits, sparse=sparsity > 0)
-        keep = None
-        if sparsity > 0:
-            keep = magnitude_mask(weight, sparsity)
-            out.register_buffer("mask", pack_bits(keep))
-            weight = weight * keep
-        for name, tensor in _encode(weight, bits, keep).items():
+        made_by = work.made_by + ((method,) if method else ())
+        out = cls(work.in_features, work.out_features, bits, sparse=work.keep is not None, made_by=made_by)
+        if work.keep is not None:
+            out.register_buffer("mask", pack_bits(work.keep))
+        for name, tensor in _encode(work.weight.detach().float(), bits, work.keep).items():
             out.register_buffer(name, tensor)
-        if linear.bias is not None:
-            out.register_buffer("bias", linear.bias.detach().float().clone())
+        if work.bias is not None:
+            out.register_buffer("bias", work.bias.detach().float().clone())
+        return out
+
+    @classmethod
+    def from_codes(
+        cls,
+        work: LinearWork,
+        bits: int,
+        codes: Tensor,
+        scale: Tensor,
+        offset: Tensor | None = None,
+        method: str | None = None,
+    ) -> PackedLinear:
+        """Store codes a method chose itself (e.g. by error feedback, not plain rounding), in
+        this module's layout: int8 codes (out, in) with fp32 row scales for 8 bits; uint8
+        codes in [0, 2**bits) with fp16 group scales and offsets for 4 and 2 bits."""
+        if bits not in (8, *GROUPED_BITS):
+            raise ValueError(f"from_codes stores 8, 4 or 2 bits, not {bits!r}")
+        shape = (work.out_features, work.in_features)
+        if tuple(codes.shape) != shape:
+            raise ValueError(f"codes have shape {tuple(codes.shape)}, the layer {shape}")
+        made_by = work.made_by + ((method,) if method else ())
+        out = cls(work.in_features, work.out_features, bits, sparse=work.keep is not None, made_by=made_by)
+        pick = (lambda t: t[work.keep]) if work.keep is not None else (lambda t: t.reshape(-1))
+        if work.keep is not None:
+            out.register_buffer("mask", pack_bits(work.keep))
+        if bits == 8:
+            out.register_buffer("values", pick(codes.to(torch.int8)).clone())
+            out.register_buffer("scale", scale.float().clone())
+        else:
+            if offset is None:
+                raise ValueError(f"{bits}-bit codes need their group offsets")
+            out.register_buffer("values", pack_codes(pick(codes.to(torch.uint8)), bits))
+            out.register_buffer("scale", scale.to(torch.float16).clone())
+            out.register_buffer("offset", offset.to(torch.float16).clone())
+        if work.bias is not None:
+            out.register_buffer("bias", work.bias.detach().float().clone())
         return out
 
     @property
@@ -128,8 +165,17 @@ class PackedLinear(nn.Module):
     def realized(self) -> str:
         """What this layer's storage buys: see methods/realized.py."""
         if self.bits == 32:
-            return SIZE if self.sparse else "nothing"
-        return REALIZED[f"bits{self.bits}"]
+            return SIZE if self.sparse else NOTHING
+        return BOTH if self.bits in (16, 8) else SIZE
+
+    @property
+    def compute_path(self) -> str:
+        if self.bits == 8:
+            return "int8 kernel (real int8 matmul)"
+        if self.bits == 16:
+            return "bf16 matmul"
+        sparse = " sparse" if self.sparse else ""
+        return f"{self.bits}-bit{sparse} stored, computed dense fp32 (size only)"
 
     def reset_cache(self) -> None:
         self._cache.clear()
@@ -253,6 +299,10 @@ class PackedEmbedding(nn.Module):
     def realized(self) -> str:
         # A lookup does no matmul: every embedding width is realized for size only.
         return SIZE
+
+    @property
+    def compute_path(self) -> str:
+        return f"{self.bits}-bit embedding table (dequantized on lookup)"
 
     def forward(self, ids: Tensor) -> Tensor:
         rows = self._rows(ids)

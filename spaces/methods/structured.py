@@ -22,10 +22,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
+
+from slimsearch.spaces.methods.calibration import CalibrationStats, capture
+from slimsearch.spaces.methods.registry import BOTH, QAT, Method, Scope, Stage, register
 
 Kind = Literal["heads", "neurons"]
 
@@ -208,43 +211,6 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return module
 
 
-def activation_norms(
-    model: nn.Module, consumers: list[str], calibration: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
-    """Per input column of each consumer Linear: the L2 norm of its input over the batch's
-    real tokens (padding, where ``attention_mask`` marks it, does not count)."""
-    mask = calibration.get("attention_mask")
-    sums: dict[str, Tensor] = {}
-    handles = []
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            x = inputs[0].detach().float()
-            sq = x.pow(2)
-            if mask is not None and sq.dim() == 3 and tuple(sq.shape[:2]) == tuple(mask.shape):
-                sq = sq * mask.to(sq.dtype)[..., None]
-            total = sq.reshape(-1, sq.shape[-1]).sum(dim=0)
-            sums[name] = sums[name] + total if name in sums else total
-
-        return record
-
-    for name in consumers:
-        handles.append(_linear(model, name).register_forward_pre_hook(hook(name)))
-    training = model.training
-    model.eval()  # dropout off: the same batch must always give the same scores
-    try:
-        with torch.no_grad():
-            model(**calibration)
-    finally:
-        model.train(training)
-        for handle in handles:
-            handle.remove()
-    missing = [n for n in consumers if n not in sums]
-    if missing:
-        raise ValueError(f"the calibration forward pass never reached {missing[:3]}; check the batch's keys")
-    return {n: s.sqrt() for n, s in sums.items()}
-
-
 def _group_scores(model: nn.Module, unit: Unit, norms: Mapping[str, Tensor] | None) -> Tensor:
     name, cols = unit.consumer
     weight = _linear(model, name).weight.detach().float()
@@ -356,12 +322,14 @@ def prune_structured(
     fractions: Mapping[tuple[str, Kind], float],
     calibration: Mapping[str, Tensor] | None = None,
     selection: Mapping[str, str] | None = None,
+    stats: CalibrationStats | None = None,
 ) -> dict[str, str]:
     """Prune every unit whose (block, kind) has a non-zero fraction; returns the kept groups
     of each pruned unit as a selection (``unit_key`` -> hex mask).
 
     A unit named in ``selection`` keeps exactly those groups (a rebuild); the others are
-    ranked on one forward pass of the unpruned model (one-shot pruning).
+    ranked on the activation norms of the unpruned model: ``stats`` (captured beforehand),
+    else one forward pass of ``calibration``, else weights alone (one-shot pruning).
     """
     selection = selection or {}
     units = [u for u in find_units(model) if fractions.get((u.block, u.kind), 0.0) > 0]
@@ -378,10 +346,110 @@ def prune_structured(
     }
     ranked = [u for u in active if unit_key(u) not in given]
     norms = None
-    if ranked and calibration is not None:
-        norms = activation_norms(model, [u.consumer[0] for u in ranked], calibration)
+    consumers = [u.consumer[0] for u in ranked]
+    if ranked and stats is None and calibration is not None:
+        stats = capture(model, [calibration], {"act_sq"}, consumers)
+    if ranked and stats is not None:
+        norms = {}
+        for name in consumers:
+            layer = stats.layer(name)
+            if layer is None or layer.act_sq is None:
+                raise ValueError(f"the calibration statistics hold no activations of {name}")
+            norms[name] = layer.norms()
     kept = {}
     for unit in active:
         index = prune_unit(model, unit, fractions[(unit.block, unit.kind)], norms, given.get(unit_key(unit)))
         kept[unit_key(unit)] = encode_kept(index)
     return kept
+
+
+class _StructuredMethod(Method):
+    """Heads and neurons share one implementation: they prune different units of a block."""
+
+    kind: ClassVar[Kind]
+    stage: ClassVar[Stage] = "structured"
+    scopes: ClassVar[frozenset[Scope]] = frozenset({"block"})
+    off = 0.0
+    needs = frozenset({"act_sq"})  # optional: without statistics, weights alone rank the groups
+    qat: ClassVar[QAT] = "train"
+    always_listed = True
+
+    def check(self, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(
+                f"structured {self.name}={value!r} is out of range: use the fraction removed, "
+                "in [0, 1), e.g. 0.5 to remove half"
+            )
+        return float(value)
+
+    def check_choice(self, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(
+                f"{self.name}: {value!r} is not allowed; use fractions removed in "
+                "[0, 1) such as [0.0, 0.25, 0.5], with 0.0 meaning off"
+            )
+        return value
+
+    def short(self, value: Any) -> str:
+        return f"{self.name[0]}{value:g}"
+
+    def realized(self, value: Any) -> str:
+        return BOTH  # Linear shapes shrink: fewer weights and fewer FLOPs
+
+    def examples(self) -> tuple[Any, ...]:
+        return (0.5,)
+
+    def layout(self, model: nn.Module) -> list[Unit]:
+        return find_units(model)
+
+    def blocks(self, layout: Any) -> list[str]:
+        return list(dict.fromkeys(u.block for u in layout if u.kind == self.kind))
+
+    def shrunk(
+        self, layout: Any, values: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]]
+    ) -> dict[str, tuple[int, int]]:
+        return shrunk_shapes(layout, {(b, self.kind): float(v) for b, v in values.items()}, shapes)
+
+    def kept_columns(
+        self, layout: Any, values: Mapping[str, Any], selection: Mapping[str, str]
+    ) -> dict[str, Tensor]:
+        out = {}
+        for unit in layout:
+            key = unit_key(unit)
+            if unit.kind != self.kind or unit.block not in values or key not in selection:
+                continue
+            removed = removed_groups(float(values[unit.block]), unit.groups)
+            if not removed:
+                continue
+            groups = decode_kept(selection[key], unit, removed)
+            name, cols = unit.consumer
+            out[name] = (groups[:, None] * cols + torch.arange(cols)[None, :]).reshape(-1)
+        return out
+
+    def apply_blocks(
+        self, model: nn.Module, values: Mapping[str, Any], stats: Any, selection: Mapping[str, str]
+    ) -> dict[str, str]:
+        fractions = {(block, self.kind): float(v) for block, v in values.items()}
+        return prune_structured(model, fractions, None, selection, stats)
+
+
+@register
+class Heads(_StructuredMethod):
+    """Attention heads (whole key/value groups under grouped-query attention) removed."""
+
+    name = "heads"
+    position = 40
+    kind = "heads"
+    block_part = "attention layout (query/key/value and output projections)"
+    colorscale = "Purples"
+
+
+@register
+class Neurons(_StructuredMethod):
+    """FFN neurons removed."""
+
+    name = "neurons"
+    position = 50
+    kind = "neurons"
+    block_part = "MLP"
+    colorscale = "Oranges"

@@ -3,6 +3,12 @@
 Needs pytest (the ``dev`` extra). See ``conformance.py`` for how to run it on a new method.
 """
 
-from slimsearch.spaces.testing.conformance import STANDARD_CASES, MethodCase, MethodConformance
+from slimsearch.spaces.testing.conformance import (
+    MethodCase,
+    MethodConformance,
+    cases_for,
+    combined_cases,
+    registry_cases,
+)
 
-__all__ = ["STANDARD_CASES", "MethodCase", "MethodConformance"]
+__all__ = ["MethodCase", "MethodConformance", "cases_for", "combined_cases", "registry_cases"]

@@ -1,12 +1,14 @@
 """The conformance suite every compression method must pass (the pattern of Optuna's
-``optuna/testing/pytest_samplers.py``).
+``optuna/testing/pytest_samplers.py``), generated from the method registry.
 
-A method is described by a ``MethodCase``: a name, a function that builds the plan that
-switches the method on for a given model, and the methods it says it realizes. To test a
-method, subclass ``MethodConformance`` in a test module and give it three fixtures::
+A method is checked through ``MethodCase``s: a name, a function that builds the plan that
+switches the method on for a given model, and the keys it says it realizes. ``cases_for``
+builds them from a registered method's declarations (its scopes and ``examples()``), and
+``registry_cases()`` does so for every registered method plus pairs of methods of different
+stages. To test a method, subclass ``MethodConformance`` in a test module::
 
     class TestMyMethod(MethodConformance):
-        @pytest.fixture(params=[MY_CASE], ids=lambda c: c.name)
+        @pytest.fixture(params=cases_for(registry.get("mine")), ids=lambda c: c.name)
         def case(self, request): return request.param
 
         @pytest.fixture(params=[tiny_bert, tiny_llama])
@@ -23,8 +25,10 @@ Every test then runs for every (case, model) pair. The contract:
 - save/load round-trips: a skeleton built from the config, given the saved plan's shapes
   and the saved tensors, computes identical outputs and has the same size;
 - the plan survives JSON; every compressed module and the plan say what they realize;
-- methods run in the fixed order (structured pruning, factorize, sparsify, quantize) no
-  matter how the plan is written, and structured pruning refuses already-compressed layers.
+- methods run in stage order (structured, depth, factorize, sparsify, quantize) no matter
+  how the plan is written, and structured pruning refuses already-compressed layers;
+- distillation keeps the compression: the same modules, bytes, masks and stored values,
+  and a layer made by a "frozen" method keeps exactly its stored tensors.
 """
 
 from __future__ import annotations
@@ -34,13 +38,18 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from slimsearch.spaces.apply import apply_plan, compressible_modules
-from slimsearch.spaces.methods.realized import REALIZED
+from slimsearch.spaces.methods import registry
+from slimsearch.spaces.methods.distill import DistillRecipe, TeacherCache, distill
+from slimsearch.spaces.methods.packed import PackedLinear
+from slimsearch.spaces.methods.realized import realized_table
+from slimsearch.spaces.methods.registry import Method
 from slimsearch.spaces.methods.structured import find_units
 from slimsearch.spaces.plan import CompressionPlan, LayerSettings, StructuredSettings
 from slimsearch.spaces.serialize import load_compressed, save_compressed, serialized_size
@@ -56,17 +65,18 @@ PlanFactory = Callable[[nn.Module], CompressionPlan | None]
 class MethodCase:
     """One compression method at one setting. ``plan`` returns None for a model the method
     does not apply to (e.g. an untied LM head on a model whose head is tied): that pair is
-    skipped. ``realizes`` are the keys of REALIZED the plan must report."""
+    skipped. ``realizes`` are the keys of ``realized_table()`` the plan must report."""
 
     name: str
     plan: PlanFactory
     realizes: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        unknown = [r for r in self.realizes if r not in REALIZED]
+        table = realized_table()
+        unknown = [r for r in self.realizes if r not in table]
         if unknown:
             raise ValueError(
-                f"MethodCase {self.name!r}: realizes {unknown} unknown; choose from {sorted(REALIZED)}"
+                f"MethodCase {self.name!r}: realizes {unknown} unknown; choose from {sorted(table)}"
             )
 
 
@@ -85,59 +95,96 @@ def _table_name(model: nn.Module, which: str) -> str | None:
     return names.get(id(table)) if table is not None else None
 
 
-def _embeddings(bits: int) -> PlanFactory:
+def _table(name: str, value: Any) -> PlanFactory:
     def plan(model: nn.Module) -> CompressionPlan | None:
-        name = _table_name(model, "get_input_embeddings")
-        return CompressionPlan(layers={name: LayerSettings(bits=bits)}) if name else None
+        table = _table_name(model, "get_input_embeddings")
+        return CompressionPlan(layers={table: LayerSettings(**{name: value})}) if table else None
 
     return plan
 
 
-def _untied_head(bits: int) -> PlanFactory:
+def _untied_head(name: str, value: Any) -> PlanFactory:
     def plan(model: nn.Module) -> CompressionPlan | None:
         head = _table_name(model, "get_output_embeddings")
         get_emb = getattr(model, "get_input_embeddings", None)
         emb = get_emb() if callable(get_emb) else None
         if head is None or (emb is not None and model.get_submodule(head).weight is emb.weight):
             return None
-        return CompressionPlan(layers={head: LayerSettings(bits=bits)})
+        return CompressionPlan(layers={head: LayerSettings(**{name: value})})
 
     return plan
 
 
-def _combined(model: nn.Module) -> CompressionPlan:
-    # Written in the "wrong" order on purpose: apply_plan must still prune structure first.
-    return CompressionPlan(
-        layers={BLOCK_LINEARS: LayerSettings(sparsity=0.5, bits=4, rank=4)},
-        structured={ALL_BLOCKS: StructuredSettings(heads=0.5, neurons=0.5)},
-    )
+def cases_for(method: Method) -> tuple[MethodCase, ...]:
+    """The cases of one registered method: each of its examples on each of its scopes (block
+    methods on every block; Linear methods on every Linear of the blocks; table methods on the
+    input embeddings and an untied output head)."""
+    out = []
+    for value in method.examples():
+        label = f"{method.name}={value}"
+        realizes = (method.realized_key(value),)
+        if "block" in method.scopes:
+            out.append(MethodCase(label, _structured(StructuredSettings(**{method.name: value})), realizes))
+        if "linear" in method.scopes:
+            out.append(MethodCase(label, _layers(LayerSettings(**{method.name: value})), realizes))
+        if "table" in method.scopes:
+            out.append(MethodCase(f"{label}@embeddings", _table(method.name, value), realizes))
+            out.append(MethodCase(f"{label}@lm_head", _untied_head(method.name, value), realizes))
+    return tuple(out)
 
 
-STANDARD_CASES: tuple[MethodCase, ...] = (
-    MethodCase("heads", _structured(StructuredSettings(heads=0.5)), ("heads",)),
-    MethodCase("neurons", _structured(StructuredSettings(neurons=0.5)), ("neurons",)),
-    MethodCase("bf16", _layers(LayerSettings(bits=16)), ("bits16",)),
-    MethodCase("int8", _layers(LayerSettings(bits=8)), ("bits8",)),
-    MethodCase("int4", _layers(LayerSettings(bits=4)), ("bits4",)),
-    MethodCase("int2", _layers(LayerSettings(bits=2)), ("bits2",)),
-    MethodCase("sparsity", _layers(LayerSettings(sparsity=0.5)), ("sparsity",)),
-    MethodCase("sparse-int8", _layers(LayerSettings(sparsity=0.5, bits=8)), ("sparsity", "bits8")),
-    MethodCase("lowrank", _layers(LayerSettings(rank=4)), ("rank",)),
-    MethodCase("embeddings-bf16", _embeddings(16), ("bits16",)),
-    MethodCase("embeddings-int8", _embeddings(8), ("bits8",)),
-    MethodCase("embeddings-int4", _embeddings(4), ("bits4",)),
-    MethodCase("embeddings-int2", _embeddings(2), ("bits2",)),
-    MethodCase("lm-head-int8", _untied_head(8), ("bits8",)),
-    MethodCase("lm-head-int4", _untied_head(4), ("bits4",)),
-    MethodCase("all-combined", _combined, ("heads", "neurons", "rank", "sparsity", "bits4")),
-)
+def combined_cases() -> tuple[MethodCase, ...]:
+    """Methods of different stages on the same layers: each pair of Linear methods, and the
+    first method of every stage at once, written in reverse stage order on purpose (apply
+    must still run them in stage order)."""
+    linear = registry.methods("linear")
+    out = []
+    for i, first in enumerate(linear):
+        for second in linear[i + 1 :]:
+            if first.stage == second.stage:
+                continue
+            values = {first.name: first.examples()[0], second.name: second.examples()[0]}
+            realizes = tuple(registry.get(n).realized_key(v) for n, v in values.items())
+            out.append(
+                MethodCase(
+                    "+".join(f"{n}={v}" for n, v in values.items()),
+                    _layers(LayerSettings(**values)),
+                    realizes,
+                )
+            )
+    first_per_stage: dict[str, Method] = {}
+    for method in linear:
+        first_per_stage.setdefault(method.stage, method)
+    chosen = list(reversed([*registry.methods("block"), *first_per_stage.values()]))
+    layer_values = {m.name: m.examples()[0] for m in chosen if "linear" in m.scopes}
+    block_values = {m.name: m.examples()[0] for m in chosen if "block" in m.scopes}
+    realizes = tuple(m.realized_key(m.examples()[0]) for m in chosen)
+
+    def every(model: nn.Module) -> CompressionPlan:
+        return CompressionPlan(
+            layers={BLOCK_LINEARS: LayerSettings(**layer_values)},
+            structured={ALL_BLOCKS: StructuredSettings(**block_values)},
+        )
+
+    out.append(MethodCase("all-combined", every, realizes))
+    return tuple(out)
+
+
+def registry_cases() -> tuple[MethodCase, ...]:
+    """Every registered method's cases, then the combined ones."""
+    return tuple(c for m in registry.methods() for c in cases_for(m)) + combined_cases()
 
 
 def off_version(plan: CompressionPlan) -> CompressionPlan:
-    """The same plan, every setting switched off."""
+    """The same plan, every setting switched off (the methods' off values given explicitly)."""
     return CompressionPlan(
-        layers={k: LayerSettings() for k in plan.layers},
-        structured={k: StructuredSettings() for k in plan.structured},
+        layers={
+            k: LayerSettings(**{n: registry.get(n).off for n in v.values}) for k, v in plan.layers.items()
+        },
+        structured={
+            k: StructuredSettings(**{n: registry.get(n).off for n in v.values})
+            for k, v in plan.structured.items()
+        },
     )
 
 
@@ -242,7 +289,7 @@ class MethodConformance:
         plan = self._plan(case, model)
         assert sorted(plan.realized()) == sorted(case.realizes)
         compressed = self._compress(model, plan, inputs)
-        allowed = {*REALIZED.values(), "nothing"}
+        allowed = {*realized_table().values(), "nothing"}
         packed = [m for m in compressed.modules() if hasattr(m, "realized")]
         for module in packed:
             assert module.realized in allowed, f"{type(module).__name__}.realized={module.realized!r}"
@@ -260,15 +307,18 @@ class MethodConformance:
         layers = dict(plan.layers)
         combined = CompressionPlan(layers=layers, structured=structured)
         at_once = self._compress(model, combined, inputs)
-        in_steps = self._compress(model, CompressionPlan(structured=structured), inputs)
-        apply_plan(in_steps, CompressionPlan(layers=layers))
-        assert_same_state(_state(at_once), _state(in_steps))
-        assert torch.equal(outputs(at_once, inputs), outputs(in_steps, inputs))
+        reads_stats = any(m.needs for s in layers.values() for m, _ in s.steps())
+        if not reads_stats:  # a method reading statistics needs the baseline's, not a pruned model's
+            in_steps = self._compress(model, CompressionPlan(structured=structured), inputs)
+            apply_plan(in_steps, CompressionPlan(layers=layers))
+            assert_same_state(_state(at_once), _state(in_steps))
+            assert torch.equal(outputs(at_once, inputs), outputs(in_steps, inputs))
 
         # Within one Linear: factorize, then sparsify and quantize the factors.
         for module in at_once.modules():
             for part in (getattr(module, "down", None), getattr(module, "up", None)):
-                if part is not None and any(s.bits != 32 or s.sparsity for s in layers.values()):
+                later = ("sparsify", "quantize")
+                if part is not None and any(m.stage in later for s in layers.values() for m, _ in s.steps()):
                     assert not isinstance(part, nn.Linear), "low-rank factors must carry the later steps"
 
         layers_first = self._compress(model, CompressionPlan(layers=layers), inputs)
@@ -277,3 +327,35 @@ class MethodConformance:
         if touched:
             with pytest.raises(ValueError, match="structured pruning runs first"):
                 apply_plan(layers_first, CompressionPlan(structured=structured), calibration=inputs)
+
+    def test_distillation_keeps_the_compression(
+        self, case: MethodCase, make_model: Callable[[int], nn.Module], inputs: dict[str, Tensor]
+    ) -> None:
+        """A short distillation changes no module type, size or mask; a layer any "frozen"
+        method made keeps its stored tensors bit for bit; the others stay stored by the same
+        methods at the same values."""
+        teacher = make_model(0)
+        plan = self._plan(case, teacher)
+        student = self._compress(teacher, plan, inputs)
+        before = {n: (type(m), _state(m), getattr(m, "made_by", None)) for n, m in student.named_modules()}
+        size = serialized_size(student, plan)
+        kind = "classification" if "SequenceClassification" in type(teacher).__name__ else "causal-lm"
+        batch = dict(inputs)
+        if kind == "classification":
+            batch["labels"] = torch.arange(batch["input_ids"].shape[0]) % 2
+        rows = int(batch["input_ids"].shape[0])
+        recipe = DistillRecipe(kind="logits", steps=2, batch_size=rows, learning_rate=1e-2)
+        cache = TeacherCache.compute(teacher, [batch], recipe.kind, kind)
+        distill(student, cache, [batch], recipe, kind)
+        assert serialized_size(student, plan) == size
+        for name, module in student.named_modules():
+            kind_before, state_before, made_by = before[name]
+            assert type(module) is kind_before, f"{name} became a {type(module).__name__}"
+            if not isinstance(module, PackedLinear):
+                continue
+            assert module.made_by == made_by, f"{name}: made by {module.made_by}, was {made_by}"
+            state = _state(module)
+            if "mask" in state:
+                assert torch.equal(state["mask"], state_before["mask"]), f"{name}: the sparsity mask changed"
+            if any(registry.get(m).qat == "frozen" for m in module.made_by):
+                assert_same_state(state_before, state)
