@@ -11,6 +11,7 @@ import json
 import signal
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, constraint_metric, load_study
 from slimsearch.search.worker import ScreenSpec, TrialJob, TrialResult, timing_objectives
 from slimsearch.spaces import CompressionPlan, SearchSpace
+from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.distill import DistillRecipe
-from slimsearch.spaces.methods.quantize import QUANTIZER_VERSION
 
 RATIO_SHOWN = ("size_bytes", "latency_ms", "perplexity")  # progress shows these against the baseline
 RUN_INFO = "run.json"
@@ -126,13 +127,14 @@ class Driver:
                 "study file, or give a new output folder (--output)"
             )
         self.check_comparable(study, space, baseline_dir)
-        if (measured_with := study.user_attrs.get("quantizer", 1)) != QUANTIZER_VERSION:
-            # Not refused: the stored trials are still real measurements, just of other codes.
+        changed = changed_methods(study.user_attrs)
+        if changed:
+            # Not refused: the stored trials are still real measurements, just of other results.
             say(
-                f"warning: {self.run_dir} was measured with quantizer version "
-                f"{measured_with}, this slimsearch has {QUANTIZER_VERSION}; "
-                "4- and 2-bit results from before and after are not comparable, and a plan proposed "
-                "again reuses its old result. Give a new output folder (--output) for comparable numbers"
+                f"warning: {self.run_dir} was measured with other versions of "
+                + ", ".join(f"{name} ({was} -> {now})" for name, (was, now) in changed.items())
+                + "; results from before and after are not comparable, and a plan proposed again "
+                "reuses its old result. Give a new output folder (--output) for comparable numbers"
             )
         info = {
             "study_name": spec.name,
@@ -171,7 +173,7 @@ class Driver:
             study.set_user_attr("comparable", now)
         if "fingerprint" not in study.user_attrs:
             study.set_user_attr("fingerprint", fingerprint)
-            study.set_user_attr("quantizer", QUANTIZER_VERSION)
+            study.set_user_attr("methods", registry.versions())
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(self.objectives)
@@ -194,6 +196,7 @@ class Driver:
             screen=self.screen_spec(baseline) if number >= 0 else None,  # never screen the baseline
             quiet_ms=dict(self.quiet_ms),
             methods=spec.methods,
+            layer_store_bytes=spec.layer_store_bytes,
         )
 
     def screen_spec(self, baseline: dict[str, float]) -> ScreenSpec | None:
@@ -695,3 +698,15 @@ def run_study(
     if output is not None:
         spec = replace(spec, output=Path(output).resolve())
     return Driver(spec).run()
+
+
+def changed_methods(attrs: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """The methods whose version differs from the one a study was measured with: name ->
+    (then, now). Studies from before the registry recorded only the bit-width quantizer's
+    version ("quantizer")."""
+    now = registry.versions()
+    then = attrs.get("methods")
+    if not isinstance(then, dict):
+        width = registry.table_method().name
+        then = {width: attrs.get("quantizer", 1)}
+    return {name: (int(was), now[name]) for name, was in then.items() if name in now and now[name] != was}

@@ -493,6 +493,7 @@ def export_trial(
         baseline=dict(run.baseline),
         trust_remote_code=spec.model.trust_remote_code,
         methods=spec.methods,
+        layer_store_bytes=spec.layer_store_bytes,
     )
     say(f"rebuilding trial {trial} ({plan.summary()}) from {baseline_dir}")
     selection = records.get("selection")

@@ -175,6 +175,8 @@ class StudySpec:
     # Compression methods from the user's packages ("package.module:ClassName"), imported and
     # registered before the space is read; workers import them too.
     methods: tuple[str, ...] = ()
+    # The layer store (spaces/store.py): None off, else the bytes it may keep on disk.
+    layer_store_bytes: int | None = 8 << 30
 
     def objective(self, name: str) -> ObjectiveSpec | None:
         return next((o for o in self.objectives if o.name == name), None)
@@ -201,6 +203,7 @@ _TOP_KEYS = {
     "seed_sensitivity",
     "refine_front",
     "methods",
+    "layer_store",
 }
 
 
@@ -601,7 +604,21 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         cache=_path(base, cache),
         raw=dict(data),
         methods=methods,
+        layer_store_bytes=_layer_store(data.get("layer_store", True)),
     )
+
+
+def _layer_store(raw: Any) -> int | None:
+    """``true`` (8 GB), ``false`` (off), or ``{max_gb: N}``."""
+    if raw is True:
+        return 8 << 30
+    if raw is False:
+        return None
+    if isinstance(raw, Mapping) and set(raw) == {"max_gb"}:
+        size = raw["max_gb"]
+        if not isinstance(size, bool) and isinstance(size, (int, float)) and size > 0:
+            return int(size * (1 << 30))
+    raise _fail("layer_store", raw, "write true, false, or {max_gb: 8} (the disk the store may use)")
 
 
 def _methods(raw: Any) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ from slimsearch.spaces.apply import needs
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.calibration import STATS_VERSION, CalibrationStats, capture
 from slimsearch.spaces.methods.distill import DistillRecipe, TeacherCache, distill
+from slimsearch.spaces.store import LayerStore
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class TrialJob:
     screen: ScreenSpec | None = None
     quiet_ms: dict[str, float] = field(default_factory=dict)  # the drift gate's references
     methods: tuple[str, ...] = ()  # the study's own compression methods, imported where the job runs
+    # Assemble the model from stored (layer, settings) results, keeping this many bytes at most.
+    layer_store_bytes: int | None = None
 
 
 @dataclass
@@ -289,8 +292,20 @@ def build_model(
     model = copy.deepcopy(base)
     wanted = needs(plan)
     stats = calibration_stats(job, tokenizer, wanted) if wanted else None
-    applied = compress(model, plan, stats=stats)
+    store = layer_store(job) if job.layer_store_bytes else None
+    applied = compress(model, plan, stats=stats, store=store)
     return model.eval(), applied
+
+
+_STORES: dict[str, LayerStore] = {}
+
+
+def layer_store(job: TrialJob) -> LayerStore:
+    """This worker's handle on the layer store under the cache folder (shared by workers)."""
+    folder = str(Path(job.cache_dir) / "layers")
+    if folder not in _STORES:
+        _STORES[folder] = LayerStore(folder, job.layer_store_bytes)
+    return _STORES[folder]
 
 
 def measured_model(

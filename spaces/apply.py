@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
@@ -162,9 +163,10 @@ def apply_plan(
     calibration: Mapping[str, Tensor] | None = None,
     stats: CalibrationStats | None = None,
     skeleton: bool = False,
+    store: Any = None,
 ) -> nn.Module:
     """Compress ``model`` in place as ``plan`` says and return it (see ``compress``)."""
-    compress(model, plan, calibration, stats, skeleton)
+    compress(model, plan, calibration, stats, skeleton, store)
     return model
 
 
@@ -174,6 +176,7 @@ def compress(
     calibration: Mapping[str, Tensor] | None = None,
     stats: CalibrationStats | None = None,
     skeleton: bool = False,
+    store: Any = None,
 ) -> CompressionPlan:
     """Compress ``model`` in place as ``plan`` says; returns the plan as applied, with what
     block methods kept (the heads and neurons of structured pruning) in its ``selection``, so
@@ -186,6 +189,8 @@ def compress(
     either, structured pruning ranks by weight magnitude alone and methods that require
     statistics refuse. ``skeleton=True`` builds only the compressed shapes, for weights that
     will be loaded over them (methods get neutral statistics; see calibration.NeutralStats).
+    ``store`` (a ``slimsearch.spaces.store.LayerStore``) returns each Linear's result from
+    disk when it was computed before, from the same weights, settings and statistics.
     """
     modules = compressible_modules(model)
     unknown = [k for k in plan.layers if not k.startswith("re:") and k not in modules]
@@ -210,19 +215,43 @@ def compress(
         stats = stats.narrowed(columns)  # the statistics follow the columns structured pruning cut
     modules = compressible_modules(model)  # after pruning: shapes (and objects) changed
     for name, settings in plan.active(modules).items():
-        module = modules[name]
-        if isinstance(module, nn.Embedding):
-            tied = _tied_output(model, name, module)
-            packed = compress_embedding(module, settings)
-            model.set_submodule(name, packed)
-            if tied is not None and not plan.active([tied]) and isinstance(packed, PackedEmbedding):
-                model.set_submodule(tied, TiedHead(packed))
-        elif isinstance(module, nn.Linear):
-            stored = compress_linear(module, settings, _layer_stats(stats, name, module), name)
-            model.set_submodule(name, stored)
+        _compress_layer(model, plan, name, modules[name], settings, stats, None if skeleton else store)
     return replace(plan, selection=selection)
 
 
 def _block_order(per_block: Mapping[str, dict[str, Any]]) -> Iterable[tuple[Method, dict[str, Any]]]:
     for method, _ in registry.in_stage_order(dict.fromkeys(per_block)):
         yield method, per_block[method.name]
+
+
+def _compress_layer(
+    model: nn.Module,
+    plan: CompressionPlan,
+    name: str,
+    module: nn.Module,
+    settings: Settings,
+    stats: CalibrationStats | None,
+    store: Any,
+) -> None:
+    """Replace one Linear or embedding table by its compressed form (from ``store`` when it
+    holds it); a packed table's tied output layer, unless the plan compresses it too, reads
+    the packed table."""
+    if isinstance(module, nn.Embedding):
+        tied = _tied_output(model, name, module)
+        if store is None or type(module) is not nn.Embedding:  # scaled tables are checked each time
+            packed = compress_embedding(module, settings)
+        else:
+            key = store.key(module, settings, None)
+            packed = store.get_or_compute(key, partial(compress_embedding, module, settings))
+        model.set_submodule(name, packed)
+        if tied is not None and not plan.active([tied]) and isinstance(packed, PackedEmbedding):
+            model.set_submodule(tied, TiedHead(packed))
+    elif isinstance(module, nn.Linear):
+        layer_stats = _layer_stats(stats, name, module)
+        compute = partial(compress_linear, module, settings, layer_stats, name)
+        stored = (
+            compute()
+            if store is None
+            else store.get_or_compute(store.key(module, settings, layer_stats), compute)
+        )
+        model.set_submodule(name, stored)

@@ -14,6 +14,7 @@ from slimsearch.search.cli import main
 from slimsearch.search.driver import Driver, run_study
 from slimsearch.search.study_file import StudyError, study_from_mapping
 from slimsearch.spaces import CompressionPlan
+from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.quantize import QUANTIZER_VERSION
 
 
@@ -77,15 +78,24 @@ def test_resume_keeps_trials_and_refuses_a_changed_space(tmp_path: Path) -> None
         run_study(study_from_mapping(changed))
 
 
-def test_resume_warns_when_the_quantizer_changed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_warns_when_a_method_version_changed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = tiny_study(tmp_path, budget={"trials": 2})
     run_study(study_from_mapping(data))
-    assert "quantizer version" not in capsys.readouterr().err
+    assert "other versions" not in capsys.readouterr().err
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
-    assert study.user_attrs["quantizer"] == QUANTIZER_VERSION
-    study.set_user_attr("quantizer", QUANTIZER_VERSION - 1)  # as an older slimsearch left it
+    assert study.user_attrs["methods"] == registry.versions()
+    study.set_user_attr("methods", {**registry.versions(), "sparsity": 0})
     run_study(study_from_mapping(data), trials=3)
-    assert f"quantizer version {QUANTIZER_VERSION - 1}" in capsys.readouterr().err
+    assert "other versions of sparsity (0 -> 1)" in capsys.readouterr().err
+    # A study from before the registry recorded the quantizer's version only.
+    study.set_user_attr("methods", None)
+    study.set_user_attr("quantizer", QUANTIZER_VERSION - 1)
+    run_study(study_from_mapping(data), trials=4)
+    assert (
+        f"other versions of bits ({QUANTIZER_VERSION - 1} -> {QUANTIZER_VERSION})" in capsys.readouterr().err
+    )
 
 
 def test_stale_running_trials_are_failed_and_requeued_ahead_of_waiting_seeds(tmp_path: Path) -> None:
