@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -203,19 +203,38 @@ def calibration_stats(job: TrialJob, tokenizer: Any, needs: frozenset[str]) -> C
     ident = json.dumps(
         [job.baseline_dir, asdict(job.task), CALIBRATION_ROWS, sorted(needs), STATS_VERSION], default=str
     )
+    path = _cache_path(job, "calibration", ident)
+
+    def compute() -> CalibrationStats:
+        base, _ = cached_baseline(job)
+        return capture(base, [calibration_batch(job, tokenizer)], needs)
+
+    stats: CalibrationStats = _disk_cached(_STATS, path, CalibrationStats.load, compute)
+    return stats
+
+
+def _cache_path(job: TrialJob, kind: str, ident: str) -> Path:
     key = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    if key not in _STATS:
-        path = Path(job.cache_dir) / "calibration" / f"{key}.safetensors"
+    return Path(job.cache_dir) / kind / f"{key}.safetensors"
+
+
+def _disk_cached(
+    memo: dict[str, Any], path: Path, load: Callable[[Path], Any], compute: Callable[[], Any]
+) -> Any:
+    """What ``path`` holds: kept in ``memo`` for this process, read from disk when another
+    worker or an earlier run wrote it, else computed and written (whole or not at all, even
+    with workers racing)."""
+    key = str(path)
+    if key not in memo:
         if path.is_file():
-            _STATS[key] = CalibrationStats.load(path)
+            memo[key] = load(path)
         else:
-            base, _ = cached_baseline(job)
-            _STATS[key] = capture(base, [calibration_batch(job, tokenizer)], needs)
+            memo[key] = compute()
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            _STATS[key].save(tmp)
-            tmp.replace(path)  # whole or not at all, even with workers racing
-    return _STATS[key]
+            memo[key].save(tmp)
+            tmp.replace(path)
+    return memo[key]
 
 
 _DISTILL_BATCHES: dict[tuple[str, TaskSpec, int], list[dict[str, Tensor]]] = {}
@@ -251,18 +270,14 @@ def teacher_cache(
     ident = json.dumps(
         [job.baseline_dir, asdict(job.task), kind, len(batches), batches[0]["input_ids"].shape[0]]
     )
-    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    if key not in _TEACHERS:
-        path = Path(job.cache_dir) / "teacher" / f"{key}.safetensors"
-        if path.is_file():
-            _TEACHERS[key] = TeacherCache.load(path)
-        else:
-            _TEACHERS[key] = TeacherCache.compute(teacher, batches, kind, job.task.kind)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            _TEACHERS[key].save(tmp)
-            tmp.replace(path)  # whole or not at all, even with workers racing
-    return _TEACHERS[key]
+    path = _cache_path(job, "teacher", ident)
+    cache: TeacherCache = _disk_cached(
+        _TEACHERS,
+        path,
+        TeacherCache.load,
+        lambda: TeacherCache.compute(teacher, batches, kind, job.task.kind),
+    )
+    return cache
 
 
 def _distill(job: TrialJob, model: nn.Module, plan: CompressionPlan, context: EvalContext) -> None:

@@ -20,7 +20,49 @@ from slimsearch.spaces.methods import registry
 PLAN_VERSION = 1
 
 
-class Settings:
+class MethodValues:
+    """Immutable values keyed by registered method name; ``values.<method>`` reads one
+    (``_default`` when not given). Subclasses say which methods they take (``_method``) and
+    what a method not given reads as."""
+
+    __slots__ = ("_values",)
+    _values: dict[str, Any]
+
+    @classmethod
+    def _method(cls, name: str) -> registry.Method:
+        raise NotImplementedError
+
+    def _default(self, method: registry.Method) -> Any:
+        raise NotImplementedError
+
+    def _identity(self) -> Any:
+        """What equality and hashing compare."""
+        return tuple(sorted(self._values.items()))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            method = self._method(name)
+        except ValueError as exc:
+            raise AttributeError(str(exc)) from None
+        return self._values[name] if name in self._values else self._default(method)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: build a new one")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._identity() == self._identity()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._identity()))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self._values.items())
+        return f"{type(self).__name__}({inner})"
+
+
+class Settings(MethodValues):
     """What to do to one layer (or block): a value per registered method of this scope. The
     defaults are "off": a method not given stays off and the layer exactly as it was.
 
@@ -30,8 +72,7 @@ class Settings:
 
     scopes: tuple[registry.Scope, ...] = ()
     where = "layer"
-    __slots__ = ("_values",)
-    _values: dict[str, Any]
+    __slots__ = ()
 
     def __init__(self, *args: Any, **values: Any) -> None:
         # Positional values, as the dataclasses these replaced took them, fill the methods that
@@ -62,27 +103,8 @@ class Settings:
             )
         return registry.get(name)
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        try:
-            method = self._method(name)
-        except ValueError as exc:
-            raise AttributeError(str(exc)) from None
-        return self._values.get(name, method.off)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable: build a new one (with_values)")
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other._values == self._values  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, tuple(sorted(self._values.items()))))
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self._values.items())
-        return f"{type(self).__name__}({inner})"
+    def _default(self, method: registry.Method) -> Any:
+        return method.off
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), dict(self._values)))

@@ -20,7 +20,7 @@ from torch import nn
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.packed import lookup_scale
 from slimsearch.spaces.methods.registry import Method
-from slimsearch.spaces.plan import CompressionPlan, LayerSettings, StructuredSettings
+from slimsearch.spaces.plan import CompressionPlan, LayerSettings, MethodValues, StructuredSettings
 
 # Linears inside numbered Transformer blocks: bert.encoder.layer.3.*, model.layers.11.*, h.0.*
 DEFAULT_LAYERS = r"re:.*\b(layer|layers|h|block|blocks)\.\d+\..*"
@@ -45,13 +45,16 @@ def _check_values(method: Method, values: Any, where: str) -> tuple[Any, ...]:
     return values
 
 
-class _MethodChoices:
+def _rebuild(cls: type[_MethodChoices], values: dict[str, Any]) -> _MethodChoices:
+    return cls(**values)
+
+
+class _MethodChoices(MethodValues):
     """The values each method of a scope may take (a study file's lists); a method not given
     offers only its off value. Immutable; ``choices.<method>`` reads one method's tuple."""
 
     scope: registry.Scope = "linear"
-    __slots__ = ("_values",)
-    _values: dict[str, tuple[Any, ...]]
+    __slots__ = ()
 
     def __init__(self, **values: Any) -> None:
         kept = {}
@@ -71,26 +74,11 @@ class _MethodChoices:
             raise ValueError(f"unknown knob(s) [{name!r}]; the knobs are {list(allowed)}")
         return registry.get(name)
 
-    def __getattr__(self, name: str) -> tuple[Any, ...]:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        try:
-            method = self._method(name)
-        except ValueError as exc:
-            raise AttributeError(str(exc)) from None
-        return self._values.get(name, (method.choice_off_value(),))
+    def _default(self, method: Method) -> tuple[Any, ...]:
+        return (method.choice_off_value(),)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self.items() == other.items()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(tuple(self.items()))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
+    def _identity(self) -> Any:
+        return tuple(self.items())
 
     def items(self) -> list[tuple[str, tuple[Any, ...]]]:
         """(method, values) for every registered method of the scope, in registration order."""
@@ -98,6 +86,9 @@ class _MethodChoices:
 
     def given(self) -> dict[str, tuple[Any, ...]]:
         return dict(self._values)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.given()))
 
 
 class Choices(_MethodChoices):
@@ -162,11 +153,11 @@ class StructuredChoices(_MethodChoices):
     def _where(cls) -> str:
         return "space.structured."
 
-    def __eq__(self, other: object) -> bool:
-        return super().__eq__(other) and self.blocks == other.blocks  # type: ignore[attr-defined]
+    def _identity(self) -> Any:
+        return (tuple(self.items()), self.blocks)
 
-    def __hash__(self) -> int:
-        return hash((super().__hash__(), self.blocks))
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), {**self.given(), "blocks": self.blocks}))
 
     @property
     def searched(self) -> bool:

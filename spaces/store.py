@@ -41,13 +41,19 @@ def _bytes(tensor: Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
+def _buffers(module: nn.Module, prefix: str, tensors: dict[str, Tensor]) -> list[str]:
+    """The module's own buffers, added to ``tensors``; their names in registration order."""
+    names = []
+    for name, buffer in module.named_buffers(recurse=False):
+        tensors[prefix + name] = buffer.detach().contiguous()
+        names.append(name)
+    return names
+
+
 def _spec(module: nn.Module, prefix: str, tensors: dict[str, Tensor]) -> dict[str, Any] | None:
     """A JSON description of ``module`` (None: a type the store does not know), its tensors
     added to ``tensors`` under ``prefix``."""
     if isinstance(module, PackedLinear):
-        names = [n for n, _ in module.named_buffers(recurse=False)]
-        for name, buffer in module.named_buffers(recurse=False):
-            tensors[prefix + name] = buffer.detach().contiguous()
         return {
             "type": "PackedLinear",
             "in": module.in_features,
@@ -55,11 +61,9 @@ def _spec(module: nn.Module, prefix: str, tensors: dict[str, Tensor]) -> dict[st
             "bits": module.bits,
             "sparse": module.sparse,
             "made_by": list(module.made_by),
-            "buffers": names,
+            "buffers": _buffers(module, prefix, tensors),
         }
     if isinstance(module, PackedEmbedding):
-        for name, buffer in module.named_buffers(recurse=False):
-            tensors[prefix + name] = buffer.detach().contiguous()
         return {
             "type": "PackedEmbedding",
             "num": module.num_embeddings,
@@ -67,7 +71,7 @@ def _spec(module: nn.Module, prefix: str, tensors: dict[str, Tensor]) -> dict[st
             "bits": module.bits,
             "padding_idx": module.padding_idx,
             "lookup_scale": module.lookup_scale,
-            "buffers": [n for n, _ in module.named_buffers(recurse=False)],
+            "buffers": _buffers(module, prefix, tensors),
         }
     if type(module) is nn.Linear:
         for name, param in module.named_parameters(recurse=False):

@@ -378,3 +378,23 @@ def test_each_method_shrinks_the_serialized_model() -> None:
         sizes[name] = serialized_size(apply_plan(copy.deepcopy(model), plan, batch()), plan)
     assert base > sizes["bits8"] > sizes["bits4"] > sizes["bits2"]
     assert sizes["emb2"] < base and sizes["structured"] < base
+
+
+def test_settings_and_choices_copy_pickle_and_compare_by_value() -> None:
+    import pickle
+
+    from slimsearch.spaces import Choices, StructuredChoices
+
+    for value in (
+        LayerSettings(bits=8, sparsity=0.5),
+        StructuredSettings(heads=0.5),
+        Choices(bits=(32, 8)),
+        StructuredChoices(heads=(0.0, 0.5), blocks=("re:.*layer\\.1",)),
+    ):
+        assert copy.deepcopy(value) == value == pickle.loads(pickle.dumps(value))
+        assert hash(copy.deepcopy(value)) == hash(value)
+    assert LayerSettings(bits=32, sparsity=0.0) == LayerSettings()  # off values are not stored
+    assert Choices(bits=(32,)) == Choices()
+    with pytest.raises(AttributeError, match="immutable"):
+        LayerSettings(bits=8).bits = 4  # type: ignore[misc]
+    assert LayerSettings(0.5, 8) == LayerSettings(sparsity=0.5, bits=8)  # the old positional order

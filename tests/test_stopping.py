@@ -28,6 +28,10 @@ def _study(run: Path) -> optuna.Study:
     return optuna.load_study(study_name="tiny", storage=f"sqlite:///{run / 'study.db'}")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["term", "int"])
 def test_an_interrupted_run_requeues_its_running_trial_whole_and_exits_non_zero(
     tmp_path: Path, sig: signal.Signals, code: int
@@ -42,7 +46,13 @@ def test_an_interrupted_run_requeues_its_running_trial_whole_and_exits_non_zero(
     path.write_text(yaml.safe_dump(data))
     env = dict(os.environ, PYTHONPATH=str(TESTS))
     proc = subprocess.Popen(
-        [*SLIMSEARCH, "run", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [*SLIMSEARCH, "run", str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        # A shell starts background jobs with SIGINT ignored, and children inherit that: give
+        # the run Python's usual Ctrl-C however this test process was started.
+        preexec_fn=_default_sigint,
     )
     try:
         for _ in range(1200):  # the first trial (the all-off seed) is inside its 20 s sleep
