@@ -3,13 +3,12 @@ from the registry and runs a whole tiny study (search, export, load)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from optuna.trial import TrialState
-from torch import Tensor, nn
 
 from conftest import tiny_study
 from slimsearch.search import export
@@ -19,8 +18,8 @@ from slimsearch.search.study_file import StudyError, study_from_mapping
 from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
 from slimsearch.spaces.methods import Method, registry
 from slimsearch.spaces.methods.registry import LinearWork, register
-from slimsearch.spaces.testing import MethodCase, MethodConformance, cases_for
-from tiny import MODELS, tiny_bert
+from slimsearch.spaces.testing import MethodCase, cases_for
+from tiny import OnTinyModels, tiny_bert
 
 PLUGIN = "plugins.act_prune:ActivationPruning"
 BLOCK_LINEARS = r"re:.*\b(layer|layers)\.\d+\..*"
@@ -43,20 +42,10 @@ def _cases(method: Method) -> list[MethodCase]:
     return [*cases_for(method), combined]
 
 
-class TestPluginMethod(MethodConformance):
+class TestPluginMethod(OnTinyModels):
     @pytest.fixture(params=[0, 1], ids=["alone", "with-bits"])
     def case(self, request: pytest.FixtureRequest, plugin: Method) -> MethodCase:
         return _cases(plugin)[request.param]
-
-    @pytest.fixture(params=sorted(MODELS))
-    def make_model(self, request: pytest.FixtureRequest) -> Callable[[int], nn.Module]:
-        return MODELS[request.param]
-
-    @pytest.fixture
-    def inputs(self) -> dict[str, Tensor]:
-        generator = torch.Generator().manual_seed(1)
-        ids = torch.randint(3, 96, (3, 12), generator=generator)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def test_plugin_cases_are_generated(plugin: Method) -> None:

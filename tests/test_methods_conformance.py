@@ -3,34 +3,18 @@ tiny Llama (tied head, grouped-query attention) and tiny Llama with an untied he
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
-import torch
-from torch import Tensor, nn
 
 from slimsearch.spaces.methods import registry
-from slimsearch.spaces.testing import MethodCase, MethodConformance, registry_cases
-from tiny import MODELS
+from slimsearch.spaces.testing import MethodCase, registry_cases
+from tiny import OnTinyModels
 
 
-class TestStandardMethods(MethodConformance):
+class TestStandardMethods(OnTinyModels):
     @pytest.fixture(params=registry_cases(), ids=lambda c: c.name)
     def case(self, request: pytest.FixtureRequest) -> MethodCase:
         case: MethodCase = request.param
         return case
-
-    @pytest.fixture(params=sorted(MODELS))
-    def make_model(self, request: pytest.FixtureRequest) -> Callable[[int], nn.Module]:
-        return MODELS[request.param]
-
-    @pytest.fixture
-    def inputs(self) -> dict[str, Tensor]:
-        generator = torch.Generator().manual_seed(1)
-        ids = torch.randint(3, 96, (3, 12), generator=generator)
-        mask = torch.ones_like(ids)
-        mask[1, 9:] = 0  # one padded row: padding must not count as calibration signal
-        return {"input_ids": ids, "attention_mask": mask}
 
 
 def test_generated_cases_cover_every_registered_method_and_stage_pair() -> None:

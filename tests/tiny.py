@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from slimsearch.spaces import LayerSettings
 from slimsearch.spaces.apply import compress_linear
 from slimsearch.spaces.methods import PackedLinear
+from slimsearch.spaces.testing import MethodConformance
 
 
 def tiny_bert_config() -> dict[str, object]:
@@ -88,3 +90,20 @@ def packed_linear(linear: nn.Linear, bits: int = 32, sparsity: float = 0.0) -> P
     if not isinstance(module, PackedLinear):
         raise TypeError(f"expected a PackedLinear, got {type(module).__name__}")
     return module
+
+
+class OnTinyModels(MethodConformance):
+    """The conformance suite on every tiny model, with one padded row in its batch (padding
+    must not count as calibration signal). Subclasses give the ``case`` fixture."""
+
+    @pytest.fixture(params=sorted(MODELS))
+    def make_model(self, request: pytest.FixtureRequest) -> Callable[[int], nn.Module]:
+        return MODELS[request.param]
+
+    @pytest.fixture
+    def inputs(self) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(3, 96, (3, 12), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
