@@ -69,6 +69,10 @@ def test_registry_refuses_duplicates_and_unknown_names(plugin: Method) -> None:
         registry.get("gptq")
     with pytest.raises(ValueError, match="unknown method 'gptq'"):
         LayerSettings(gptq=4)
+    with pytest.raises(
+        ValueError, match=r"named 'bits', which slimsearch\.spaces\.methods\.bits\.Bits already registered"
+    ):
+        registry.resolve("plugins.act_prune:ClashesWithBits")
     with pytest.raises(ValueError, match="no Method subclass named 'Nope'"):
         registry.resolve("plugins.act_prune:Nope")
 

@@ -296,4 +296,10 @@ def resolve(spec: str) -> Method:
         raise ValueError(f"method {spec!r}: {module_name} has no Method subclass named {attr!r}")
     if getattr(cls, "name", None) not in _REGISTRY:
         register(cls)
-    return get(cls.name)
+    method = get(cls.name)
+    if type(method) is not cls:
+        raise ValueError(
+            f"method {spec!r} is named {cls.name!r}, which {type(method).__module__}.{type(method).__name__} "
+            "already registered; give it another name"
+        )
+    return method

@@ -58,3 +58,9 @@ class ActivationPruning(Method):
         if work.keep is not None:
             keep &= work.keep
         return replace(work, weight=work.weight * keep, keep=keep, made_by=(*work.made_by, self.name))
+
+
+class ClashesWithBits(ActivationPruning):
+    """Takes a built-in's name: naming it in a study file must fail (tests)."""
+
+    name = "bits"
