@@ -196,11 +196,11 @@ def load_or_compute_profile(spec: StudySpec, space: SearchSpace, baseline_dir: P
         return cached
     model, tokenizer = models.load_baseline(Path(baseline_dir), spec.task.kind, spec.model.trust_remote_code)
     batches = loss_batches(spec.task, spec.cache, tokenizer)
-    calibration = _calibration(spec, space, tokenizer)
+    stats = _calibration_stats(spec, space, Path(baseline_dir), tokenizer)
     threads = torch.get_num_threads()
     torch.set_num_threads(PROFILE_THREADS)
     try:
-        profile = compute_profile(model, space, batches, spec.task.kind, key, calibration)
+        profile = compute_profile(model, space, batches, spec.task.kind, key, stats)
     finally:
         torch.set_num_threads(threads)
     write_profile(profile, path)
@@ -208,9 +208,11 @@ def load_or_compute_profile(spec: StudySpec, space: SearchSpace, baseline_dir: P
     return profile
 
 
-def _calibration(spec: StudySpec, space: SearchSpace, tokenizer: Any) -> CalibrationStats | None:
-    """The statistics trials use (the worker's, from training rows), where a searched method
-    reads them."""
+def _calibration_stats(
+    spec: StudySpec, space: SearchSpace, baseline_dir: Path, tokenizer: Any
+) -> CalibrationStats | None:
+    """The statistics trials use (the worker's, from training rows, of this baseline), where a
+    searched method reads them."""
     wanted: set[str] = set()
     for knob in space.knobs:
         method = registry.get(knob.knob)
@@ -220,7 +222,7 @@ def _calibration(spec: StudySpec, space: SearchSpace, tokenizer: Any) -> Calibra
         return None
     from slimsearch.search.worker import TrialJob, calibration_stats
 
-    job = TrialJob(-1, "{}", "", str(spec.cache), spec.task, (), spec.latency)
+    job = TrialJob(-1, "{}", str(baseline_dir), str(spec.cache), spec.task, (), spec.latency)
     return calibration_stats(job, tokenizer, frozenset(wanted))
 
 
@@ -296,14 +298,14 @@ class _Measurer:
         space: SearchSpace,
         batches: Sequence[Mapping[str, Tensor]],
         kind: str,
-        calibration: CalibrationStats | None,
+        stats: CalibrationStats | None,
     ) -> None:
         self.pristine = model
         self.work = copy.deepcopy(model).eval()  # Linears are swapped in place here
         self.space = space
         self.batches = batches
         self.kind = kind
-        self.calibration = calibration
+        self.stats = stats
         self.off = off_params(space)
         self.full_bytes = serialized_size(model, CompressionPlan())
         self.factors: dict[Any, Any] = {}
@@ -334,7 +336,7 @@ class _Measurer:
             layers={unit: plan.layers[unit]} if unit in plan.layers else {},
             structured={unit: plan.structured[unit]} if unit in plan.structured else {},
         )
-        model = apply_plan(copy.deepcopy(self.pristine), only, stats=self.calibration).eval()
+        model = apply_plan(copy.deepcopy(self.pristine), only, stats=self.stats).eval()
         off_size = serialized_size(self.pristine.get_submodule(unit), CompressionPlan())
         size = off_size + serialized_size(model, CompressionPlan()) - self.full_bytes
         return size, task_loss(model, self.batches, self.kind) if with_loss else None
@@ -346,11 +348,11 @@ def compute_profile(
     batches: Sequence[Mapping[str, Tensor]],
     kind: str,
     key: str = "",
-    calibration: CalibrationStats | None = None,
+    stats: CalibrationStats | None = None,
 ) -> Profile:
     """Measure every (param, non-off value) loss delta and every option's bytes; shows progress."""
     started = time.monotonic()
-    m = _Measurer(model.eval(), space, batches, kind, calibration)
+    m = _Measurer(model.eval(), space, batches, kind, stats)
     base_loss = task_loss(m.work, batches, kind)
     units = searched_units(space)
     if not units:

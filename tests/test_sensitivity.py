@@ -328,3 +328,29 @@ def test_benchmark_credits_no_quality_beyond_the_baseline() -> None:
     lucky = bench.Entry({"accuracy": 81.5, "size_bytes": 50.0, "latency_ratio": 0.5}, 1.0, "complete")
     assert b.losses(lucky) == pytest.approx((0.0, 0.5, 0.5))
     assert b.hypervolume([lucky]) == pytest.approx(0.25)
+
+
+def test_profile_and_trials_read_the_same_calibration_statistics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A space with structured pruning: the profile captures the statistics once, of this
+    baseline, and a trial of the study reads that very file instead of capturing again."""
+    from slimsearch.search import worker
+    from slimsearch.search.driver import Driver
+
+    spec = study_from_mapping(tiny_study(tmp_path, space={"structured": {"heads": [0.0, 0.5]}}))
+    baseline_dir = models.prepare_baseline(spec)
+    model, tokenizer = models.load_baseline(baseline_dir, spec.task.kind)
+    sensitivity.load_or_compute_profile(spec, SearchSpace(model, spec.space), baseline_dir)
+    (stored,) = list((tmp_path / "cache" / "calibration").glob("*.safetensors"))
+    worker._STATS.clear()  # as in a fresh worker process: only the file is shared
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the trial captured statistics again")
+
+    monkeypatch.setattr(worker, "capture", refuse)
+    plan = SearchSpace(model, spec.space).decode({"bert.encoder.layer.0:heads": 0.5})
+    job = Driver(spec).job(0, plan, baseline_dir, {})
+    stats = worker.calibration_stats(job, tokenizer, frozenset({"act_sq"}))
+    assert set(stats.act_sq) >= {"bert.encoder.layer.0.attention.output.dense"}
+    assert list((tmp_path / "cache" / "calibration").glob("*.safetensors")) == [stored]
