@@ -27,7 +27,7 @@ import torch
 from slimsearch.search import models, worker
 from slimsearch.search.study_file import load_study
 from slimsearch.spaces import SearchSpace
-from slimsearch.spaces.store import LayerStore
+from slimsearch.spaces.store import DEFAULT_MAX_BYTES, LayerStore
 
 ROOT = Path(__file__).parents[1]
 
@@ -73,7 +73,7 @@ def main() -> None:
         for i, p in enumerate(chosen):
             plan = space.decode(p)
             job = replace(base_job, number=i, plan_json=plan.to_json())
-            stored = replace(job, cache_dir=str(store_dir), layer_store_bytes=8 << 30)
+            stored = replace(job, cache_dir=str(store_dir), layer_store_bytes=DEFAULT_MAX_BYTES)
             # Statistics and calibration data are cached per worker: warm them for both alike.
             worker.build_model(job)
             off = _seconds(lambda job=job: worker.build_model(job))

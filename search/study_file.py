@@ -17,6 +17,7 @@ import yaml
 from slimsearch.evaluators import LatencySpec, evaluator_names
 from slimsearch.spaces import SpaceConfig, space_config_from_mapping
 from slimsearch.spaces.methods import registry
+from slimsearch.spaces.store import DEFAULT_MAX_BYTES
 
 TASK_KINDS = ("classification", "causal-lm")
 BUILTIN_MODELS = ("builtin:all-minilm-l6-v2", "builtin:smollm2-135m")
@@ -176,7 +177,7 @@ class StudySpec:
     # registered before the space is read; workers import them too.
     methods: tuple[str, ...] = ()
     # The layer store (spaces/store.py): None off, else the bytes it may keep on disk.
-    layer_store_bytes: int | None = 8 << 30
+    layer_store_bytes: int | None = DEFAULT_MAX_BYTES
 
     def objective(self, name: str) -> ObjectiveSpec | None:
         return next((o for o in self.objectives if o.name == name), None)
@@ -611,7 +612,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
 def _layer_store(raw: Any) -> int | None:
     """``true`` (8 GB), ``false`` (off), or ``{max_gb: N}``."""
     if raw is True:
-        return 8 << 30
+        return DEFAULT_MAX_BYTES
     if raw is False:
         return None
     if isinstance(raw, Mapping) and set(raw) == {"max_gb"}:

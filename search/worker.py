@@ -30,6 +30,7 @@ from slimsearch.evaluators import Accuracy, EvalContext, LatencySpec, make_evalu
 from slimsearch.evaluators.latency import remember_quiet
 from slimsearch.search import models, tasks
 from slimsearch.search.locks import machine_lock
+from slimsearch.search.log import say
 from slimsearch.search.study_file import ObjectiveSpec, TaskSpec
 from slimsearch.spaces import CompressionPlan, compress, state_digest
 from slimsearch.spaces.apply import needs
@@ -207,7 +208,7 @@ def calibration_stats(job: TrialJob, tokenizer: Any, needs: frozenset[str]) -> C
 
     def compute() -> CalibrationStats:
         base, _ = cached_baseline(job)
-        return capture(base, [calibration_batch(job, tokenizer)], needs)
+        return capture(base, [calibration_batch(job, tokenizer)], needs, progress=say)
 
     stats: CalibrationStats = _disk_cached(_STATS, path, CalibrationStats.load, compute)
     return stats

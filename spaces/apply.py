@@ -34,16 +34,20 @@ def compressible_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def block_methods() -> list[Method]:
-    return [m for m in registry.methods("block")]
+def block_layouts(model: nn.Module) -> dict[str, Any]:
+    """What each block method knows of the model's blocks (``Method.layout``)."""
+    return {m.name: m.layout(model) for m in registry.methods("block")}
+
+
+def block_names(layouts: Mapping[str, Any]) -> list[str]:
+    """The blocks some block method can change, in model order, from ``block_layouts``."""
+    names = [b for name, layout in layouts.items() for b in registry.get(name).blocks(layout)]
+    return list(dict.fromkeys(names))
 
 
 def structured_blocks(model: nn.Module) -> list[str]:
     """Names of the blocks that some block method (structured pruning) can address."""
-    names: list[str] = []
-    for method in block_methods():
-        names.extend(method.blocks(method.layout(model)))
-    return list(dict.fromkeys(names))
+    return block_names(block_layouts(model))
 
 
 def needs(plan: CompressionPlan) -> frozenset[str]:
@@ -130,9 +134,9 @@ def _tied_output(model: nn.Module, emb_name: str, emb: nn.Embedding) -> str | No
     return None
 
 
-def block_values(model: nn.Module, plan: CompressionPlan) -> dict[str, dict[str, Any]]:
+def block_values(plan: CompressionPlan, layouts: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """For each block method the plan switches on: block name -> its value."""
-    blocks = structured_blocks(model)
+    blocks = block_names(layouts)
     unknown = [k for k in plan.structured if not k.startswith("re:") and k not in blocks]
     if unknown:
         raise ValueError(
@@ -199,15 +203,16 @@ def compress(
             f"plan names layers the model does not have: {unknown[:5]}; "
             f"compressible layers look like {list(modules)[:3]}"
         )
-    per_block = block_values(model, plan)
+    # Found before anything changes; a plan without block settings needs none.
+    layouts = block_layouts(model) if plan.structured else {}
+    per_block = block_values(plan, layouts)
     wanted = needs(plan)
     if wanted and skeleton:
-        stats = NeutralStats(model, wanted)
+        stats = NeutralStats.of(model, wanted)
     elif wanted and calibration is not None and (stats is None or not stats.covers(wanted)):
         stats = capture(model, [calibration], wanted)
     selection: dict[str, str] = {}
     columns: dict[str, Tensor] = {}
-    layouts = {name: registry.get(name).layout(model) for name in per_block}  # before anything changes
     for method, values in _block_order(per_block):
         selection.update(method.apply_blocks(model, values, stats, plan.selection))
         columns.update(method.kept_columns(layouts[method.name], values, selection))

@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any
 
 from slimsearch.spaces.methods import registry
 
@@ -38,6 +38,13 @@ class MethodValues:
     def _identity(self) -> Any:
         """What equality and hashing compare."""
         return tuple(sorted(self._values.items()))
+
+    def _init_args(self) -> dict[str, Any]:
+        """The keyword arguments that build an equal object (copies and pickles use them)."""
+        return dict(self._values)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self._init_args()))
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -77,11 +84,7 @@ class Settings(MethodValues):
     def __init__(self, *args: Any, **values: Any) -> None:
         # Positional values, as the dataclasses these replaced took them, fill the methods that
         # were there before the registry (sparsity, bits, rank; heads, neurons).
-        listed = [
-            m.name
-            for m in dict.fromkeys(m for s in self.scopes for m in registry.methods(s))
-            if m.always_listed
-        ]
+        listed = [m.name for m in self._scope_methods() if m.always_listed]
         if len(args) > len(listed):
             raise TypeError(f"{type(self).__name__} takes at most {len(listed)} positional values ({listed})")
         values = {**dict(zip(listed, args, strict=False)), **values}
@@ -94,28 +97,27 @@ class Settings(MethodValues):
         object.__setattr__(self, "_values", kept)
 
     @classmethod
+    def _scope_methods(cls) -> list[registry.Method]:
+        """The registered methods of this settings' scopes, once each, in listing order."""
+        return list(dict.fromkeys(m for scope in cls.scopes for m in registry.methods(scope)))
+
+    @classmethod
     def _method(cls, name: str) -> registry.Method:
-        allowed = [m.name for s in cls.scopes for m in registry.methods(s)]
+        allowed = [m.name for m in cls._scope_methods()]
         if name not in allowed:
             raise ValueError(
-                f"{cls.where} settings: unknown method {name!r}; the {cls.where} methods are "
-                f"{sorted(set(allowed))}"
+                f"{cls.where} settings: unknown method {name!r}; "
+                f"the {cls.where} methods are {sorted(allowed)}"
             )
         return registry.get(name)
 
     def _default(self, method: registry.Method) -> Any:
         return method.off
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), dict(self._values)))
-
     @property
     def values(self) -> dict[str, Any]:
         """The methods switched on, by name, with their values."""
         return dict(self._values)
-
-    def with_values(self, **changes: Any) -> Self:
-        return type(self)(**{**self._values, **changes})
 
     @property
     def is_off(self) -> bool:
@@ -137,14 +139,14 @@ class Settings(MethodValues):
         """Every method of the scope that is always listed (off or not), then the others that
         are on, in registration order."""
         out: dict[str, Any] = {}
-        for method in dict.fromkeys(m for s in self.scopes for m in registry.methods(s)):
+        for method in self._scope_methods():
             if method.always_listed or method.name in self._values:
                 out[method.name] = self._values.get(method.name, method.off)
         return out
 
 
-def _rebuild(cls: type[Settings], values: dict[str, Any]) -> Settings:
-    return cls(**values)
+def _rebuild(cls: type[MethodValues], kwargs: dict[str, Any]) -> MethodValues:
+    return cls(**kwargs)
 
 
 class LayerSettings(Settings):

@@ -17,6 +17,7 @@ from typing import Any
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from torch import nn
 
+from slimsearch.spaces.apply import block_layouts, block_names
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.packed import lookup_scale
 from slimsearch.spaces.methods.registry import Method
@@ -43,10 +44,6 @@ def _check_values(method: Method, values: Any, where: str) -> tuple[Any, ...]:
         except ValueError as exc:
             raise ValueError(f"{where}{exc}") from None
     return values
-
-
-def _rebuild(cls: type[_MethodChoices], values: dict[str, Any]) -> _MethodChoices:
-    return cls(**values)
 
 
 class _MethodChoices(MethodValues):
@@ -86,9 +83,6 @@ class _MethodChoices(MethodValues):
 
     def given(self) -> dict[str, tuple[Any, ...]]:
         return dict(self._values)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.given()))
 
 
 class Choices(_MethodChoices):
@@ -156,8 +150,8 @@ class StructuredChoices(_MethodChoices):
     def _identity(self) -> Any:
         return (tuple(self.items()), self.blocks)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), {**self.given(), "blocks": self.blocks}))
+    def _init_args(self) -> dict[str, Any]:
+        return {**self.given(), "blocks": self.blocks}
 
     @property
     def searched(self) -> bool:
@@ -243,7 +237,7 @@ class SearchSpace:
             for n in hit:
                 per_layer[n] = Choices.from_mapping(rule.choices, per_layer[n], f"space.groups[{i}]")
         self.knobs: list[Knob] = []
-        self.layouts = {m.name: m.layout(model) for m in registry.methods("block")}
+        self.layouts = block_layouts(model)
         self._add_block_knobs(config.structured)
         # A method is a parameter of every searched layer: always for the ones that predate the
         # registry (existing studies keep their fingerprint), else once some layer searches it.
@@ -264,7 +258,7 @@ class SearchSpace:
             return
         methods = registry.methods("block")
         per_method = {m.name: m.blocks(self.layouts[m.name]) for m in methods}
-        blocks = list(dict.fromkeys(b for m in methods for b in per_method[m.name]))
+        blocks = block_names(self.layouts)
         chosen = [b for b in blocks if any(_matches(p, b) for p in choices.blocks)]
         if not blocks:
             raise ValueError(
@@ -333,13 +327,13 @@ class SearchSpace:
             if value not in k.choices:
                 raise ValueError(f"param {self.param_name(k)}={value!r} is not one of {list(k.choices)}")
             chosen.setdefault(k.layer, {})[k.knob] = value
-        block_names = set(registry.names("block"))
+        block_knobs = set(registry.names("block"))
         structured: dict[str, StructuredSettings] = {}
         per_method: dict[str, dict[str, Any]] = {}
         for block, values in chosen.items():
-            if not block_names & set(values):
+            if not block_knobs & set(values):
                 continue
-            settings = StructuredSettings(**{n: v for n, v in values.items() if n in block_names})
+            settings = StructuredSettings(**{n: v for n, v in values.items() if n in block_knobs})
             structured[block] = settings
             for name, value in settings.values.items():
                 per_method.setdefault(name, {})[block] = value

@@ -103,14 +103,16 @@ class NeutralStats(CalibrationStats):
     identity), built per layer on demand. A method's stored shapes must depend on its value
     and the layer's shape only, never on the statistics; the conformance round trip checks it."""
 
-    def __init__(self, model: nn.Module, kinds: Iterable[str]) -> None:
+    def __init__(self, widths: Mapping[str, int], kinds: Iterable[str]) -> None:
         super().__init__(frozenset(kinds), tokens=1)
-        self._widths = {n: m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self._widths = dict(widths)  # input columns per Linear name
+
+    @classmethod
+    def of(cls, model: nn.Module, kinds: Iterable[str]) -> NeutralStats:
+        return cls({n: m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}, kinds)
 
     def narrowed(self, columns: Mapping[str, Tensor]) -> CalibrationStats:
-        out = NeutralStats(nn.Module(), self.kinds)
-        out._widths = {**self._widths, **{n: int(c.numel()) for n, c in columns.items()}}
-        return out
+        return NeutralStats({**self._widths, **{n: int(c.numel()) for n, c in columns.items()}}, self.kinds)
 
     def layer(self, name: str) -> LayerStats | None:
         width = self._widths.get(name)
@@ -158,32 +160,24 @@ def capture(
     if missing:
         raise ValueError(f"calibration statistics asked for layers that are not Linears: {missing[:3]}")
     stats = CalibrationStats(kinds, tokens=sum(_real_tokens(b) for b in batches))
-    passes: list[list[str]] = [chosen]
+    # Each pass hooks {layer: (act_sq, hessian)}: activations all in the first pass, Hessians
+    # in as many passes as the budget needs.
+    passes: list[dict[str, tuple[bool, bool]]] = [{n: ("act_sq" in kinds, False) for n in chosen}]
     if "hessian" in kinds:
-        passes = []
-        current: list[str] = []
         used = 0
         for name in chosen:
             size = linears[name].in_features ** 2 * 4
-            if current and used + size > hessian_budget:
-                passes.append(current)
-                current, used = [], 0
-            current.append(name)
+            if used and used + size > hessian_budget:
+                passes.append({})
+                used = 0
+            act, _ = passes[-1].get(name, (False, False))
+            passes[-1][name] = (act, True)
             used += size
-        passes.append(current)
-    for index, group in enumerate(passes):
+    passes = [p for p in passes if any(act or hess for act, hess in p.values())]
+    for index, hooks in enumerate(passes):
         if progress is not None and len(passes) > 1:
-            progress(f"calibration statistics: pass {index + 1} of {len(passes)} ({len(group)} layers)")
-        _one_pass(
-            model,
-            batches,
-            group,
-            linears,
-            stats,
-            with_act=index == 0 and "act_sq" in kinds,
-            with_hessian="hessian" in kinds,
-            act_names=chosen,
-        )
+            progress(f"calibration statistics: pass {index + 1} of {len(passes)} ({len(hooks)} layers)")
+        _one_pass(model, batches, {linears[n]: (n, *flags) for n, flags in hooks.items()}, stats)
     missed = [
         n
         for n in chosen
@@ -197,13 +191,11 @@ def capture(
 def _one_pass(
     model: nn.Module,
     batches: Sequence[Mapping[str, Tensor]],
-    group: list[str],
-    linears: Mapping[str, nn.Linear],
+    hooks: Mapping[nn.Linear, tuple[str, bool, bool]],
     stats: CalibrationStats,
-    with_act: bool,
-    with_hessian: bool,
-    act_names: list[str],
 ) -> None:
+    """One forward pass over ``batches``, adding to ``stats`` what ``hooks`` asks of each
+    Linear: (its name, act_sq?, hessian?)."""
     mask: list[Tensor | None] = [None]
 
     def hook(name: str, act: bool, hess: bool) -> Callable[..., None]:
@@ -218,13 +210,7 @@ def _one_pass(
 
         return record
 
-    hooked = set(group) | (set(act_names) if with_act else set())
-    handles = [
-        linears[n].register_forward_pre_hook(
-            hook(n, with_act and n in act_names, with_hessian and n in group)
-        )
-        for n in hooked
-    ]
+    handles = [linear.register_forward_pre_hook(hook(*spec)) for linear, spec in hooks.items()]
     training = model.training
     model.eval()  # dropout off
     try:

@@ -80,15 +80,7 @@ class PackedLinear(nn.Module):
         """Store ``work`` (its weight already zero where ``work.keep`` is False) at ``bits``."""
         if bits not in LINEAR_BITS:
             raise ValueError(f"bits={bits!r} is not supported for a Linear; choose from {list(LINEAR_BITS)}")
-        made_by = work.made_by + ((method,) if method else ())
-        out = cls(work.in_features, work.out_features, bits, sparse=work.keep is not None, made_by=made_by)
-        if work.keep is not None:
-            out.register_buffer("mask", pack_bits(work.keep))
-        for name, tensor in _encode(work.weight.detach().float(), bits, work.keep).items():
-            out.register_buffer(name, tensor)
-        if work.bias is not None:
-            out.register_buffer("bias", work.bias.detach().float().clone())
-        return out
+        return cls._assemble(work, bits, _encode(work.weight.detach().float(), bits, work.keep), method)
 
     @classmethod
     def from_codes(
@@ -108,20 +100,31 @@ class PackedLinear(nn.Module):
         shape = (work.out_features, work.in_features)
         if tuple(codes.shape) != shape:
             raise ValueError(f"codes have shape {tuple(codes.shape)}, the layer {shape}")
+        keep = work.keep
+        kept = codes[keep] if keep is not None else codes.reshape(-1)
+        if bits == 8:
+            buffers = {"values": kept.to(torch.int8).clone(), "scale": scale.float().clone()}
+        elif offset is None:
+            raise ValueError(f"{bits}-bit codes need their group offsets")
+        else:
+            buffers = {
+                "values": pack_codes(kept.to(torch.uint8), bits),
+                "scale": scale.to(torch.float16).clone(),
+                "offset": offset.to(torch.float16).clone(),
+            }
+        return cls._assemble(work, bits, buffers, method)
+
+    @classmethod
+    def _assemble(
+        cls, work: LinearWork, bits: int, buffers: dict[str, Tensor], method: str | None
+    ) -> PackedLinear:
+        """The module holding ``buffers`` (values, scales), plus the mask and bias of ``work``."""
         made_by = work.made_by + ((method,) if method else ())
         out = cls(work.in_features, work.out_features, bits, sparse=work.keep is not None, made_by=made_by)
-        pick = (lambda t: t[work.keep]) if work.keep is not None else (lambda t: t.reshape(-1))
         if work.keep is not None:
             out.register_buffer("mask", pack_bits(work.keep))
-        if bits == 8:
-            out.register_buffer("values", pick(codes.to(torch.int8)).clone())
-            out.register_buffer("scale", scale.float().clone())
-        else:
-            if offset is None:
-                raise ValueError(f"{bits}-bit codes need their group offsets")
-            out.register_buffer("values", pack_codes(pick(codes.to(torch.uint8)), bits))
-            out.register_buffer("scale", scale.to(torch.float16).clone())
-            out.register_buffer("offset", offset.to(torch.float16).clone())
+        for name, tensor in buffers.items():
+            out.register_buffer(name, tensor)
         if work.bias is not None:
             out.register_buffer("bias", work.bias.detach().float().clone())
         return out

@@ -8,7 +8,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from slimsearch.spaces.methods.registry import QAT, SIZE, LinearWork, Method, Scope, Stage, register
+from slimsearch.spaces.methods.registry import (
+    QAT,
+    SIZE,
+    LinearWork,
+    Method,
+    Scope,
+    Stage,
+    is_fraction,
+    register,
+)
 
 
 def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
@@ -44,7 +53,7 @@ class Sparsity(Method):
     always_listed = True
 
     def check(self, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        if not is_fraction(value):
             raise ValueError(
                 f"sparsity={value!r} is out of range: use a fraction in [0, 1), "
                 "e.g. 0.5 to zero half of the weights"
@@ -52,7 +61,7 @@ class Sparsity(Method):
         return float(value)
 
     def check_choice(self, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        if not is_fraction(value):
             raise ValueError(f"sparsity: {value!r} is not allowed; use fractions in [0, 1) such as 0.5")
         return value
 

@@ -34,6 +34,11 @@ SPEED, SIZE, BOTH, NOTHING = "speed", "size", "speed+size", "nothing"
 QAT = Literal["requantize", "frozen", "train"]
 
 
+def is_fraction(value: Any) -> bool:
+    """Whether ``value`` is a number in [0, 1) (not a bool): what fraction knobs take."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value < 1.0
+
+
 @dataclass
 class LinearWork:
     """One Linear on its way through the layer stages: its weight (fp32, out x in), bias,

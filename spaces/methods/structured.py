@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from slimsearch.spaces.methods.calibration import CalibrationStats, capture
-from slimsearch.spaces.methods.registry import BOTH, QAT, Method, Scope, Stage, register
+from slimsearch.spaces.methods.registry import BOTH, QAT, Method, Scope, Stage, is_fraction, register
 
 Kind = Literal["heads", "neurons"]
 
@@ -375,7 +375,7 @@ class _StructuredMethod(Method):
     always_listed = True
 
     def check(self, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        if not is_fraction(value):
             raise ValueError(
                 f"structured {self.name}={value!r} is out of range: use the fraction removed, "
                 "in [0, 1), e.g. 0.5 to remove half"
@@ -383,7 +383,7 @@ class _StructuredMethod(Method):
         return float(value)
 
     def check_choice(self, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        if not is_fraction(value):
             raise ValueError(
                 f"{self.name}: {value!r} is not allowed; use fractions removed in "
                 "[0, 1) such as [0.0, 0.25, 0.5], with 0.0 meaning off"

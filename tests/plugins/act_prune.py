@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from slimsearch.spaces.methods import LinearWork, Method
-from slimsearch.spaces.methods.registry import QAT, SIZE, Scope, Stage
+from slimsearch.spaces.methods.registry import QAT, SIZE, Scope, Stage, is_fraction
 
 
 class ActivationPruning(Method):
@@ -30,7 +30,7 @@ class ActivationPruning(Method):
     colorscale = "Greens"
 
     def check(self, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        if not is_fraction(value):
             raise ValueError(f"act_sparsity={value!r} is out of range: use a fraction in [0, 1)")
         return float(value)
 
