@@ -390,7 +390,7 @@ class FakeQuantLinear(nn.Module):
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         self.quantizer = quantizer
-        self.made_by = made_by  # the methods before the quantizer, which re-storing replays
+        self.made_by = made_by  # the methods before the quantizer, recorded again on re-storing
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.bias = nn.Parameter(bias.detach().float().clone()) if bias is not None else None
         self.keep: Tensor | None
