@@ -40,7 +40,7 @@ from slimsearch.search import models, tasks
 from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.study_file import StudySpec, TaskSpec
 from slimsearch.spaces import CompressionPlan, SearchSpace, apply_plan, serialized_size
-from slimsearch.spaces.apply import compress_linear
+from slimsearch.spaces.apply import compress_linear, layer_stats
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.calibration import CalibrationStats
 from slimsearch.spaces.methods.registry import SPEED
@@ -108,6 +108,20 @@ class Profile:
             if v == value:
                 return d
         return 0.0  # off values (and knobs with one choice) cost nothing
+
+    def option_delta(self, param: str, value: Any, params: Mapping[str, Any]) -> float:
+        """An option's loss change over its host method at the host value ``params`` hold
+        (0 where the host is off or was not measured)."""
+        found = [
+            (*key[len(param) + 1 :].partition("=")[::2], pairs)
+            for key, pairs in self.loss.items()
+            if key.startswith(param + "|")
+        ]
+        for host, host_value, pairs in found:
+            # A host knob with one value is not among a unit's params: its one entry applies.
+            if json.dumps(params.get(host)) == host_value or (host not in params and len(found) == 1):
+                return next((d for v, d in pairs if v == value), 0.0)
+        return 0.0
 
     def off_bytes(self, unit: str, off: Mapping[str, Any]) -> int:
         return _off_option(self.options[unit], off).bytes
@@ -313,7 +327,8 @@ class _Measurer:
     def compress(self, unit: str, linear: nn.Linear, settings: LayerSettings) -> nn.Module:
         """``apply.compress_linear``, with each layer factorized once per value: the bytes of
         every combination with that factorization reuse it."""
-        return compress_linear(linear, settings, where=unit, memo=self.factors)
+        stats = layer_stats(self.stats, unit, linear)
+        return compress_linear(linear, settings, stats, where=unit, memo=self.factors)
 
     def measure(self, unit: str, params: Mapping[str, Any], with_loss: bool) -> tuple[int, float | None]:
         """(bytes of the unit, task loss or None) with only ``params`` changed from off."""
@@ -342,6 +357,37 @@ class _Measurer:
         return size, task_loss(model, self.batches, self.kind) if with_loss else None
 
 
+def _host_values(m: _Measurer, unit: str, method: registry.Method) -> list[tuple[str, Any]]:
+    """(host param, value) pairs an option is measured at: each non-off value the unit offers
+    its host method (the knob ``option_base`` names)."""
+    out: list[tuple[str, Any]] = []
+    for host in method.option_base:
+        for k in m.space.knobs:
+            if k.layer == unit and k.knob == host:
+                param = SearchSpace.param_name(k)
+                out += [(param, v) for v in k.choices if v != registry.get(host).choice_off_value()]
+    return out
+
+
+def _measure_option(m: _Measurer, unit: str, knob: Knob, loss: dict[str, list[tuple[Any, float]]]) -> int:
+    """Loss changes of an option's values over its host at each host value, stored under
+    ``"<param>|<host param>=<json value>"``; returns how many were measured."""
+    method = registry.get(knob.knob)
+    param = SearchSpace.param_name(knob)
+    count = 0
+    for host, host_value in _host_values(m, unit, method):
+        host_loss = m.measure(unit, {host: host_value}, with_loss=True)[1]
+        pairs = []
+        for value in knob.choices:
+            if value == m.off[param]:
+                continue
+            measured = m.measure(unit, {host: host_value, param: value}, with_loss=True)[1]
+            pairs.append((value, float(measured) - float(host_loss)))  # type: ignore[arg-type]
+            count += 1
+        loss[f"{param}|{host}={json.dumps(host_value)}"] = pairs
+    return count
+
+
 def compute_profile(
     model: nn.Module,
     space: SearchSpace,
@@ -357,7 +403,7 @@ def compute_profile(
     units = searched_units(space)
     if not units:
         raise ValueError("the search space has no searched knob (each offers one value); nothing to profile")
-    total = sum(len(k.choices) - 1 for ks in units.values() for k in ks)
+    total = sum(len(k.choices) - 1 for ks in units.values() for k in ks if not _is_option(k.knob))
     done = 0
     loss: dict[str, list[tuple[Any, float]]] = {}
     options: dict[str, list[Option]] = {}
@@ -368,6 +414,8 @@ def compute_profile(
     for i, (unit, knobs) in enumerate(units.items()):
         for k in knobs:
             param = SearchSpace.param_name(k)
+            if registry.get(k.knob).option_of is not None:
+                continue
             pairs = []
             for value in k.choices:
                 if value == m.off[param]:
@@ -377,6 +425,9 @@ def compute_profile(
                 pairs.append((value, delta))
                 done += 1
             loss[param] = pairs
+        for k in knobs:
+            if registry.get(k.knob).option_of is not None:
+                done += _measure_option(m, unit, k, loss)
         options[unit] = [
             Option(combo, m.measure(unit, combo, with_loss=False)[0]) for combo in _combos(knobs)
         ]
@@ -423,8 +474,17 @@ def option_cost(profile: Profile, option: Option, off: Mapping[str, Any]) -> flo
     """Estimated damage of an option: the sum of its knobs' single-knob loss changes, taken
     as magnitudes. A layer whose loss happened to drop on the subset still moved the model;
     counting that as free made the greedy stack rank, sparsity and 4-bit on such layers, and
-    the stacked result failed the accuracy constraint on MiniLM."""
-    return sum(abs(profile.delta(p, v)) for p, v in option.params.items() if v != off.get(p))
+    the stacked result failed the accuracy constraint on MiniLM. Method options (GPTQ, AWQ,
+    a group size) add their signed change over their host at its value (measured so), so an
+    option that repairs 2 bits makes 2 bits cheaper; the total never goes below zero."""
+    changed = {p: v for p, v in option.params.items() if v != off.get(p)}
+    main = sum(abs(profile.delta(p, v)) for p, v in changed.items() if not _is_option(p))
+    repair = sum(profile.option_delta(p, v, option.params) for p, v in changed.items() if _is_option(p))
+    return max(main + repair, 0.0)
+
+
+def _is_option(param: str) -> bool:
+    return registry.get(_knob(param)).option_of is not None
 
 
 def _check(space: SearchSpace, profile: Profile, budgets: Sequence[float]) -> dict[str, Any]:
@@ -466,17 +526,29 @@ def _knob(param: str) -> str:
 
 
 def _fast_only(option: Option) -> bool:
-    """Whether every quantize-stage value of the option is realized for speed."""
-    quantize = [(registry.get(_knob(p)), v) for p, v in option.params.items()]
-    return all(SPEED in m.realized(v) for m, v in quantize if m.stage == "quantize")
+    """Whether every quantize-stage value of the option is realized for speed (its options,
+    such as weight-only int8, may say otherwise)."""
+    values = {_knob(p): v for p, v in option.params.items()}
+    quantize = [(registry.get(k), v) for k, v in values.items() if registry.get(k).stage == "quantize"]
+    realized = {m.realized_key(v): m.realized(v) for m, v in quantize if m.option_of is None}
+    for method, value in quantize:
+        if method.option_of is not None and not method.is_off(value):
+            method.amend_realized(value, values, realized)
+    return all(SPEED in r for r in realized.values())
 
 
 def _low_bit_only(option: Option, off: Mapping[str, Any]) -> bool:
     """Whether the option compresses only by bit-width (the table method's knob), to
-    LOW_BITS or fewer."""
+    LOW_BITS or fewer, with or without the quantize options (GPTQ, a group size)."""
     width = registry.table_method().name
     changed = {p: v for p, v in option.params.items() if v != off.get(p)}
-    return bool(changed) and all(_knob(p) == width and v <= LOW_BITS for p, v in changed.items())
+    widths = {p: v for p, v in changed.items() if _knob(p) == width}
+    quantize_options = [p for p in changed if registry.get(_knob(p)).option_of == "quantize"]
+    return (
+        bool(widths)
+        and all(v <= LOW_BITS for v in widths.values())
+        and len(widths) + len(quantize_options) == len(changed)
+    )
 
 
 def greedy_choice(

@@ -60,7 +60,7 @@ def needs(plan: CompressionPlan) -> frozenset[str]:
 
 
 def _single(steps: Sequence[tuple[Method, Any]], stage: str, where: str) -> tuple[Method, Any] | None:
-    chosen = [s for s in steps if s[0].stage == stage]
+    chosen = [s for s in steps if s[0].stage == stage and s[0].option_of is None]
     if len(chosen) > 1:
         raise ValueError(
             f"{where}: methods {[m.name for m, _ in chosen]} are all {stage} methods; a layer takes one"
@@ -70,7 +70,7 @@ def _single(steps: Sequence[tuple[Method, Any]], stage: str, where: str) -> tupl
 
 def _store(work: LinearWork, steps: Sequence[tuple[Method, Any]], where: str) -> nn.Module:
     for method, value in steps:
-        if method.stage == "sparsify":
+        if method.stage == "sparsify" and method.option_of is None:
             work = method.sparsify(work, value)
     quant = _single(steps, "quantize", where)
     if quant is None:
@@ -90,13 +90,16 @@ def compress_linear(
     ``memo`` keeps factorizations by (``where``, method, value), so a caller that stores the
     same layer many ways (the sensitivity profile) factorizes it once per value."""
     steps = settings.steps()
+    if steps and all(m.option_of is not None for m, _ in steps):
+        return linear  # options without the method they modify change nothing
     bias = linear.bias.detach() if linear.bias is not None else None
-    work = LinearWork(linear.weight.detach().float(), bias, stats=stats)
+    options = {m.name: v for m, v in steps if m.option_of is not None}
+    work = LinearWork(linear.weight.detach().float(), bias, stats=stats, options=options)
     later = [s for s in steps if s[0].stage in ("sparsify", "quantize")]
     factor = _single(steps, "factorize", where)
     if factor is None:
         return _store(work, later, where)
-    key = (where, factor[0].name, factor[1])
+    key = (where, factor[0].name, factor[1], tuple(sorted(options.items())))
     if memo is not None and key in memo:
         module, parts = copy.deepcopy(memo[key])
     else:
@@ -105,7 +108,7 @@ def compress_linear(
             memo[key] = copy.deepcopy((module, parts))
     if later:
         for attr, part in parts.items():
-            setattr(module, attr, _store(part, later, f"{where}.{attr}"))
+            setattr(module, attr, _store(replace(part, options=options), later, f"{where}.{attr}"))
     return module
 
 
@@ -151,7 +154,7 @@ def block_values(plan: CompressionPlan, layouts: Mapping[str, Any]) -> dict[str,
     return out
 
 
-def _layer_stats(stats: CalibrationStats | None, name: str, module: nn.Module) -> LayerStats | None:
+def layer_stats(stats: CalibrationStats | None, name: str, module: nn.Module) -> LayerStats | None:
     """The baseline statistics of a Linear's input, where its input is still the baseline's
     (structured pruning that removed input columns makes them not apply)."""
     layer = stats.layer(name) if stats is not None else None
@@ -252,11 +255,11 @@ def _compress_layer(
         if tied is not None and not plan.active([tied]) and isinstance(packed, PackedEmbedding):
             model.set_submodule(tied, TiedHead(packed))
     elif isinstance(module, nn.Linear):
-        layer_stats = _layer_stats(stats, name, module)
-        compute = partial(compress_linear, module, settings, layer_stats, name)
+        own = layer_stats(stats, name, module)
+        compute = partial(compress_linear, module, settings, own, name)
         stored = (
             compute()
             if store is None
-            else store.get_or_compute(store.key(module, settings, layer_stats), compute)
+            else store.get_or_compute(store.key(module, settings, own), compute)
         )
         model.set_submodule(name, stored)

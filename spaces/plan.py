@@ -133,7 +133,12 @@ class Settings(MethodValues):
     def realized(self) -> dict[str, str]:
         """Each active method of this setting and what it is realized for ("speed", "size",
         "speed+size"), as the methods declare it."""
-        return {m.realized_key(v): m.realized(v) for m, v in self.steps()}
+        steps = self.steps()
+        out = {m.realized_key(v): m.realized(v) for m, v in steps if m.option_of is None}
+        for method, value in steps:
+            if method.option_of is not None:
+                method.amend_realized(value, self._values, out)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Every method of the scope that is always listed (off or not), then the others that

@@ -368,9 +368,22 @@ class SearchSpace:
 
         block_methods = registry.methods("block")
         for method in [*block_methods, *registry.methods("linear")]:
+            if method.option_of is not None:
+                continue
             knobs = [k for k in self.knobs if k.knob == method.name and len(k.choices) > 1]
-            for value in sorted({v for k in knobs for v in k.choices} - {off_of[method.name]}):
+            for value in _ordered({v for k in knobs for v in k.choices} - {off_of[method.name]}):
                 add(self._with(off, knobs, value))
+        # An option alone changes nothing: each of its values comes with each value of its host.
+        for method in registry.methods("linear"):
+            knobs = [k for k in self.knobs if k.knob == method.name and len(k.choices) > 1]
+            if method.option_of is None or not knobs:
+                continue
+            for host in method.option_base:
+                hosts = [k for k in self.knobs if k.knob == host]
+                host_off = off_of[host]
+                for width in _ordered({v for k in hosts for v in k.choices} - {host_off}, reverse=True):
+                    for value in _ordered({v for k in knobs for v in k.choices} - {off_of[method.name]}):
+                        add(self._with(self._with(off, hosts, width), knobs, value))
         # Tables and Linears tolerate different widths (on MiniLM, 4-bit Linears with a 2-bit
         # table score 80.6% where all 2-bit scores 77.2% and the baseline 80.1%), so "one width
         # for the Linears, another for the tables" is an obvious setting too.
@@ -415,6 +428,15 @@ class SearchSpace:
         layers = sorted({k.layer for k in self.knobs})
         dims = len(self.distributions())
         return f"{len(layers)} layers, {dims} searched parameters"
+
+
+def _ordered(values: set[Any], reverse: bool = False) -> list[Any]:
+    """Numbers in order, then other values (patterns such as "2:4") in order."""
+    return sorted(
+        values,
+        key=lambda v: (isinstance(v, str), v if not isinstance(v, str) else 0, str(v)),
+        reverse=reverse,
+    )
 
 
 def space_config_from_mapping(data: Mapping[str, Any] | None) -> SpaceConfig:

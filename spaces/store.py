@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from slimsearch.spaces.methods.calibration import LayerStats
 from slimsearch.spaces.methods.lowrank import LowRankLinear
 from slimsearch.spaces.methods.packed import PackedEmbedding, PackedLinear
+from slimsearch.spaces.methods.quantize import GROUP_SIZE
 from slimsearch.spaces.plan import Settings
 
 STORE_FORMAT = 1
@@ -61,6 +62,8 @@ def _spec(module: nn.Module, prefix: str, tensors: dict[str, Tensor]) -> dict[st
             "bits": module.bits,
             "sparse": module.sparse,
             "made_by": list(module.made_by),
+            "group": module.group,
+            "weight_only": module.weight_only,
             "buffers": _buffers(module, prefix, tensors),
         }
     if isinstance(module, PackedEmbedding):
@@ -101,7 +104,15 @@ def _spec(module: nn.Module, prefix: str, tensors: dict[str, Tensor]) -> dict[st
 def _build(spec: dict[str, Any], prefix: str, tensors: dict[str, Tensor]) -> nn.Module:
     kind = spec["type"]
     if kind == "PackedLinear":
-        out = PackedLinear(spec["in"], spec["out"], spec["bits"], spec["sparse"], tuple(spec["made_by"]))
+        out = PackedLinear(
+            spec["in"],
+            spec["out"],
+            spec["bits"],
+            spec["sparse"],
+            tuple(spec["made_by"]),
+            spec.get("group", GROUP_SIZE),
+            spec.get("weight_only", False),
+        )
         for name in spec["buffers"]:
             out.register_buffer(name, tensors[prefix + name])
         return out

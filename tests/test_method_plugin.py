@@ -65,10 +65,10 @@ def test_plugin_refuses_layers_without_statistics(plugin: Method) -> None:
 def test_registry_refuses_duplicates_and_unknown_names(plugin: Method) -> None:
     with pytest.raises(ValueError, match="'act_sparsity' is already registered"):
         register(type(plugin))
-    with pytest.raises(ValueError, match=r"unknown compression method 'gptq'.*'act_sparsity'.*'bits'"):
-        registry.get("gptq")
-    with pytest.raises(ValueError, match="unknown method 'gptq'"):
-        LayerSettings(gptq=4)
+    with pytest.raises(ValueError, match=r"unknown compression method 'quip'.*'act_sparsity'.*'bits'"):
+        registry.get("quip")
+    with pytest.raises(ValueError, match="unknown method 'quip'"):
+        LayerSettings(quip=4)
     with pytest.raises(
         ValueError, match=r"named 'bits', which slimsearch\.spaces\.methods\.bits\.Bits already registered"
     ):

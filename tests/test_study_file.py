@@ -38,7 +38,7 @@ BAD = [
     ("task.kind", "regression", "task.kind"),
     ("task.test_size", 0, "task.test_size"),
     ("task.rows", _DELETE, "task.data: missing"),
-    ("space.default.bits", [32, 3], "bits: 3"),
+    ("space.default.bits", [32, 5], "bits: 5"),
     ("space.default.sparsity", [0.0, 1.5], "sparsity: 1.5"),
     ("space.default.rank", [0], "rank: 0"),
     ("space.default.depth", [1], "unknown knob"),

@@ -1,12 +1,19 @@
-"""Bit-width (the ``bits`` knob): round-to-nearest weight quantization of Linears and tables.
+"""Bit-width (the ``bits`` knob): weight quantization of Linears and tables, with two options.
 
 32 is off; 16 stores bf16 and computes in bf16; 8 stores symmetric int8 codes with one scale
-per row and computes on the fbgemm int8 kernel; 4 and 2 store packed group-wise codes (see
-quantize.py) and compute on a dense fp32 copy, so they are realized for size only.
+per row and computes on the fbgemm int8 kernel (activations quantized per tensor, on the fly);
+4, 3 and 2 store packed group-wise codes (see quantize.py) and compute on a dense fp32 copy, so
+they are realized for size only. Codes are rounded to nearest unless a rounding option (GPTQ)
+chooses them.
+
+Options of the same layer: ``group`` (columns per scale at 4, 3 and 2 bits: 32, 64 or 128;
+64 is the default) and ``weight_only`` (at 8 bits: keep activations in float and compute on
+the dequantized weight, which costs the int8 kernel's speed and keeps its accuracy).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -14,13 +21,26 @@ from torch import Tensor, nn
 
 from slimsearch.spaces.methods.packed import EMBEDDING_BITS, LINEAR_BITS, PackedEmbedding, PackedLinear
 from slimsearch.spaces.methods.quantize import (
+    GROUP_SIZE,
+    GROUP_SIZES,
     GROUPED_BITS,
     QUANTIZER_VERSION,
+    Grid,
     dequantize_groups,
     quantize_groups,
     quantize_rows,
 )
-from slimsearch.spaces.methods.registry import BOTH, QAT, SIZE, LinearWork, Method, Scope, Stage, register
+from slimsearch.spaces.methods.registry import (
+    BOTH,
+    QAT,
+    SIZE,
+    LinearWork,
+    Method,
+    Scope,
+    Stage,
+    calibrated_codes,
+    register,
+)
 
 
 @register
@@ -63,10 +83,32 @@ class Bits(Method):
         return f"bits{value}"
 
     def examples(self) -> tuple[Any, ...]:
-        return (4, 8, 16, 2)
+        return (4, 8, 16, 2, 3)
+
+    def grid(self, work: LinearWork, value: Any) -> Grid | None:
+        bits = int(value)
+        if bits not in (8, *GROUPED_BITS):
+            return None
+        return Grid.for_layer(bits, work.in_features, int(work.options.get("group", GROUP_SIZE)))
 
     def quantize(self, work: LinearWork, value: Any) -> nn.Module:
-        return PackedLinear.from_work(work, int(value), self.name)
+        bits = int(value)
+        group = int(work.options.get("group", GROUP_SIZE))
+        weight_only = bool(work.options.get("weight_only", False))
+        calibrated = {n for n in work.options if n not in ("group", "weight_only")}
+        grid = self.grid(work, value)
+        if grid is None or not calibrated:
+            return PackedLinear.from_work(work, bits, self.name, group, weight_only)
+        work, codes, scale, offset = calibrated_codes(work, grid)
+        return PackedLinear.from_codes(work, bits, codes, scale, offset, self.name, group, weight_only)
+
+    def stored_options(self, module: nn.Module) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if module.bits in GROUPED_BITS and module.group != GROUP_SIZE:
+            out["group"] = module.group
+        if module.weight_only:
+            out["weight_only"] = True
+        return out
 
     def quantize_table(self, table: nn.Embedding, value: Any) -> nn.Module:
         return PackedEmbedding.from_embedding(table, int(value))
@@ -74,10 +116,13 @@ class Bits(Method):
     def stored_value(self, module: nn.Module) -> Any:
         return module.bits
 
-    def fake_quantize(self, weight: Tensor, value: Any, keep: Tensor | None) -> Tensor:
+    def fake_quantize(
+        self, weight: Tensor, value: Any, keep: Tensor | None, options: Mapping[str, Any] | None = None
+    ) -> Tensor:
         """The same functions and masking order as ``PackedLinear.from_work`` then
         ``dense_weight``."""
         bits = int(value)
+        group = int((options or {}).get("group", GROUP_SIZE))
         w = weight.detach()
         if keep is not None:
             w = w * keep
@@ -89,7 +134,74 @@ class Bits(Method):
             codes, scale = quantize_rows(w, 8)
             return codes.float() * scale[:, None]
         if bits in GROUPED_BITS:
-            codes, gscale, offset = quantize_groups(w, bits, keep)
-            q = dequantize_groups(codes, gscale, offset)
+            codes, gscale, offset = quantize_groups(w, bits, keep, group)
+            q = dequantize_groups(codes, gscale, offset, group)
             return q * keep if keep is not None else q
         raise ValueError(f"bits={bits!r} has no fake-quantization grid; PackedLinear uses {LINEAR_BITS}")
+
+
+class _BitsOption(Method):
+    stage: ClassVar[Stage] = "quantize"
+    option_of: ClassVar[Stage | None] = "quantize"
+    scopes: ClassVar[frozenset[Scope]] = frozenset({"linear"})
+    qat: ClassVar[QAT] = "requantize"  # re-stored with the same option (Bits.stored_options)
+
+    def realized(self, value: Any) -> str:
+        return SIZE
+
+
+@register
+class Group(_BitsOption):
+    """Columns of a row that share one scale and offset at 4, 3 and 2 bits (the ``group``
+    knob): smaller groups fit the weights closer and store more scales."""
+
+    name = "group"
+    option_base: ClassVar[Mapping[str, Any]] = {"bits": 4}
+    position = 21
+    off = GROUP_SIZE
+    colorscale = "Greys"
+
+    def check(self, value: Any) -> Any:
+        if isinstance(value, bool) or value not in GROUP_SIZES:
+            raise ValueError(f"group={value!r} is not supported: choose one of {list(GROUP_SIZES)}")
+        return int(value)
+
+    def allowed(self) -> tuple[Any, ...] | None:
+        return GROUP_SIZES
+
+    def short(self, value: Any) -> str:
+        return f"g{value}"
+
+    def examples(self) -> tuple[Any, ...]:
+        return (32, 128)
+
+
+@register
+class WeightOnly(_BitsOption):
+    """At 8 bits, keep activations in float (the ``weight_only`` knob): per-channel int8
+    weights, computed on their dequantized fp32 copy, so realized for size only."""
+
+    name = "weight_only"
+    option_base: ClassVar[Mapping[str, Any]] = {"bits": 8}
+    position = 22
+    off = False
+    colorscale = "Greys"
+
+    def check(self, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise ValueError(f"weight_only={value!r} must be true or false")
+        return value
+
+    def allowed(self) -> tuple[Any, ...] | None:
+        return (False, True)
+
+    def short(self, value: Any) -> str:
+        return "w-only"
+
+    def amend_realized(self, value: Any, values: Mapping[str, Any], realized: dict[str, str]) -> None:
+        if value and values.get("bits") == 8:
+            realized.pop("bits8", None)
+            realized["bits8-weight-only"] = SIZE
+
+    def examples(self) -> tuple[Any, ...]:
+        return (True,)

@@ -354,7 +354,7 @@ def quantizer_of(packed: PackedLinear) -> tuple[Method, Any] | None:
     """The quantize-stage method that stored ``packed`` and its value (None: stored as fp32)."""
     for name in packed.made_by:
         method = registry.get(name)
-        if method.stage == "quantize":
+        if method.stage == "quantize" and method.option_of is None:
             return method, method.stored_value(packed)
     if packed.bits != 32:
         raise ValueError(
@@ -385,12 +385,14 @@ class FakeQuantLinear(nn.Module):
         keep: Tensor | None,
         quantizer: tuple[Method, Any] | None,
         made_by: tuple[str, ...] = (),
+        options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         self.quantizer = quantizer
         self.made_by = made_by  # the methods before the quantizer, recorded again on re-storing
+        self.options = options or {}  # the quantizer's options (group size), re-stored the same
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.bias = nn.Parameter(bias.detach().float().clone()) if bias is not None else None
         self.keep: Tensor | None
@@ -404,14 +406,15 @@ class FakeQuantLinear(nn.Module):
             keep = unpack_bits(packed.mask, numel).view(packed.out_features, packed.in_features)
         quantizer = quantizer_of(packed)
         before = tuple(n for n in packed.made_by if quantizer is None or n != quantizer[0].name)
-        return cls(packed.dense_weight(), getattr(packed, "bias", None), keep, quantizer, before)
+        options = quantizer[0].stored_options(packed) if quantizer is not None else {}
+        return cls(packed.dense_weight(), getattr(packed, "bias", None), keep, quantizer, before, options)
 
     def rounded(self, w: Tensor) -> Tensor:
         """``w`` on the stored grid (no gradient)."""
         if self.quantizer is None:
             return w.detach() * self.keep if self.keep is not None else w.detach()
         method, value = self.quantizer
-        return method.fake_quantize(w, value, self.keep)
+        return method.fake_quantize(w, value, self.keep, self.options)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight * self.keep if self.keep is not None else self.weight
@@ -428,7 +431,7 @@ class FakeQuantLinear(nn.Module):
             weight = torch.where(self.keep & (weight == 0), torch.full_like(weight, tiny), weight)
             weight = weight * self.keep
         bias = self.bias.detach().clone() if self.bias is not None else None
-        work = LinearWork(weight, bias, keep=self.keep, made_by=self.made_by)
+        work = LinearWork(weight, bias, keep=self.keep, made_by=self.made_by, options=self.options)
         if self.quantizer is None:
             packed: nn.Module = PackedLinear.from_work(work, 32)
         else:

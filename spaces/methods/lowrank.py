@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, cast
 
 import torch
@@ -35,7 +36,12 @@ class LowRankLinear(nn.Module):
         return cls.from_weight(linear.weight.detach(), bias, rank)
 
     @classmethod
-    def from_weight(cls, weight: Tensor, bias: Tensor | None, rank: int) -> LowRankLinear:
+    def from_weight(
+        cls, weight: Tensor, bias: Tensor | None, rank: int, hessian: Tensor | None = None
+    ) -> LowRankLinear:
+        """Truncated SVD of ``weight``; with the input's ``hessian`` (X^T X), of the weight
+        whitened by its Cholesky factor (SVD-LLM), which minimizes the output error on the
+        calibration rows instead of the weight error."""
         n_out, n_in = weight.shape
         limit = max_useful_rank(n_in, n_out)
         if not 1 <= rank <= limit:
@@ -43,12 +49,18 @@ class LowRankLinear(nn.Module):
                 f"rank={rank} for a {n_out}x{n_in} Linear would not make it smaller: "
                 f"use a rank from 1 to {limit} (in*out/(in+out))"
             )
-        u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+        w = weight.detach().double()
+        factor = _whitening(hessian) if hessian is not None else None
+        u, s, vh = torch.linalg.svd(w if factor is None else w @ factor, full_matrices=False)
         root = s[:rank].sqrt()
+        v = vh[:rank]
+        if factor is not None:
+            # (W L) ~ U S V^T, so W ~ U S (V^T L^-1): solve instead of inverting L.
+            v = torch.linalg.solve_triangular(factor, v, upper=False, left=False)
         down = nn.Linear(n_in, rank, bias=False)
         up = nn.Linear(rank, n_out, bias=bias is not None)
         with torch.no_grad():
-            down.weight.copy_((root[:, None] * vh[:rank]).float())
+            down.weight.copy_((root[:, None] * v).float())
             up.weight.copy_((u[:, :rank] * root[None, :]).float())
             if bias is not None:
                 up.bias.copy_(bias)
@@ -122,7 +134,8 @@ class Rank(Method):
         return (4,)
 
     def factorize(self, work: LinearWork, value: Any) -> tuple[nn.Module, dict[str, LinearWork]]:
-        low = LowRankLinear.from_weight(work.weight, work.bias, int(value))
+        hessian = getattr(work.stats, "hessian", None) if work.options.get("whiten") else None
+        low = LowRankLinear.from_weight(work.weight, work.bias, int(value), hessian)
         made_by = (*work.made_by, self.name)
         # The down factor sees the layer's input; what the up factor sees was never observed.
         down, up = cast(nn.Linear, low.down), cast(nn.Linear, low.up)  # from_weight builds Linears
@@ -131,6 +144,55 @@ class Rank(Method):
             "up": LinearWork(up.weight.detach(), _bias(up), made_by=made_by),
         }
         return low, parts
+
+
+def _whitening(hessian: Tensor) -> Tensor:
+    """Lower Cholesky factor L of the (damped) Hessian, H = L L^T."""
+    h = hessian.detach().double()
+    mean = float(torch.diagonal(h).mean()) or 1.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for damp in (1e-6, 1e-4, 1e-2, 1e-1):
+        factor, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+        if int(info) == 0:
+            return factor
+    raise ValueError(
+        "the layer's Hessian is not positive definite even with damping; check the calibration rows"
+    )
+
+
+@register
+class Whiten(Method):
+    """Activation-aware low-rank (the ``whiten`` knob): with ``rank``, factorize the weight
+    whitened by the Cholesky factor of its input's Hessian (SVD-LLM), so the rank kept serves
+    the outputs on real inputs rather than the weight entries."""
+
+    name = "whiten"
+    option_base: ClassVar[Mapping[str, Any]] = {"rank": 4}
+    position = 31
+    stage: ClassVar[Stage] = "factorize"
+    option_of: ClassVar[Stage | None] = "factorize"
+    scopes: ClassVar[frozenset[Scope]] = frozenset({"linear"})
+    off = False
+    needs = frozenset({"hessian"})
+    qat: ClassVar[QAT] = "train"
+    colorscale = "Blues"
+
+    def check(self, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise ValueError(f"whiten={value!r} must be true or false")
+        return value
+
+    def allowed(self) -> tuple[Any, ...] | None:
+        return (False, True)
+
+    def short(self, value: Any) -> str:
+        return "wh"
+
+    def realized(self, value: Any) -> str:
+        return BOTH
+
+    def examples(self) -> tuple[Any, ...]:
+        return (True,)
 
 
 def _bias(linear: nn.Linear) -> Tensor | None:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimsearch.spaces.methods.quantize import (
+    GROUP_SIZE,
     GROUPED_BITS,
     dequantize_groups,
     pack_bits,
@@ -34,11 +35,11 @@ from slimsearch.spaces.methods.quantize import (
 )
 from slimsearch.spaces.methods.registry import BOTH, NOTHING, SIZE, LinearWork
 
-LINEAR_BITS = (32, 16, 8, 4, 2)
+LINEAR_BITS = (32, 16, 8, 4, 3, 2)
 EMBEDDING_BITS = (16, 8, 4, 2)
 
 
-def _encode(weight: Tensor, bits: int, keep: Tensor | None) -> dict[str, Tensor]:
+def _encode(weight: Tensor, bits: int, keep: Tensor | None, group: int = GROUP_SIZE) -> dict[str, Tensor]:
     """The buffers that store ``weight`` at ``bits``: "values" (only the kept entries when
     ``keep`` is a mask) plus scales, and offsets for group-wise bits."""
     w = weight.detach().float()
@@ -50,7 +51,7 @@ def _encode(weight: Tensor, bits: int, keep: Tensor | None) -> dict[str, Tensor]
     if bits == 8:
         codes, scale = quantize_rows(w, 8)
         return {"values": pick(codes).clone(), "scale": scale}
-    codes, gscale, offset = quantize_groups(w, bits, keep)
+    codes, gscale, offset = quantize_groups(w, bits, keep, group)
     return {"values": pack_codes(pick(codes), bits), "scale": gscale, "offset": offset}
 
 
@@ -64,23 +65,42 @@ class PackedLinear(nn.Module):
     mask: Tensor
 
     def __init__(
-        self, in_features: int, out_features: int, bits: int, sparse: bool, made_by: tuple[str, ...] = ()
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        sparse: bool,
+        made_by: tuple[str, ...] = (),
+        group: int = GROUP_SIZE,
+        weight_only: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
         self.sparse = sparse
+        # Columns per scale group (4, 3 and 2 bits).
+        self.group = group
+        # 8 bits only: keep activations in float (dequantized weight) instead of int8 kernels.
+        self.weight_only = weight_only
         # The registered methods that made this layer (distillation asks them how to train it).
         self.made_by = made_by
         self._cache: dict[str, Any] = {}
 
     @classmethod
-    def from_work(cls, work: LinearWork, bits: int = 32, method: str | None = None) -> PackedLinear:
+    def from_work(
+        cls,
+        work: LinearWork,
+        bits: int = 32,
+        method: str | None = None,
+        group: int = GROUP_SIZE,
+        weight_only: bool = False,
+    ) -> PackedLinear:
         """Store ``work`` (its weight already zero where ``work.keep`` is False) at ``bits``."""
         if bits not in LINEAR_BITS:
             raise ValueError(f"bits={bits!r} is not supported for a Linear; choose from {list(LINEAR_BITS)}")
-        return cls._assemble(work, bits, _encode(work.weight.detach().float(), bits, work.keep), method)
+        buffers = _encode(work.weight.detach().float(), bits, work.keep, group)
+        return cls._assemble(work, bits, buffers, method, group, weight_only)
 
     @classmethod
     def from_codes(
@@ -91,10 +111,13 @@ class PackedLinear(nn.Module):
         scale: Tensor,
         offset: Tensor | None = None,
         method: str | None = None,
+        group: int = GROUP_SIZE,
+        weight_only: bool = False,
     ) -> PackedLinear:
         """Store codes a method chose itself (e.g. by error feedback, not plain rounding), in
         this module's layout: int8 codes (out, in) with fp32 row scales for 8 bits; uint8
-        codes in [0, 2**bits) with fp16 group scales and offsets for 4 and 2 bits."""
+        codes in [0, 2**bits) with fp16 group scales and offsets (rows, groups of ``group``
+        columns) for 4, 3 and 2 bits."""
         if bits not in (8, *GROUPED_BITS):
             raise ValueError(f"from_codes stores 8, 4 or 2 bits, not {bits!r}")
         shape = (work.out_features, work.in_features)
@@ -103,7 +126,7 @@ class PackedLinear(nn.Module):
         keep = work.keep
         kept = codes[keep] if keep is not None else codes.reshape(-1)
         if bits == 8:
-            buffers = {"values": kept.to(torch.int8).clone(), "scale": scale.float().clone()}
+            buffers = {"values": kept.to(torch.int8).clone(), "scale": scale.float().reshape(-1).clone()}
         elif offset is None:
             raise ValueError(f"{bits}-bit codes need their group offsets")
         else:
@@ -112,19 +135,36 @@ class PackedLinear(nn.Module):
                 "scale": scale.to(torch.float16).clone(),
                 "offset": offset.to(torch.float16).clone(),
             }
-        return cls._assemble(work, bits, buffers, method)
+        return cls._assemble(work, bits, buffers, method, group, weight_only)
 
     @classmethod
     def _assemble(
-        cls, work: LinearWork, bits: int, buffers: dict[str, Tensor], method: str | None
+        cls,
+        work: LinearWork,
+        bits: int,
+        buffers: dict[str, Tensor],
+        method: str | None,
+        group: int = GROUP_SIZE,
+        weight_only: bool = False,
     ) -> PackedLinear:
-        """The module holding ``buffers`` (values, scales), plus the mask and bias of ``work``."""
+        """The module holding ``buffers`` (values, scales), plus the mask, the input column
+        scales and the bias of ``work``."""
         made_by = work.made_by + ((method,) if method else ())
-        out = cls(work.in_features, work.out_features, bits, sparse=work.keep is not None, made_by=made_by)
+        out = cls(
+            work.in_features,
+            work.out_features,
+            bits,
+            sparse=work.keep is not None,
+            made_by=made_by,
+            group=group,
+            weight_only=weight_only and bits == 8,
+        )
         if work.keep is not None:
             out.register_buffer("mask", pack_bits(work.keep))
         for name, tensor in buffers.items():
             out.register_buffer(name, tensor)
+        if work.column_scale is not None:
+            out.register_buffer("in_scale", work.column_scale.to(torch.float16).clone())
         if work.bias is not None:
             out.register_buffer("bias", work.bias.detach().float().clone())
         return out
@@ -156,25 +196,40 @@ class PackedLinear(nn.Module):
         """Dequantized fp32 weight (what the layer computes with, up to kernel rounding)."""
         stored = self._dense_stored()
         if self.bits == 8:
-            return stored.float() * self.scale[:, None]
-        if self.bits in GROUPED_BITS:
-            weight = dequantize_groups(stored, self.scale, self.offset)
+            weight = stored.float() * self.scale[:, None]
+        elif self.bits in GROUPED_BITS:
+            weight = dequantize_groups(stored, self.scale, self.offset, self.group)
             if self.sparse:
                 weight = weight * unpack_bits(self.mask, self.numel).view_as(weight)
-            return weight
-        return stored.float()
+        else:
+            weight = stored.float()
+        in_scale = self.column_scale()
+        return weight if in_scale is None else weight / in_scale[None, :]
+
+    def column_scale(self) -> Tensor | None:
+        """The per-input-column scale the stored weight was multiplied by (activation-aware
+        scaling), which the layer divides back out; None when there is none."""
+        scale = getattr(self, "in_scale", None)
+        return None if scale is None else scale.float()
 
     @property
     def realized(self) -> str:
         """What this layer's storage buys: see methods/realized.py."""
         if self.bits == 32:
             return SIZE if self.sparse else NOTHING
-        return BOTH if self.bits in (16, 8) else SIZE
+        return BOTH if self.bits == 16 or self.int8_kernel else SIZE
+
+    @property
+    def int8_kernel(self) -> bool:
+        """Whether the layer computes on the int8 kernel (8 bits, activations quantized too)."""
+        return self.bits == 8 and not self.weight_only
 
     @property
     def compute_path(self) -> str:
-        if self.bits == 8:
+        if self.int8_kernel:
             return "int8 kernel (real int8 matmul)"
+        if self.bits == 8:
+            return "int8 weight-only stored, computed dense fp32 (size only)"
         if self.bits == 16:
             return "bf16 matmul"
         sparse = " sparse" if self.sparse else ""
@@ -198,7 +253,10 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = getattr(self, "bias", None)
-        if self.bits == 8 and not torch.is_grad_enabled():
+        if self.int8_kernel and not torch.is_grad_enabled():
+            in_scale = self.column_scale()
+            if in_scale is not None:
+                x = x / in_scale
             shape = x.shape
             y = torch.ops.quantized.linear_dynamic(
                 x.reshape(-1, shape[-1]).float().contiguous(), self._int8_kernel(), True
@@ -226,6 +284,8 @@ class PackedLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bits={self.bits}, sparse={self.sparse}"
+            + (f", group={self.group}" if self.bits in GROUPED_BITS and self.group != GROUP_SIZE else "")
+            + (", weight_only=True" if self.weight_only else "")
         )
 
 

@@ -37,6 +37,62 @@ def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
     return mask.view_as(weight)
 
 
+def pattern(value: Any) -> tuple[int, int] | None:
+    """(n, m) for an "n:m" value (n of every m consecutive weights of a row are zeroed, as in
+    "2:4"); None for a fraction."""
+    if not isinstance(value, str):
+        return None
+    n, sep, m = value.partition(":")
+    if not (sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m) <= 16):
+        raise ValueError(f"{value!r} is not an n:m pattern such as '2:4' (n of every m weights zeroed)")
+    return int(n), int(m)
+
+
+def check_amount(name: str, value: Any) -> Any:
+    """A fraction in [0, 1) or an "n:m" pattern, for the pruning knobs that take both."""
+    if isinstance(value, str):
+        try:
+            pattern(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}={exc}") from None
+        return value
+    if not is_fraction(value):
+        raise ValueError(
+            f"{name}={value!r} is out of range: use a fraction in [0, 1), e.g. 0.5 to zero half "
+            "of the weights, or a pattern such as '2:4'"
+        )
+    return float(value)
+
+
+def short_amount(prefix: str, value: Any) -> str:
+    return f"{prefix}{value}" if isinstance(value, str) else f"{prefix}{value:g}"
+
+
+def pattern_mask(score: Tensor, n: int, m: int) -> Tensor:
+    """Zero the ``n`` lowest-scoring of every ``m`` consecutive entries of each row (a row's
+    tail shorter than ``m`` is kept)."""
+    rows, cols = score.shape
+    whole = cols - cols % m
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if whole:
+        chunks = score[:, :whole].reshape(rows, -1, m)
+        low = torch.topk(chunks, n, dim=2, largest=False).indices
+        mask = torch.ones_like(chunks, dtype=torch.bool).scatter_(2, low, False)
+        keep[:, :whole] = mask.reshape(rows, whole)
+    return keep
+
+
+def row_mask(score: Tensor, sparsity: float) -> Tensor:
+    """Zero the lowest-scoring ``sparsity`` fraction of each row (ties by position)."""
+    cols = score.shape[1]
+    n_drop = round(sparsity * cols)
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if n_drop:
+        order = torch.sort(score, dim=1, stable=True).indices
+        keep.scatter_(1, order[:, :n_drop], False)
+    return keep
+
+
 @register
 class Sparsity(Method):
     """Unstructured magnitude pruning (the ``sparsity`` knob): the fraction of a matrix's

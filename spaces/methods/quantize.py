@@ -2,20 +2,24 @@
 
 - 8 bits: symmetric int8 codes with one fp32 scale per row (output channel), the layout
   the fbgemm int8 kernel takes.
-- 4 and 2 bits: asymmetric codes in [0, 2**bits) with one fp16 scale and one fp16 offset
-  per group of ``GROUP_SIZE`` consecutive weights of a row, packed 8 // bits codes a byte.
-  Group-wise scales keep 2-bit weights usable; they cost 32 bits per group (0.5 bit a
-  weight at groups of 64), which the size objective counts like everything else. Each
-  group's scale and offset are fitted to its weights by least squares, not min-max.
+- 4, 3 and 2 bits: asymmetric codes in [0, 2**bits) with one fp16 scale and one fp16 offset
+  per group of consecutive weights of a row (``GROUP_SIZE`` unless a plan says 32 or 128),
+  packed lowest bits first into a stream of bytes. Group-wise scales keep 2-bit weights
+  usable; they cost 32 bits per group (0.5 bit a weight at groups of 64), which the size
+  objective counts like everything else. Each group's scale and offset are fitted to its
+  weights by least squares, not min-max.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 GROUP_SIZE = 64
-GROUPED_BITS = (4, 2)
+GROUPED_BITS = (4, 3, 2)
+GROUP_SIZES = (32, 64, 128)
 # Least-squares refinements of each group's scale and offset (see quantize_groups); 8 is
 # within 1% of converged at 2 bits on MiniLM.
 REFINE_STEPS = 8
@@ -40,9 +44,9 @@ def quantize_rows(weight: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     return codes, scale
 
 
-def group_size_for(cols: int) -> int:
-    """Groups of GROUP_SIZE, or the whole row (rounded up to 8) when rows are shorter."""
-    return min(GROUP_SIZE, -(-cols // 8) * 8)
+def group_size_for(cols: int, group: int = GROUP_SIZE) -> int:
+    """Groups of ``group`` columns, or the whole row (rounded up to 8) when rows are shorter."""
+    return min(group, -(-cols // 8) * 8)
 
 
 def _check_grouped(bits: int) -> None:
@@ -50,7 +54,9 @@ def _check_grouped(bits: int) -> None:
         raise ValueError(f"group-wise quantization supports bits {list(GROUPED_BITS)}, not {bits!r}")
 
 
-def quantize_groups(weight: Tensor, bits: int, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_groups(
+    weight: Tensor, bits: int, keep: Tensor | None = None, group: int = GROUP_SIZE
+) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric group-wise codes: (uint8 codes shaped like ``weight``, fp16 scale, fp16
     offset), the last two shaped (rows, groups); weight ~= codes * scale + offset.
 
@@ -62,7 +68,7 @@ def quantize_groups(weight: Tensor, bits: int, keep: Tensor | None = None) -> tu
     _check_grouped(bits)
     w = weight.detach().float()
     rows, cols = w.shape
-    group = group_size_for(cols)
+    group = group_size_for(cols, group)
     groups = -(-cols // group)
     pad = groups * group - cols
     padded = torch.nn.functional.pad(w, (0, pad)).view(rows, groups, group)
@@ -109,18 +115,22 @@ def _codes(padded: Tensor, scale: Tensor, offset: Tensor, levels: int) -> Tensor
     return torch.round((padded - offset[..., None]) / safe[..., None]).clamp_(0, levels)
 
 
-def dequantize_groups(codes: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+def dequantize_groups(codes: Tensor, scale: Tensor, offset: Tensor, group: int = GROUP_SIZE) -> Tensor:
     """fp32 weights from (rows, cols) codes and their per-group scale and offset."""
     cols = codes.shape[-1]
-    group = group_size_for(cols)
+    group = group_size_for(cols, group)
     s = scale.float().repeat_interleave(group, dim=-1)[..., :cols]
     o = offset.float().repeat_interleave(group, dim=-1)[..., :cols]
     return codes.float() * s + o
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """Pack unsigned codes in [0, 2**bits) into uint8, lowest bits first; pads the tail."""
+    """Pack unsigned codes in [0, 2**bits) into uint8, lowest bits first; pads the tail.
+    4 and 2 bits fill whole bytes (8 // bits codes a byte); 3 bits run on across bytes
+    (eight codes in three bytes)."""
     _check_grouped(bits)
+    if 8 % bits:
+        return _pack_stream(codes, bits)
     per_byte = 8 // bits
     flat = codes.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % per_byte
@@ -134,13 +144,33 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_codes(packed: Tensor, bits: int, count: int) -> Tensor:
-    """The first ``count`` codes of ``pack_codes`` output, as uint8 (works on any leading shape
-    when ``count`` is a multiple of the codes per byte times the last dimension)."""
+    """The first ``count`` codes of ``pack_codes`` output, as uint8 (for 4 and 2 bits this
+    works on any leading shape when ``count`` is a multiple of the codes per byte times the
+    last dimension)."""
     _check_grouped(bits)
+    if 8 % bits:
+        return _unpack_stream(packed, bits, count)
     per_byte = 8 // bits
     mask = 2**bits - 1
     parts = [(packed >> (bits * i)) & mask for i in range(per_byte)]
     return torch.stack(parts, dim=-1).reshape(-1)[:count]
+
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def _pack_stream(codes: Tensor, bits: int) -> Tensor:
+    flat = codes.reshape(-1).to(torch.uint8)
+    stream = ((flat[:, None] >> _SHIFTS[:bits]) & 1).reshape(-1)
+    pad = (-stream.numel()) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    return (stream.view(-1, 8) << _SHIFTS).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def _unpack_stream(packed: Tensor, bits: int, count: int) -> Tensor:
+    stream = ((packed.reshape(-1)[:, None] >> _SHIFTS) & 1).reshape(-1)[: count * bits]
+    return (stream.view(count, bits) << _SHIFTS[:bits]).sum(dim=1, dtype=torch.int32).to(torch.uint8)
 
 
 def pack_bits(mask: Tensor) -> Tensor:
@@ -156,3 +186,71 @@ def unpack_bits(packed: Tensor, count: int) -> Tensor:
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
     bits = (packed[:, None] >> shifts) & 1
     return bits.reshape(-1)[:count].bool()
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The codes a quantize method stores a Linear's weight with, for methods that choose the
+    codes themselves (GPTQ's error feedback, AWQ's scale search): ``bits``, and ``group``
+    consecutive columns of a row sharing one scale (and one offset unless ``symmetric``).
+
+    Scales and offsets are shaped (rows, groups); symmetric per-row 8 bits has one group."""
+
+    bits: int
+    group: int
+    symmetric: bool
+
+    @classmethod
+    def for_layer(cls, bits: int, cols: int, group: int = GROUP_SIZE) -> Grid:
+        if bits == 8:
+            return cls(8, cols, True)
+        _check_grouped(bits)
+        return cls(bits, group_size_for(cols, group), False)
+
+    def fit(self, w: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Scale and offset (rows, groups) for ``w``, whose columns are whole groups (the last
+        may be short)."""
+        if self.symmetric:
+            limit = qmax(self.bits)
+            chunks = w.detach().float().split(self.group, dim=1)
+            return torch.stack([c.abs().amax(dim=1) for c in chunks], 1).clamp_min(1e-12) / limit, None
+        _, scale, offset = quantize_groups(w, self.bits, keep, self.group)
+        return scale.float(), offset.float()
+
+    def codes(self, w: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
+        """Codes of ``w`` (rows, k) on one group's ``scale`` and ``offset`` (rows,)."""
+        if self.symmetric:
+            limit = qmax(self.bits)
+            return torch.round(w / scale[:, None]).clamp_(-limit, limit)
+        assert offset is not None
+        return _codes(w, scale, offset, 2**self.bits - 1)
+
+    def values(self, codes: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
+        """The weights ``codes`` (rows, k) of one group stand for."""
+        out = codes * scale[:, None]
+        return out if offset is None else out + offset[:, None]
+
+    def round(self, w: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Round-to-nearest codes of the whole matrix with fitted scales (and offsets)."""
+        scale, offset = self.fit(w, keep)
+        return self.codes_all(w, scale, offset), scale, offset
+
+    def codes_all(self, w: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
+        parts = w.detach().float().split(self.group, dim=1)
+        return torch.cat(
+            [
+                self.codes(p, scale[:, g], None if offset is None else offset[:, g])
+                for g, p in enumerate(parts)
+            ],
+            dim=1,
+        )
+
+    def dequantize(self, codes: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
+        parts = codes.float().split(self.group, dim=1)
+        return torch.cat(
+            [
+                self.values(p, scale[:, g], None if offset is None else offset[:, g])
+                for g, p in enumerate(parts)
+            ],
+            dim=1,
+        )

@@ -16,5 +16,15 @@ __all__ = ["BOTH", "NOTHING", "SIZE", "SPEED", "realized_table"]
 
 
 def realized_table() -> dict[str, str]:
-    """Every registered method's example values, by the key a plan's ``realized()`` uses."""
-    return {m.realized_key(v): m.realized(v) for m in registry.methods() for v in m.examples()}
+    """Every registered method's example values, by the key a plan's ``realized()`` uses
+    (options, which a plan does not list, by what they make of the method they modify)."""
+    from slimsearch.spaces.plan import LayerSettings
+
+    out = {}
+    for method in registry.methods():
+        for value in method.examples():
+            if method.option_of is None:
+                out[method.realized_key(value)] = method.realized(value)
+            else:
+                out.update(LayerSettings(**{**method.option_base, method.name: value}).realized())
+    return out

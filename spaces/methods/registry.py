@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
@@ -43,14 +43,18 @@ def is_fraction(value: Any) -> bool:
 class LinearWork:
     """One Linear on its way through the layer stages: its weight (fp32, out x in), bias,
     the entries sparsity kept (None: all), the input statistics of the layer (None where the
-    method runs without them or on a factor whose input was never observed), and the methods
-    that made it so far (recorded on the stored module)."""
+    method runs without them or on a factor whose input was never observed), the methods
+    that made it so far (recorded on the stored module), the values of the layer's option
+    methods (``Method.option_of``), and the per-input-column scale the weight was multiplied
+    by (activation-aware scaling; the stored layer divides it back out)."""
 
     weight: Tensor
     bias: Tensor | None
     keep: Tensor | None = None
     stats: Any = None
     made_by: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+    column_scale: Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -91,6 +95,16 @@ class Method:
     position: ClassVar[int] = 100
     # For block methods: what a block must have for the method to apply (for error messages).
     block_part: ClassVar[str] = "part"
+    # An option changes how the method of its stage works instead of storing anything itself
+    # (a group size, GPTQ's rounding, AWQ's scales): its value reaches that method in
+    # ``LinearWork.options``. Quantize options may override ``prepare`` (change the weight
+    # before codes are chosen) and ``choose_codes`` (choose them; ``rounds = True``), which
+    # ``calibrated_codes`` runs for any quantize method that exposes a ``Grid``.
+    option_of: ClassVar[Stage | None] = None
+    rounds: ClassVar[bool] = False
+    # For options: the settings of the method they modify, switched on with them where an
+    # option alone would do nothing (conformance cases, the realized table).
+    option_base: ClassVar[Mapping[str, Any]] = {}
 
     # -- values -----------------------------------------------------------------------------
     def check(self, value: Any) -> Any:
@@ -134,6 +148,10 @@ class Method:
     def realized_key(self, value: Any) -> str:
         """The name a plan's ``realized()`` lists this value under."""
         return self.name
+
+    def amend_realized(self, value: Any, values: Mapping[str, Any], realized: dict[str, str]) -> None:
+        """For options: change what the layer's other methods realize (``values``: all of the
+        layer's methods), in place. Options are not listed themselves."""
 
     def examples(self) -> tuple[Any, ...]:
         """Non-off plan values the conformance suite checks (on every scope the method has)."""
@@ -190,13 +208,35 @@ class Method:
         """Quantize stage, table scope: the module that stores an embedding table."""
         raise NotImplementedError(f"method {self.name!r} does not store embedding tables")
 
-    def fake_quantize(self, weight: Tensor, value: Any, keep: Tensor | None) -> Tensor:
-        """For qat = "requantize": ``weight`` on the grid this method stores it on (no grad)."""
+    def fake_quantize(
+        self, weight: Tensor, value: Any, keep: Tensor | None, options: Mapping[str, Any] | None = None
+    ) -> Tensor:
+        """For qat = "requantize": ``weight`` on the grid this method stores it on (no grad),
+        under the layer's quantize ``options`` (``stored_options``)."""
         raise NotImplementedError(f"method {self.name!r} has no fake-quantization grid")
 
     def stored_value(self, module: nn.Module) -> Any:
         """For quantize methods: the plan value that re-stores ``module`` after training."""
         raise NotImplementedError(f"method {self.name!r} cannot read its value back from a module")
+
+    def stored_options(self, module: nn.Module) -> dict[str, Any]:
+        """For quantize methods: the option values (``LinearWork.options``) that re-store
+        ``module`` after training as it was stored."""
+        return {}
+
+    def grid(self, work: LinearWork, value: Any) -> Any:
+        """For quantize methods whose codes options may choose: the ``quantize.Grid`` of
+        ``value`` for ``work`` (None: this value has no integer grid, e.g. bf16)."""
+        return None
+
+    # -- option hooks ------------------------------------------------------------------------
+    def prepare(self, work: LinearWork, value: Any, grid: Any) -> LinearWork:
+        """Quantize options: ``work`` changed before its codes are chosen on ``grid``."""
+        return work
+
+    def choose_codes(self, work: LinearWork, value: Any, grid: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Quantize options with ``rounds``: codes, scales and offsets of ``work`` on ``grid``."""
+        raise NotImplementedError(f"method {self.name!r} does not choose codes")
 
     def __repr__(self) -> str:
         return f"<method {self.name!r} ({self.stage})>"
@@ -234,6 +274,12 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {name!r}: needs {sorted(unknown)} unknown; statistics are act_sq, hessian")
     if getattr(cls, "qat", None) not in ("requantize", "frozen", "train"):
         raise ValueError(f"method {name!r}: qat {cls.qat!r} must be requantize, frozen or train")
+    option_of = getattr(cls, "option_of", None)
+    if option_of is not None and (option_of not in STAGES or set(scopes) != {"linear"} or option_of != stage):
+        raise ValueError(
+            f"method {name!r}: an option is linear-scoped and names its own stage as option_of, "
+            f"got option_of={option_of!r}, stage={stage!r}, scopes={sorted(scopes)}"
+        )
     _REGISTRY[name] = cls()
     return cls
 
@@ -308,3 +354,26 @@ def resolve(spec: str) -> Method:
             "already registered; give it another name"
         )
     return method
+
+
+def calibrated_codes(work: LinearWork, grid: Any) -> tuple[LinearWork, Tensor, Tensor, Tensor | None]:
+    """Codes of ``work`` on ``grid`` as its quantize options say: each option's ``prepare`` in
+    listing order, then the one option that ``rounds`` chooses the codes (round-to-nearest
+    when none does). Returns the prepared work (its ``made_by`` naming the options that ran)
+    with codes, scales and offsets."""
+    chosen = [
+        m for m in methods("linear", "quantize") if m.option_of == "quantize" and m.name in work.options
+    ]
+    rounders = [m for m in chosen if m.rounds]
+    if len(rounders) > 1:
+        raise ValueError(
+            f"options {[m.name for m in rounders]} all choose a layer's codes; a layer takes one of them"
+        )
+    for method in chosen:
+        work = method.prepare(work, work.options[method.name], grid)
+    work = replace(work, made_by=(*work.made_by, *(m.name for m in chosen if m.qat == "frozen")))
+    if rounders:
+        codes, scale, offset = rounders[0].choose_codes(work, work.options[rounders[0].name], grid)
+    else:
+        codes, scale, offset = grid.round(work.weight, work.keep)
+    return work, codes, scale, offset

@@ -123,11 +123,16 @@ def cases_for(method: Method) -> tuple[MethodCase, ...]:
     for value in method.examples():
         label = f"{method.name}={value}"
         realizes = (method.realized_key(value),)
+        if method.option_of is not None:
+            settings = LayerSettings(**{**method.option_base, method.name: value})
+            base = "+".join(f"{k}={v}" for k, v in method.option_base.items())
+            out.append(MethodCase(f"{label}+{base}", _layers(settings), tuple(settings.realized())))
+            continue
         if "block" in method.scopes:
             out.append(MethodCase(label, _structured(StructuredSettings(**{method.name: value})), realizes))
         if "linear" in method.scopes:
             out.append(MethodCase(label, _layers(LayerSettings(**{method.name: value})), realizes))
-        if "table" in method.scopes:
+        if "table" in method.scopes and value in (method.table_allowed() or method.allowed() or (value,)):
             out.append(MethodCase(f"{label}@embeddings", _table(method.name, value), realizes))
             out.append(MethodCase(f"{label}@lm_head", _untied_head(method.name, value), realizes))
     return tuple(out)
@@ -137,14 +142,15 @@ def combined_cases() -> tuple[MethodCase, ...]:
     """Methods of different stages on the same layers: each pair of Linear methods, and the
     first method of every stage at once, written in reverse stage order on purpose (apply
     must still run them in stage order)."""
-    linear = registry.methods("linear")
+    every = registry.methods("linear")
+    linear = [m for m in every if m.option_of is None]
     out = []
     for i, first in enumerate(linear):
         for second in linear[i + 1 :]:
             if first.stage == second.stage:
                 continue
             values = {first.name: first.examples()[0], second.name: second.examples()[0]}
-            realizes = tuple(registry.get(n).realized_key(v) for n, v in values.items())
+            realizes = tuple(LayerSettings(**values).realized())
             out.append(
                 MethodCase(
                     "+".join(f"{n}={v}" for n, v in values.items()),
@@ -154,19 +160,29 @@ def combined_cases() -> tuple[MethodCase, ...]:
             )
     first_per_stage: dict[str, Method] = {}
     for method in linear:
-        first_per_stage.setdefault(method.stage, method)
+        if method.option_of is None:
+            first_per_stage.setdefault(method.stage, method)
     chosen = list(reversed([*registry.methods("block"), *first_per_stage.values()]))
     layer_values = {m.name: m.examples()[0] for m in chosen if "linear" in m.scopes}
     block_values = {m.name: m.examples()[0] for m in chosen if "block" in m.scopes}
     realizes = tuple(m.realized_key(m.examples()[0]) for m in chosen)
 
-    def every(model: nn.Module) -> CompressionPlan:
+    def every_stage(model: nn.Module) -> CompressionPlan:
         return CompressionPlan(
             layers={BLOCK_LINEARS: LayerSettings(**layer_values)},
             structured={ALL_BLOCKS: StructuredSettings(**block_values)},
         )
 
-    out.append(MethodCase("all-combined", every, realizes))
+    out.append(MethodCase("all-combined", every_stage, realizes))
+    # Every option whose method agrees with the ones before it, at once, after a sparsify method.
+    options: dict[str, Any] = {m.name: m.examples()[0] for m in linear if m.stage == "sparsify"}
+    options = dict(list(options.items())[-1:])
+    for method in every:
+        base = method.option_base
+        if method.option_of is not None and all(options.get(k, v) == v for k, v in base.items()):
+            options.update({**base, method.name: method.examples()[0]})
+    together = LayerSettings(**options)
+    out.append(MethodCase("options-combined", _layers(together), tuple(together.realized())))
     return tuple(out)
 
 

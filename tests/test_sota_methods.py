@@ -1,0 +1,285 @@
+"""GPTQ, AWQ, weight-only int8, 3 bits, group sizes, Wanda, SparseGPT, n:m patterns and
+whitened low-rank: each against the simpler method it improves on, on one Linear whose inputs
+are correlated (as real activations are), plus their plans, spaces and sensitivity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from slimsearch.search.sensitivity import Option, Profile, allowed_options, option_cost
+from slimsearch.spaces import CompressionPlan, LayerSettings, SearchSpace, apply_plan, serialized_size
+from slimsearch.spaces import space_config_from_mapping as space_config
+from slimsearch.spaces.apply import compress_linear
+from slimsearch.spaces.methods import PackedLinear, registry
+from slimsearch.spaces.methods.calibration import LayerStats
+from slimsearch.spaces.methods.gptq import gptq_codes
+from slimsearch.spaces.methods.quantize import Grid, pack_codes, quantize_groups, quantize_rows, unpack_codes
+from tiny import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def layer() -> tuple[nn.Linear, Tensor, LayerStats]:
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(256, 48)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 256, generator=gen) * 0.05)
+    # Inputs on a low-dimensional subspace plus noise, with a few loud columns.
+    x = torch.randn(3000, 24, generator=gen) @ torch.randn(24, 256, generator=gen)
+    x = x + 0.1 * torch.randn(3000, 256, generator=gen)
+    x[:, :8] *= 8.0
+    return linear, x, LayerStats((x * x).sum(0), x.T @ x, x.shape[0])
+
+
+def error(module: nn.Module, linear: nn.Linear, x: Tensor) -> float:
+    with torch.no_grad():
+        return float(((module(x) - linear(x)) ** 2).mean())
+
+
+def stored(linear: nn.Linear, stats: LayerStats, **settings: object) -> nn.Module:
+    return compress_linear(linear, LayerSettings(**settings), stats)
+
+
+# -- grids, packing, groups -------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_codes_pack_and_unpack_exactly(bits: int) -> None:
+    codes = torch.randint(0, 2**bits, (1001,), generator=torch.Generator().manual_seed(bits)).to(torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.numel() == -(-1001 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits, 1001), codes)
+
+
+def test_grid_rounding_is_the_stored_round_to_nearest() -> None:
+    w = torch.randn(16, 100, generator=torch.Generator().manual_seed(1))
+    for group in (32, 64, 128):
+        codes, scale, offset = Grid.for_layer(4, 100, group).round(w)
+        reference = quantize_groups(w, 4, None, group)
+        assert torch.equal(codes.to(torch.uint8), reference[0])
+        assert torch.equal(scale, reference[1].float()) and offset is not None
+    codes, scale, _ = Grid.for_layer(8, 100).round(w)
+    assert torch.equal(codes.to(torch.int8), quantize_rows(w)[0])
+
+
+def test_group_size_trades_bytes_for_error(layer: tuple[nn.Linear, Tensor, LayerStats]) -> None:
+    linear, x, stats = layer
+    sizes, errors = [], []
+    for group in (32, 64, 128):
+        module = stored(linear, stats, bits=4, group=group)
+        assert isinstance(module, PackedLinear) and module.group == group
+        sizes.append(serialized_size(module, CompressionPlan()))
+        errors.append(error(module, linear, x))
+    assert sizes[0] > sizes[1] > sizes[2]  # one fp16 scale and offset per group, counted
+    assert errors[0] < errors[2]
+
+
+def test_three_bits_sit_between_two_and_four(layer: tuple[nn.Linear, Tensor, LayerStats]) -> None:
+    linear, x, stats = layer
+    by_bits = {b: stored(linear, stats, bits=b) for b in (2, 3, 4)}
+    sizes = {b: serialized_size(m, CompressionPlan()) for b, m in by_bits.items()}
+    errors = {b: error(m, linear, x) for b, m in by_bits.items()}
+    assert sizes[2] < sizes[3] < sizes[4]
+    assert errors[4] < errors[3] < errors[2]
+
+
+def test_weight_only_int8_keeps_activations_in_float(layer: tuple[nn.Linear, Tensor, LayerStats]) -> None:
+    linear, x, stats = layer
+    dynamic, weight_only = stored(linear, stats, bits=8), stored(linear, stats, bits=8, weight_only=True)
+    assert isinstance(weight_only, PackedLinear) and not weight_only.int8_kernel
+    assert "size only" in weight_only.compute_path and weight_only.realized == "size"
+    assert serialized_size(weight_only, CompressionPlan()) == serialized_size(dynamic, CompressionPlan())
+    assert error(weight_only, linear, x) < error(dynamic, linear, x)
+    assert LayerSettings(bits=8, weight_only=True).realized() == {"bits8-weight-only": "size"}
+
+
+# -- GPTQ and AWQ ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(
+    layer: tuple[nn.Linear, Tensor, LayerStats], bits: int
+) -> None:
+    linear, x, stats = layer
+    host = {"bits": bits, "weight_only": bits == 8}  # W8A8's error is its activations'
+    rtn, gptq = stored(linear, stats, **host), stored(linear, stats, **host, gptq=True)
+    assert serialized_size(gptq, CompressionPlan()) == serialized_size(rtn, CompressionPlan())
+    assert error(gptq, linear, x) < 0.7 * error(rtn, linear, x)
+    assert isinstance(gptq, PackedLinear) and gptq.made_by == ("gptq", "bits")
+    assert gptq.bits == bits and rtn.bits == bits  # type: ignore[union-attr]
+
+
+def test_gptq_on_an_identity_hessian_is_round_to_nearest() -> None:
+    # Uncorrelated inputs leave no error to feed forward: the codes are the rounded ones.
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(2))
+    for grid in (Grid.for_layer(4, 128, 64), Grid.for_layer(8, 128)):
+        codes, scale, _ = gptq_codes(w, torch.eye(128), grid, act_order=False)
+        assert torch.equal(codes, grid.round(w)[0]) and torch.equal(scale, grid.round(w)[1])
+
+
+def test_gptq_keeps_pruned_entries_at_zero(layer: tuple[nn.Linear, Tensor, LayerStats]) -> None:
+    linear, x, stats = layer
+    module = stored(linear, stats, sparsity=0.5, bits=4, gptq=True)
+    assert isinstance(module, PackedLinear) and module.sparse
+    assert float((module.dense_weight() == 0).float().mean()) >= 0.5
+    assert error(module, linear, x) < error(stored(linear, stats, sparsity=0.5, bits=4), linear, x)
+
+
+@pytest.mark.parametrize("value", ["act_order=0", "damp=0.1", "act_order=0,damp=0.05"])
+def test_gptq_settings(layer: tuple[nn.Linear, Tensor, LayerStats], value: str) -> None:
+    linear, x, stats = layer
+    module = stored(linear, stats, bits=3, gptq=value)
+    assert error(module, linear, x) < error(stored(linear, stats, bits=3), linear, x)
+    assert LayerSettings(gptq="damp=0.01,act_order=1").gptq is True  # the defaults, spelled out
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("fast", "key=value"),
+        ("damp=2", "damp is a fraction"),
+        ("act_order=3", "act_order is 0 or 1"),
+        (1, "use true"),
+    ],
+)
+def test_gptq_refuses_bad_settings(value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LayerSettings(gptq=value)
+
+
+def test_awq_scales_columns_and_never_does_worse(layer: tuple[nn.Linear, Tensor, LayerStats]) -> None:
+    linear, x, stats = layer
+    for bits in (2, 3, 4):
+        awq, rtn = stored(linear, stats, bits=bits, awq=True), stored(linear, stats, bits=bits)
+        assert isinstance(awq, PackedLinear) and awq.column_scale() is not None
+        # One fp16 scale per input column, counted in the bytes.
+        extra = serialized_size(awq, CompressionPlan()) - serialized_size(rtn, CompressionPlan())
+        assert extra >= 2 * linear.in_features
+        assert error(awq, linear, x) <= error(rtn, linear, x) * (1 + 1e-4)
+    both = stored(linear, stats, bits=3, awq=True, gptq=True)
+    assert error(both, linear, x) < error(stored(linear, stats, bits=3, awq=True), linear, x)
+
+
+def test_options_alone_change_nothing(layer: tuple[nn.Linear, Tensor, LayerStats]) -> None:
+    linear, _, stats = layer
+    assert stored(linear, stats, gptq=True, awq=True, group=32) is linear
+    assert stored(linear, stats, bits=16, gptq=True).made_by == ("bits",)  # type: ignore[union-attr]
+
+
+def test_two_rounding_options_are_refused(layer: tuple[nn.Linear, Tensor, LayerStats]) -> None:
+    class Other(registry.Method):
+        name = "other_rounding"
+        stage = "quantize"
+        option_of = "quantize"
+        rounds = True
+        scopes = frozenset({"linear"})
+        off = False
+
+    registry.register(Other)
+    try:
+        linear, _, stats = layer
+        with pytest.raises(ValueError, match="a layer takes one of them"):
+            stored(linear, stats, bits=4, gptq=True, other_rounding=True)
+    finally:
+        registry.unregister("other_rounding")
+
+
+# -- pruning -----------------------------------------------------------------------------------
+def test_wanda_and_sparsegpt_beat_magnitude(layer: tuple[nn.Linear, Tensor, LayerStats]) -> None:
+    linear, x, stats = layer
+    magnitude = error(stored(linear, stats, sparsity=0.5), linear, x)
+    assert error(stored(linear, stats, wanda=0.5), linear, x) < magnitude
+    assert error(stored(linear, stats, sparsegpt=0.5), linear, x) < 0.5 * magnitude
+
+
+@pytest.mark.parametrize("knob", ["wanda", "sparsegpt"])
+def test_pruning_amounts_are_exact(layer: tuple[nn.Linear, Tensor, LayerStats], knob: str) -> None:
+    linear, _, stats = layer
+    half = stored(linear, stats, **{knob: 0.5})
+    assert isinstance(half, PackedLinear) and half.kept_count() == half.numel // 2
+    pattern = stored(linear, stats, **{knob: "2:4"})
+    assert isinstance(pattern, PackedLinear)
+    kept = pattern.dense_weight() != 0
+    assert torch.equal(kept.view(48, -1, 4).sum(-1), torch.full((48, 64), 2))
+
+
+def test_pruning_values_are_checked() -> None:
+    for bad in ("2:2", "4", 1.5, True):
+        with pytest.raises(ValueError, match="wanda="):
+            LayerSettings(wanda=bad)
+    assert LayerSettings(sparsegpt="2:4").short() == "sgpt2:4"
+
+
+def test_whitened_low_rank_serves_the_outputs(layer: tuple[nn.Linear, Tensor, LayerStats]) -> None:
+    linear, x, stats = layer
+    plain, white = stored(linear, stats, rank=16), stored(linear, stats, rank=16, whiten=True)
+    assert serialized_size(plain, CompressionPlan()) == serialized_size(white, CompressionPlan())
+    assert error(white, linear, x) < 0.5 * error(plain, linear, x)
+
+
+# -- plans, spaces and seeds -------------------------------------------------------------------
+def test_study_file_values_for_the_new_knobs() -> None:
+    config = space_config(
+        {"default": {"bits": [16, 4, 3, 2], "gptq": [False, True], "group": [64, 128], "wanda": [0.0, "2:4"]}}
+    )
+    space = SearchSpace(tiny_llama(), config)
+    knobs = {k.knob for k in space.knobs}
+    assert {"gptq", "group", "wanda"} <= knobs
+    seeds = space.uniform_params()
+    # Each option comes with each width of its host, never alone.
+    layer = next(k.layer for k in space.knobs if k.knob == "gptq")
+    with_gptq = [s for s in seeds if s.get(f"{layer}:gptq") is True]
+    assert {s[f"{layer}:bits"] for s in with_gptq} == {16, 4, 3, 2}
+    with pytest.raises(ValueError, match="group"):
+        space_config({"default": {"group": [48]}})
+
+
+def test_a_plan_with_the_new_methods_round_trips_through_json() -> None:
+    plan = CompressionPlan(
+        layers={"re:.*": LayerSettings(sparsegpt="2:4", bits=3, group=32, awq=True, gptq="act_order=0")}
+    )
+    assert CompressionPlan.from_json(plan.to_json()) == plan
+    model = apply_plan(
+        tiny_llama(), CompressionPlan(layers={"re:.*layers.*": LayerSettings(bits=3, gptq=True)})
+    )
+    assert all(m.bits == 3 for m in model.modules() if isinstance(m, PackedLinear))
+
+
+def test_option_cost_counts_what_an_option_repairs_at_its_host_value() -> None:
+    profile = Profile(
+        key="k",
+        metric="nll",
+        rows=1,
+        baseline_loss=1.0,
+        loss={
+            "l:bits": [(4, 0.1), (2, 2.0)],
+            "l:gptq|l:bits=4": [(True, -0.05)],
+            "l:gptq|l:bits=2": [(True, -1.5)],
+        },
+        options={},
+    )
+    off = {"l:bits": 32, "l:gptq": False}
+    assert option_cost(profile, Option({"l:bits": 2, "l:gptq": True}, 1), off) == pytest.approx(0.5)
+    assert option_cost(profile, Option({"l:bits": 4, "l:gptq": True}, 1), off) == pytest.approx(0.05)
+    assert option_cost(profile, Option({"l:bits": 2, "l:gptq": False}, 1), off) == pytest.approx(2.0)
+
+
+def test_low_bit_seeds_may_use_quantize_options() -> None:
+    model = tiny_llama()
+    space = SearchSpace(
+        model,
+        space_config(
+            {"layers": "re:.*layers.0.mlp.up_proj", "default": {"bits": [32, 4, 2], "gptq": [False, True]}}
+        ),
+    )
+    unit = space.knobs[0].layer
+    combos = [
+        Option({f"{unit}:bits": b, f"{unit}:gptq": g}, 100 // (1 + (b < 32) * (8 - b // 4)))
+        for b in (32, 4, 2)
+        for g in (False, True)
+    ]
+    profile = Profile("k", "nll", 1, 1.0, {}, {unit: combos})
+    low = allowed_options(space, profile, "low-bit")[unit]
+    assert {(o.params[f"{unit}:bits"], o.params[f"{unit}:gptq"]) for o in low} == {
+        (4, False),
+        (4, True),
+        (2, False),
+        (2, True),
+    }
