@@ -35,6 +35,8 @@ def _file_digest(path: Path) -> str:
 def _task(spec: StudySpec) -> dict[str, Any]:
     task = asdict(spec.task)
     task.pop("eval_batch_size")  # how rows are batched does not change a score
+    if task.get("calibration_rows") is None:
+        task.pop("calibration_rows", None)  # the default: studies from before the key compare equal
     for key in ("rows", "text"):  # inline data: its digest, not a copy of it
         if task[key] is not None:
             task[key] = hashlib.sha256(json.dumps(task[key]).encode()).hexdigest()[:16]

@@ -90,6 +90,9 @@ class TaskSpec:
     block_size: int = 256
     eval_blocks: int = 32
     seed: int = 0
+    # Rows the calibration statistics are captured on (training sentences, or blocks of
+    # block_size tokens); None: the defaults of search/worker.py (32 sentences, 2 blocks).
+    calibration_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -300,6 +303,7 @@ def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
         "block_size",
         "eval_blocks",
         "seed",
+        "calibration_rows",
     }
     raw = _section(data, "task", keys)
     kind = _choice(raw.get("kind"), "task.kind", TASK_KINDS)
@@ -345,6 +349,11 @@ def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
         block_size=_int(raw.get("block_size", 256), "task.block_size", 2),
         eval_blocks=_int(raw.get("eval_blocks", 32), "task.eval_blocks"),
         seed=_int(raw.get("seed", 0), "task.seed", 0),
+        calibration_rows=(
+            None
+            if raw.get("calibration_rows") is None
+            else _int(raw["calibration_rows"], "task.calibration_rows")
+        ),
     )
     return spec
 

@@ -175,21 +175,25 @@ def _screen(job: TrialJob, model: nn.Module, context: EvalContext, tokenizer: An
 
 _CALIBRATION: dict[tuple[str, TaskSpec], dict[str, Tensor]] = {}
 CALIBRATION_ROWS = 32
+CALIBRATION_BLOCKS = 2
 
 
 def calibration_batch(job: TrialJob, tokenizer: Any) -> dict[str, Tensor]:
-    """A few training examples (never test data) that structured pruning ranks units on."""
+    """Training examples (never test data) the calibration statistics are captured on:
+    ``task.calibration_rows`` sentences or blocks (default 32 sentences, 2 blocks)."""
     key = (job.baseline_dir, job.task)
     if key not in _CALIBRATION:
         task, cache = job.task, Path(job.cache_dir)
         if task.kind == "classification":
             splits = tasks.classification_splits(task, cache)
             train = splits.train or splits.test
-            rows = random.Random(task.seed + 2).sample(train, min(CALIBRATION_ROWS, len(train)))
+            wanted = task.calibration_rows or CALIBRATION_ROWS
+            rows = random.Random(task.seed + 2).sample(train, min(wanted, len(train)))
             batch = tasks.classification_batches(tokenizer, rows, task.max_length, len(rows))[0]
         else:
             text = tasks.lm_train_text(task, cache) or tasks.lm_text(task, cache)
-            batch = tasks.lm_blocks(tokenizer, text, task.block_size, 2, 2)[0]
+            blocks = task.calibration_rows or CALIBRATION_BLOCKS
+            batch = tasks.lm_blocks(tokenizer, text, task.block_size, blocks, blocks)[0]
         _CALIBRATION[key] = {k: v for k, v in batch.items() if k != "labels"}
     return _CALIBRATION[key]
 

@@ -9,14 +9,21 @@ import torch
 from torch import Tensor, nn
 
 from slimsearch.search.sensitivity import Option, Profile, allowed_options, option_cost
-from slimsearch.spaces import CompressionPlan, LayerSettings, SearchSpace, apply_plan, serialized_size
+from slimsearch.spaces import (
+    CompressionPlan,
+    LayerSettings,
+    SearchSpace,
+    StructuredSettings,
+    apply_plan,
+    serialized_size,
+)
 from slimsearch.spaces import space_config_from_mapping as space_config
 from slimsearch.spaces.apply import compress_linear
-from slimsearch.spaces.methods import PackedLinear, registry
+from slimsearch.spaces.methods import DroppedBlock, PackedLinear, registry
 from slimsearch.spaces.methods.calibration import LayerStats
 from slimsearch.spaces.methods.gptq import gptq_codes
 from slimsearch.spaces.methods.quantize import Grid, pack_codes, quantize_groups, quantize_rows, unpack_codes
-from tiny import tiny_llama
+from tiny import tiny_bert, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +290,30 @@ def test_low_bit_seeds_may_use_quantize_options() -> None:
         (2, False),
         (2, True),
     }
+
+
+# -- depth pruning -----------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [tiny_llama, tiny_bert])
+def test_dropping_blocks_removes_their_weights_and_compute(make: object) -> None:
+    model = make()  # type: ignore[operator]
+    space = SearchSpace(
+        model, space_config({"default": {"bits": [32, 4]}, "structured": {"drop": [False, True]}})
+    )
+    drops = [k for k in space.knobs if k.knob == "drop"]
+    assert len(drops) == 2
+    params = {space.param_name(drops[1]): True}
+    plan = space.decode(params)
+    compressed = apply_plan(make(), plan)  # type: ignore[operator]
+    assert isinstance(compressed.get_submodule(drops[1].layer), DroppedBlock)
+    assert serialized_size(compressed, plan) < serialized_size(model, CompressionPlan())
+    ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = compressed(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.isfinite(out).all()
+    assert plan.realized()["drop"] == "speed+size"
+
+
+def test_dropping_a_block_of_a_compressed_model_is_refused() -> None:
+    model = apply_plan(tiny_llama(), CompressionPlan(layers={"re:.*layers.*": LayerSettings(bits=4)}))
+    with pytest.raises(ValueError, match="apply one plan to the baseline"):
+        apply_plan(model, CompressionPlan(structured={"model.layers.1": StructuredSettings(drop=True)}))

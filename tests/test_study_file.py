@@ -42,6 +42,11 @@ BAD = [
     ("space.default.sparsity", [0.0, 1.5], "sparsity: 1.5"),
     ("space.default.rank", [0], "rank: 0"),
     ("space.default.depth", [1], "unknown knob"),
+    ("space.default.gptq", [False, "fast"], "gptq="),
+    ("space.default.group", [64, 48], "group"),
+    ("space.default.wanda", [0.0, "3:3"], "wanda="),
+    ("space.structured", {"drop": [False, 1]}, "drop=1"),
+    ("task.calibration_rows", 0, "task.calibration_rows"),
     ("space.embeddings", [32, 5], "space.embeddings"),
     ("space.groups", [{"bits": [8]}], "space.groups[0]"),
     ("objectives", ["accuracy", "nonsense"], "unknown evaluator 'nonsense'"),
@@ -125,3 +130,12 @@ def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
     path.write_text("- just\n- a list\n")
     with pytest.raises(StudyError, match="YAML mapping"):
         load_study(path)
+
+
+def test_calibration_rows_is_read_and_kept_out_of_old_studies_records(tmp_path: Path) -> None:
+    from slimsearch.search.comparable import _task
+
+    spec = study_from_mapping(_set(tiny_study(tmp_path), "task.calibration_rows", 24))
+    assert spec.task.calibration_rows == 24 and _task(spec)["calibration_rows"] == 24
+    # A study written before the key compares equal to one that leaves it at its default.
+    assert "calibration_rows" not in _task(study_from_mapping(tiny_study(tmp_path)))

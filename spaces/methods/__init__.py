@@ -1,11 +1,12 @@
 """Compression methods: torch only, no Optuna. Each method is one registered module (see
 registry.py); importing this package registers the built-in ones: sparsity, wanda,
 sparsegpt, bits (with its options group, weight_only, awq and gptq), rank (with whiten),
-heads and neurons (listed in that order: ``Method.position``)."""
+heads, neurons and drop (listed in that order: ``Method.position``)."""
 
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.awq import AWQ
 from slimsearch.spaces.methods.bits import Bits, Group, WeightOnly
+from slimsearch.spaces.methods.depth import Drop, DroppedBlock
 from slimsearch.spaces.methods.gptq import GPTQ
 from slimsearch.spaces.methods.lowrank import LowRankLinear, Rank, Whiten, max_useful_rank
 from slimsearch.spaces.methods.packed import PackedEmbedding, PackedLinear, TiedHead
@@ -19,6 +20,8 @@ __all__ = [
     "AWQ",
     "GPTQ",
     "Bits",
+    "Drop",
+    "DroppedBlock",
     "Group",
     "Heads",
     "LinearWork",

@@ -10,8 +10,8 @@ outside the layer changes.
 ``alpha`` is searched per layer on a grid of ``GRID`` points for the lowest output error
 ``tr(dW H dW^T)`` on the calibration Hessian, where ``dW`` is the difference between the
 weight and what is stored, divided back: the exact squared error of the layer's outputs on
-the calibration rows. Later steps (GPTQ) see the scaled weight and the Hessian of the scaled
-input.
+the calibration rows (summed over up to ``SEARCH_ROWS`` evenly spaced output rows). Later
+steps (GPTQ) see the scaled weight and the Hessian of the scaled input.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from slimsearch.spaces.methods.quantize import Grid
 from slimsearch.spaces.methods.registry import QAT, LinearWork, Method, Scope, Stage, register
 
 GRID = 20
+# The scale is one per input column, shared by every output row: its error is estimated on
+# evenly spaced rows (at most this many), which keeps the search cheap on wide layers.
+SEARCH_ROWS = 128
 
 
 def output_error(delta: Tensor, hessian: Tensor) -> float:
@@ -38,6 +41,9 @@ def output_error(delta: Tensor, hessian: Tensor) -> float:
 def search_scale(weight: Tensor, hessian: Tensor, grid: Grid, keep: Tensor | None) -> Tensor:
     """The column scales (fp16-representable, in float) with the lowest output error."""
     w = weight.detach().float()
+    rows = torch.linspace(0, w.shape[0] - 1, min(SEARCH_ROWS, w.shape[0])).round().long().unique()
+    w = w[rows]
+    keep = keep[rows] if keep is not None else None
     h = hessian.detach().float()
     rms = torch.diagonal(h).clamp_min(0).sqrt()
     live = rms > 0

@@ -232,6 +232,9 @@ class Grid:
 
     def round(self, w: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Round-to-nearest codes of the whole matrix with fitted scales (and offsets)."""
+        if not self.symmetric:
+            codes, scale16, offset16 = quantize_groups(w, self.bits, keep, self.group)
+            return codes.float(), scale16.float(), offset16.float()
         scale, offset = self.fit(w, keep)
         return self.codes_all(w, scale, offset), scale, offset
 
@@ -246,6 +249,8 @@ class Grid:
         )
 
     def dequantize(self, codes: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
+        if offset is not None:
+            return dequantize_groups(codes, scale, offset, self.group)
         parts = codes.float().split(self.group, dim=1)
         return torch.cat(
             [

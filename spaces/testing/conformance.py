@@ -162,7 +162,9 @@ def combined_cases() -> tuple[MethodCase, ...]:
     for method in linear:
         if method.option_of is None:
             first_per_stage.setdefault(method.stage, method)
-    chosen = list(reversed([*registry.methods("block"), *first_per_stage.values()]))
+    # Depth methods would remove every block the others change: they are combined apart.
+    shaping = [m for m in registry.methods("block") if m.stage != "depth"]
+    chosen = list(reversed([*shaping, *first_per_stage.values()]))
     layer_values = {m.name: m.examples()[0] for m in chosen if "linear" in m.scopes}
     block_values = {m.name: m.examples()[0] for m in chosen if "block" in m.scopes}
     realizes = tuple(m.realized_key(m.examples()[0]) for m in chosen)
@@ -174,6 +176,25 @@ def combined_cases() -> tuple[MethodCase, ...]:
         )
 
     out.append(MethodCase("all-combined", every_stage, realizes))
+    for method in registry.methods("block"):
+        if method.stage == "depth" and "bits" in registry.names("linear"):
+            value = method.examples()[0]
+            settings = LayerSettings(bits=4)
+
+            def last_block(
+                model: nn.Module,
+                method: Method = method,
+                value: Any = value,
+                settings: LayerSettings = settings,
+            ) -> CompressionPlan:
+                blocks = method.blocks(method.layout(model))
+                return CompressionPlan(
+                    layers={BLOCK_LINEARS: settings},
+                    structured={blocks[-1]: StructuredSettings(**{method.name: value})},
+                )
+
+            realized = (method.realized_key(value), *settings.realized())
+            out.append(MethodCase(f"{method.name}={value}@last-block+bits=4", last_block, realized))
     # Every option whose method agrees with the ones before it, at once, after a sparsify method.
     options: dict[str, Any] = {m.name: m.examples()[0] for m in linear if m.stage == "sparsify"}
     options = dict(list(options.items())[-1:])
