@@ -41,6 +41,7 @@ def baseline_key(spec: StudySpec) -> str:
         parts["finetune"] = asdict(spec.model.finetune) if spec.model.finetune else None
         task = asdict(spec.task)
         task.pop("eval_batch_size")
+        task.pop("calibration_rows")  # what the methods calibrate on, not what the baseline trains on
         parts["task"] = task
     if spec.task.kind == "classification" and (classes := tasks.num_labels(spec.task, spec.cache)) != 2:
         parts["num_labels"] = classes  # only when not 2, so the two-class keys stay as they were

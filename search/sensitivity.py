@@ -369,14 +369,18 @@ def _host_values(m: _Measurer, unit: str, method: registry.Method) -> list[tuple
     return out
 
 
-def _measure_option(m: _Measurer, unit: str, knob: Knob, loss: dict[str, list[tuple[Any, float]]]) -> int:
+def _measure_option(
+    m: _Measurer, unit: str, knob: Knob, loss: dict[str, list[tuple[Any, float]]], base_loss: float
+) -> int:
     """Loss changes of an option's values over its host at each host value, stored under
     ``"<param>|<host param>=<json value>"``; returns how many were measured."""
     method = registry.get(knob.knob)
     param = SearchSpace.param_name(knob)
     count = 0
     for host, host_value in _host_values(m, unit, method):
-        host_loss = m.measure(unit, {host: host_value}, with_loss=True)[1]
+        # The host alone was measured among the unit's single-knob choices (where it is searched).
+        known = [d for v, d in loss.get(host, ()) if v == host_value]
+        host_loss = base_loss + known[0] if known else m.measure(unit, {host: host_value}, with_loss=True)[1]
         pairs = []
         for value in knob.choices:
             if value == m.off[param]:
@@ -403,7 +407,11 @@ def compute_profile(
     units = searched_units(space)
     if not units:
         raise ValueError("the search space has no searched knob (each offers one value); nothing to profile")
-    total = sum(len(k.choices) - 1 for ks in units.values() for k in ks if not _is_option(k.knob))
+    total = sum(
+        (len(k.choices) - 1) * (len(_host_values(m, unit, registry.get(k.knob))) if _is_option(k.knob) else 1)
+        for unit, ks in units.items()
+        for k in ks
+    )
     done = 0
     loss: dict[str, list[tuple[Any, float]]] = {}
     options: dict[str, list[Option]] = {}
@@ -427,7 +435,7 @@ def compute_profile(
             loss[param] = pairs
         for k in knobs:
             if registry.get(k.knob).option_of is not None:
-                done += _measure_option(m, unit, k, loss)
+                done += _measure_option(m, unit, k, loss, base_loss)
         options[unit] = [
             Option(combo, m.measure(unit, combo, with_loss=False)[0]) for combo in _combos(knobs)
         ]

@@ -205,6 +205,40 @@ def test_profile_of_a_random_model_uses_the_given_batches() -> None:
     assert p.rows == 8 and all(len(v) == 1 for v in p.loss.values())
 
 
+def test_profile_measures_options_over_their_host_and_seeds_use_them() -> None:
+    """gptq is measured at each bits value against that value alone; its repair lowers the
+    estimated cost of the low widths it is paired with."""
+    from slimsearch.spaces import SpaceConfig
+    from slimsearch.spaces.methods.calibration import capture
+    from slimsearch.spaces.space import Choices
+
+    model = tiny_bert()
+    space = SearchSpace(
+        model,
+        SpaceConfig(
+            layers=("re:.*layer.0.output.dense",), default=Choices(bits=(32, 4, 2), gptq=(False, True))
+        ),
+    )
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 96, (16, 12), generator=gen)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.randint(0, 2, (16,), generator=gen),
+    }
+    stats = capture(model, [{k: v for k, v in batch.items() if k != "labels"}], {"hessian"})
+    p = sensitivity.compute_profile(model, space, [batch], "classification", stats=stats)
+    unit = "bert.encoder.layer.0.output.dense"
+    assert set(p.loss) == {f"{unit}:bits", f"{unit}:gptq|{unit}:bits=4", f"{unit}:gptq|{unit}:bits=2"}
+    assert all(len(pairs) == 1 and pairs[0][0] is True for k, pairs in p.loss.items() if "|" in k)
+    off = sensitivity.off_params(space)
+    two = {f"{unit}:bits": 2}
+    with_gptq = sensitivity.Option({**two, f"{unit}:gptq": True}, 1)
+    expected = abs(p.delta(f"{unit}:bits", 2)) + p.option_delta(f"{unit}:gptq", True, with_gptq.params)
+    assert sensitivity.option_cost(p, with_gptq, off) == pytest.approx(max(expected, 0.0))
+    assert len(p.options[unit]) == 6  # every combination's bytes
+
+
 def test_normalized_hypervolume_on_known_points() -> None:
     hv = _bench_module().normalized_hypervolume
     ref = (5.0, 1.0, 1.0)

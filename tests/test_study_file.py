@@ -139,3 +139,7 @@ def test_calibration_rows_is_read_and_kept_out_of_old_studies_records(tmp_path: 
     assert spec.task.calibration_rows == 24 and _task(spec)["calibration_rows"] == 24
     # A study written before the key compares equal to one that leaves it at its default.
     assert "calibration_rows" not in _task(study_from_mapping(tiny_study(tmp_path)))
+    # Nor does it change the fine-tuned baseline (its cache key).
+    from slimsearch.search.models import baseline_key
+
+    assert baseline_key(spec) == baseline_key(study_from_mapping(tiny_study(tmp_path)))
