@@ -323,6 +323,7 @@ class _Measurer:
         self.off = off_params(space)
         self.full_bytes = serialized_size(model, CompressionPlan())
         self.factors: dict[Any, Any] = {}
+        self.sizes: dict[tuple[str, LayerSettings], int] = {}
 
     def compress(self, unit: str, linear: nn.Linear, settings: LayerSettings) -> nn.Module:
         """``apply.compress_linear``, with each layer factorized once per value: the bytes of
@@ -336,11 +337,19 @@ class _Measurer:
         original = self.work.get_submodule(unit)
         settings = plan.layers.get(unit)
         if isinstance(original, nn.Linear) and settings is not None:
+            if not with_loss:
+                # A rounding option chooses codes on its host's grid: the bytes are the host's.
+                settings = LayerSettings(
+                    **{n: v for n, v in settings.values.items() if not registry.get(n).rounds}
+                )
+                if (unit, settings) not in self.sizes:
+                    compressed = self.compress(unit, original, settings) if not settings.is_off else original
+                    self.sizes[(unit, settings)] = serialized_size(compressed, CompressionPlan())
+                return self.sizes[(unit, settings)], None
             # Swap one Linear in place: far cheaper than copying the whole model per value.
             compressed = self.compress(unit, original, settings) if not settings.is_off else original
             size = serialized_size(compressed, CompressionPlan())
-            if not with_loss:
-                return size, None
+            self.sizes[(unit, settings)] = size
             self.work.set_submodule(unit, compressed)
             try:
                 return size, task_loss(self.work, self.batches, self.kind)

@@ -101,6 +101,8 @@ class Method:
     # before codes are chosen) and ``choose_codes`` (choose them; ``rounds = True``), which
     # ``calibrated_codes`` runs for any quantize method that exposes a ``Grid``.
     option_of: ClassVar[Stage | None] = None
+    # A rounding option chooses codes on its host's grid and stores them in the host's
+    # layout, so it never changes a layer's bytes (the sensitivity profile relies on it).
     rounds: ClassVar[bool] = False
     # For options: the settings of the method they modify, switched on with them where an
     # option alone would do nothing (conformance cases, the realized table).
