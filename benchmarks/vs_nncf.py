@@ -235,7 +235,13 @@ def run_nncf(
     )
 
 
-def run_model(key: str, calib_blocks: int, only: re.Pattern[str] | None, with_nncf: bool) -> dict[str, Any]:
+def run_model(
+    key: str,
+    calib_blocks: int,
+    only: re.Pattern[str] | None,
+    with_nncf: bool,
+    checkpoint: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> dict[str, Any]:
     spec = load_study(ROOT / "studies" / STUDIES[key])
     pattern = BLOCKS[key]
     folder = models.prepare_baseline(spec)
@@ -258,6 +264,11 @@ def run_model(key: str, calib_blocks: int, only: re.Pattern[str] | None, with_nn
     print(f"[{key}] calibration: {tokens} tokens, statistics in {capture_s:.1f} s", flush=True)
 
     def add(name: str, config: str, build: Callable[[], tuple[nn.Module, int]]) -> None:
+        add_row(name, config, build)
+        if checkpoint is not None:
+            checkpoint(rows)  # a stopped run keeps every row it measured
+
+    def add_row(name: str, config: str, build: Callable[[], tuple[nn.Module, int]]) -> None:
         label = f"{name} {config}"
         if only is not None and not only.search(label):
             return
@@ -373,14 +384,24 @@ def main() -> None:
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {sorted(STUDIES)}")
     started = time.monotonic()
-    results = [run_model(m, args.calib, only, not args.no_nncf) for m in chosen]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+
+    def checkpoint(model: str) -> Callable[[list[dict[str, Any]]], None]:
+        def write(rows: list[dict[str, Any]]) -> None:
+            partial = [*results, {"model": model, "rows": rows, "partial": True}]
+            out.write_text(json.dumps({"calib": args.calib, "results": partial}, indent=2))
+
+        return write
+
+    for m in chosen:
+        results.append(run_model(m, args.calib, only, not args.no_nncf, checkpoint(m)))
     wall = time.monotonic() - started
     for result in results:
         print()
         print(table(result))
     print(f"\nwall time {wall / 60:.1f} min")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"wall_s": wall, "calib": args.calib, "results": results}, indent=2))
     print(f"wrote {out}")
 
