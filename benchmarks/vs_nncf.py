@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import re
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from methods import quality  # benchmarks/methods.py: accuracy or perplexity, the same way
 from torch import Tensor, nn
 
 from slimsearch.search import models, tasks
@@ -137,26 +136,6 @@ def data(model_key: str, spec: StudySpec, tokenizer: Any, calib: int) -> tuple[l
     train = tasks.lm_train_text(task, spec.cache)
     cal = tasks.lm_blocks(tokenizer, train, task.block_size, calib, 4)
     return evals, cal
-
-
-@torch.no_grad()
-def quality(model: nn.Module, kind: str, batches: list[dict[str, Tensor]]) -> float:
-    if kind == "classification":
-        correct = total = 0
-        for b in batches:
-            pred = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1)
-            correct += int((pred == b["labels"]).sum())
-            total += int(b["labels"].numel())
-        return 100.0 * correct / total
-    nll, count = 0.0, 0
-    for b in batches:
-        ids = b["input_ids"]
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        nll += float(
-            F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum")
-        )
-        count += ids[:, 1:].numel()
-    return math.exp(nll / count)
 
 
 def minmax_rtn(model: nn.Module, pattern: str, bits: int = 4, group: int = 64) -> nn.Module:

@@ -71,12 +71,8 @@ def gptq_codes(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Codes, scales and offsets of ``weight`` (rows, cols) on ``grid`` by GPTQ. Pruned
     entries (``keep`` False) are rounded to zero, their error fed forward like any other."""
-    w = weight.detach().float().clone()
+    w, h = working_copies(weight, hessian)
     rows, cols = w.shape
-    h = hessian.detach().double().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     static = act_order or grid.group >= cols
     groups = -(-cols // grid.group)
     scale = torch.zeros(rows, groups)
@@ -117,6 +113,17 @@ def gptq_codes(
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     codes = codes[:, torch.argsort(perm)]
     return codes, scale, offset
+
+
+def working_copies(weight: Tensor, hessian: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 weight and fp64 Hessian copies, with columns no calibration row reached (zero
+    diagonal) zeroed in the weight and given a unit diagonal, so the Hessian factors."""
+    w = weight.detach().float().clone()
+    h = hessian.detach().double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return w, h
 
 
 def _inverse_cholesky(h: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from slimsearch.spaces.methods.gptq import _inverse_cholesky
+from slimsearch.spaces.methods.gptq import _inverse_cholesky, working_copies
 from slimsearch.spaces.methods.pruning import check_amount, pattern, short_amount
 from slimsearch.spaces.methods.registry import QAT, SIZE, LinearWork, Method, Scope, Stage, register
 
@@ -30,12 +30,8 @@ def sparsegpt(
 ) -> tuple[Tensor, Tensor]:
     """The pruned and updated weight, and the mask of what it keeps. Entries ``keep`` already
     pruned stay pruned (and count toward the fraction)."""
-    w = weight.detach().float().clone()
+    w, h = working_copies(weight, hessian)
     rows, cols = w.shape
-    h = hessian.detach().double().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     h += damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
     hinv = _inverse_cholesky(h).float()
     nm = pattern(value)
