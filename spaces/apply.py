@@ -258,8 +258,6 @@ def _compress_layer(
         own = layer_stats(stats, name, module)
         compute = partial(compress_linear, module, settings, own, name)
         stored = (
-            compute()
-            if store is None
-            else store.get_or_compute(store.key(module, settings, own), compute)
+            compute() if store is None else store.get_or_compute(store.key(module, settings, own), compute)
         )
         model.set_submodule(name, stored)

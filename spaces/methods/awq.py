@@ -25,7 +25,7 @@ from torch import Tensor
 
 from slimsearch.spaces.methods.calibration import LayerStats
 from slimsearch.spaces.methods.quantize import Grid
-from slimsearch.spaces.methods.registry import QAT, LinearWork, Method, Scope, Stage, register
+from slimsearch.spaces.methods.registry import QAT, LinearWork, Scope, Stage, Switch, register
 
 GRID = 20
 # The scale is one per input column, shared by every output row: its error is estimated on
@@ -79,27 +79,18 @@ def scaled_stats(stats: LayerStats, s: Tensor) -> LayerStats:
 
 
 @register
-class AWQ(Method):
+class AWQ(Switch):
     name = "awq"
     option_base: ClassVar[Mapping[str, Any]] = {"bits": 4}
     position = 23
     stage: ClassVar[Stage] = "quantize"
     option_of: ClassVar[Stage | None] = "quantize"
     scopes: ClassVar[frozenset[Scope]] = frozenset({"linear"})
-    off = False
     needs = frozenset({"hessian"})
     # The scales were searched for the stored codes; plain re-rounding after training would not
     # keep them optimal, so the layer keeps what was searched.
     qat: ClassVar[QAT] = "frozen"
     colorscale = "Oranges"
-
-    def check(self, value: Any) -> Any:
-        if not isinstance(value, bool):
-            raise ValueError(f"awq={value!r} must be true or false")
-        return value
-
-    def allowed(self) -> tuple[Any, ...] | None:
-        return (False, True)
 
     def short(self, value: Any) -> str:
         return "awq"

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.packed import EMBEDDING_BITS, LINEAR_BITS, PackedEmbedding, PackedLinear
 from slimsearch.spaces.methods.quantize import (
     GROUP_SIZE,
@@ -38,6 +39,7 @@ from slimsearch.spaces.methods.registry import (
     Method,
     Scope,
     Stage,
+    Switch,
     calibrated_codes,
     register,
 )
@@ -95,7 +97,7 @@ class Bits(Method):
         bits = int(value)
         group = int(work.options.get("group", GROUP_SIZE))
         weight_only = bool(work.options.get("weight_only", False))
-        calibrated = {n for n in work.options if n not in ("group", "weight_only")}
+        calibrated = [n for n in work.options if not isinstance(registry.get(n), _BitsOption)]
         grid = self.grid(work, value)
         if grid is None or not calibrated:
             return PackedLinear.from_work(work, bits, self.name, group, weight_only)
@@ -177,23 +179,14 @@ class Group(_BitsOption):
 
 
 @register
-class WeightOnly(_BitsOption):
+class WeightOnly(_BitsOption, Switch):
     """At 8 bits, keep activations in float (the ``weight_only`` knob): per-channel int8
     weights, computed on their dequantized fp32 copy, so realized for size only."""
 
     name = "weight_only"
     option_base: ClassVar[Mapping[str, Any]] = {"bits": 8}
     position = 22
-    off = False
     colorscale = "Greys"
-
-    def check(self, value: Any) -> Any:
-        if not isinstance(value, bool):
-            raise ValueError(f"weight_only={value!r} must be true or false")
-        return value
-
-    def allowed(self) -> tuple[Any, ...] | None:
-        return (False, True)
 
     def short(self, value: Any) -> str:
         return "w-only"

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from slimsearch.spaces.methods.registry import BOTH, QAT, Method, Scope, Stage, register
+from slimsearch.spaces.methods.registry import BOTH, QAT, Scope, Stage, Switch, register
 from slimsearch.spaces.methods.structured import find_units
 
 
@@ -33,23 +33,15 @@ class DroppedBlock(nn.Module):
 
 
 @register
-class Drop(Method):
+class Drop(Switch):
     name = "drop"
     position = 45
     stage: ClassVar[Stage] = "depth"
     scopes: ClassVar[frozenset[Scope]] = frozenset({"block"})
-    off = False
     qat: ClassVar[QAT] = "train"
     colorscale = "Greys"
     block_part = "Transformer block"
-
-    def check(self, value: Any) -> Any:
-        if not isinstance(value, bool):
-            raise ValueError(f"drop={value!r} must be true (remove the block) or false")
-        return value
-
-    def allowed(self) -> tuple[Any, ...] | None:
-        return (False, True)
+    true_means = " (remove the block)"
 
     def short(self, value: Any) -> str:
         return "drop"

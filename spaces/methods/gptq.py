@@ -161,9 +161,6 @@ class GPTQ(Method):
             return False
         return canonical(value)
 
-    def check_choice(self, value: Any) -> Any:
-        return self.check(value)
-
     def short(self, value: Any) -> str:
         return "gptq"
 

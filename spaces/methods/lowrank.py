@@ -8,7 +8,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor, nn
 
-from slimsearch.spaces.methods.registry import BOTH, QAT, LinearWork, Method, Scope, Stage, register
+from slimsearch.spaces.methods.registry import BOTH, QAT, LinearWork, Method, Scope, Stage, Switch, register
 
 
 def max_useful_rank(in_features: int, out_features: int) -> int:
@@ -161,7 +161,7 @@ def _whitening(hessian: Tensor) -> Tensor:
 
 
 @register
-class Whiten(Method):
+class Whiten(Switch):
     """Activation-aware low-rank (the ``whiten`` knob): with ``rank``, factorize the weight
     whitened by the Cholesky factor of its input's Hessian (SVD-LLM), so the rank kept serves
     the outputs on real inputs rather than the weight entries."""
@@ -172,18 +172,9 @@ class Whiten(Method):
     stage: ClassVar[Stage] = "factorize"
     option_of: ClassVar[Stage | None] = "factorize"
     scopes: ClassVar[frozenset[Scope]] = frozenset({"linear"})
-    off = False
     needs = frozenset({"hessian"})
     qat: ClassVar[QAT] = "train"
     colorscale = "Blues"
-
-    def check(self, value: Any) -> Any:
-        if not isinstance(value, bool):
-            raise ValueError(f"whiten={value!r} must be true or false")
-        return value
-
-    def allowed(self) -> tuple[Any, ...] | None:
-        return (False, True)
 
     def short(self, value: Any) -> str:
         return "wh"

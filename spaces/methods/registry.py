@@ -244,6 +244,22 @@ class Method:
         return f"<method {self.name!r} ({self.stage})>"
 
 
+class Switch(Method):
+    """A method whose knob is on or off (``true``/``false``); ``true_means`` says what on does
+    in the error message."""
+
+    off = False
+    true_means: ClassVar[str] = ""
+
+    def check(self, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise ValueError(f"{self.name}={value!r} must be true{self.true_means} or false")
+        return value
+
+    def allowed(self) -> tuple[Any, ...] | None:
+        return (False, True)
+
+
 _REGISTRY: dict[str, Method] = {}
 
 
