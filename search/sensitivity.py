@@ -43,6 +43,7 @@ from slimsearch.spaces import CompressionPlan, SearchSpace, apply_plan, serializ
 from slimsearch.spaces.apply import compress_linear, layer_stats
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.calibration import CalibrationStats
+from slimsearch.spaces.methods.quantize import GROUPED_BITS
 from slimsearch.spaces.methods.registry import SPEED
 from slimsearch.spaces.plan import LayerSettings
 from slimsearch.spaces.space import Knob
@@ -64,9 +65,10 @@ SIZE_BUDGETS = (0.35, 0.25, 0.18, 0.12, 0.10, 0.08)
 # and the next at 36: the 1-point accuracy limit fell between them.
 LADDER_RUNGS = 12
 # Seed families: "any" may use every value; "fast" keeps each searched Linear at a bit-width
-# realized for speed (bf16/int8 kernels), so its seeds also gain latency. On MiniLM 4-bit
-# layers compute on a dense fp32 copy: a size-only seed sits at latency ratio ~1.0, where it
-# adds nothing to a hypervolume whose latency reference is the baseline. "low-bit" changes
+# whose kernel beats fp32 at every batch (bf16/int8), so its seeds also gain latency. The
+# int4 kernel (4, 3 and 2 bits) is faster only for a few rows at a time (decoding): at 64
+# rows it is slower than fp32 (benchmarks/kernels.py), and a seed no faster than the
+# baseline adds nothing to a hypervolume whose latency reference is the baseline. "low-bit" changes
 # only bits, among widths <= LOW_BITS, so it starts from all-4-bit and moves the least
 # sensitive units to 2 bits. On MiniLM the "any" seeds under 12% were all rejected (the
 # summed single-layer deltas of sparsity, rank and 2-bit stacked badly), while this ladder
@@ -543,15 +545,18 @@ def _knob(param: str) -> str:
 
 
 def _fast_only(option: Option) -> bool:
-    """Whether every quantize-stage value of the option is realized for speed (its options,
-    such as weight-only int8, may say otherwise)."""
+    """Whether the option stores the layer at a width whose kernel beats fp32 at any batch
+    (see FAMILIES) and every quantize-stage value of it is realized for speed."""
     values = {_knob(p): v for p, v in option.params.items()}
     quantize = [(registry.get(k), v) for k, v in values.items() if registry.get(k).stage == "quantize"]
     realized = {m.realized_key(v): m.realized(v) for m, v in quantize if m.option_of is None}
     for method, value in quantize:
-        if method.option_of is not None and not method.is_off(value):
+        if not method.is_off(value):
             method.amend_realized(value, values, realized)
-    return all(SPEED in r for r in realized.values())
+    width = registry.table_method()
+    bits = values.get(width.name, width.off)
+    on_a_fast_kernel = not width.is_off(bits) and bits not in GROUPED_BITS
+    return on_a_fast_kernel and all(SPEED in r for r in realized.values())
 
 
 def _low_bit_only(option: Option, off: Mapping[str, Any]) -> bool:

@@ -136,8 +136,7 @@ class Settings(MethodValues):
         steps = self.steps()
         out = {m.realized_key(v): m.realized(v) for m, v in steps if m.option_of is None}
         for method, value in steps:
-            if method.option_of is not None:
-                method.amend_realized(value, self._values, out)
+            method.amend_realized(value, self._values, out)
         return out
 
     def to_dict(self) -> dict[str, Any]:

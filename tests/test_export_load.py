@@ -20,7 +20,15 @@ from conftest import tiny_study
 from slimsearch.evaluators import Accuracy, EvalContext
 from slimsearch.search import models, tasks
 from slimsearch.search.driver import run_study
-from slimsearch.search.export import INFO_FILE, PLAN_FILE, WEIGHTS, ExportMismatch, write_export
+from slimsearch.search.export import (
+    INFO_FILE,
+    PLAN_FILE,
+    REALIZED_TEXT,
+    WEIGHTS,
+    ExportMismatch,
+    realization,
+    write_export,
+)
 from slimsearch.search.results import Run, open_run
 from slimsearch.search.results_cli import add_commands
 from slimsearch.search.study_file import StudyError, study_from_mapping
@@ -133,8 +141,7 @@ def _accuracy(run: Run, model: nn.Module, tokenizer: Any) -> float:
 
 
 def test_export_trial_revalidates_and_loads_back(tiny_run: Run, tmp_path: Path) -> None:
-    # The smallest front trial, not the knee: the knee depends on measured latency, so on timing,
-    # and its plan may hold only kinds that are realized for speed too.
+    # The smallest front trial, not the knee: the knee depends on measured latency, so on timing.
     size = tiny_run.objectives.index("size_bytes")
     trial = min(tiny_run.front_numbers(), key=lambda n: tiny_run.trial(n).values[size])
     report = tiny_run.export(trial, tmp_path / "out", repeats=5)
@@ -150,12 +157,16 @@ def test_export_trial_revalidates_and_loads_back(tiny_run: Run, tmp_path: Path) 
     assert lat.baseline_ms > 0 and lat.candidate_ms > 0 and lat.repeats == 5
     card = (out / "README.md").read_text()
     assert f"exactly {report.size_bytes} bytes" in card and f"ratio {lat.ratio:.3f}" in card
-    assert "realized for size only" in card and "not** on the study's Pareto front" not in card
+    assert report.realized and "not** on the study's Pareto front" not in card
+    for kind, realized in report.realized.items():
+        assert f"- {kind}: {REALIZED_TEXT[realized]}." in card
     stored = CompressionPlan.from_dict(json.loads((out / PLAN_FILE).read_text()))
     assert stored == CompressionPlan.from_dict(tiny_run.trial(trial).user_attrs["plan"])
 
     model, tokenizer = slimsearch.load(out)
     assert type(model).__name__ == "BertForSequenceClassification"
+    for path, count in realization(model).items():  # what the loaded model really runs on
+        assert f"- {count} x {path}" in card
     assert _accuracy(tiny_run, model, tokenizer) == report.measured["accuracy"]
 
 

@@ -93,10 +93,10 @@ def test_weight_only_int8_keeps_activations_in_float(layer: tuple[nn.Linear, Ten
     linear, x, stats = layer
     dynamic, weight_only = stored(linear, stats, bits=8), stored(linear, stats, bits=8, weight_only=True)
     assert isinstance(weight_only, PackedLinear) and not weight_only.int8_kernel
-    assert "size only" in weight_only.compute_path and weight_only.realized == "size"
+    assert weight_only.kernel == "int8-weight-only" and weight_only.realized == "speed+size"
     assert serialized_size(weight_only, CompressionPlan()) == serialized_size(dynamic, CompressionPlan())
     assert error(weight_only, linear, x) < error(dynamic, linear, x)
-    assert LayerSettings(bits=8, weight_only=True).realized() == {"bits8-weight-only": "size"}
+    assert LayerSettings(bits=8, weight_only=True).realized() == {"bits8-weight-only": "speed+size"}
 
 
 # -- GPTQ and AWQ ------------------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 32 is off; 16 stores bf16 and computes in bf16; 8 stores symmetric int8 codes with one scale
 per row and computes on the fbgemm int8 kernel (activations quantized per tensor, on the fly);
-4, 3 and 2 store packed group-wise codes (see quantize.py) and compute on a dense fp32 copy, so
-they are realized for size only. Codes are rounded to nearest unless a rounding option (GPTQ)
-chooses them.
+4, 3 and 2 store packed group-wise codes (see quantize.py) and compute on torch's int4
+weight-only kernel where the layer's shape fits it and it is not sparse, else on a dense fp32
+copy (realized for size only; methods/kernels.py). Codes are rounded to nearest unless a
+rounding option (GPTQ) chooses them.
 
 Options of the same layer: ``group`` (columns per scale at 4, 3 and 2 bits: 32, 64 or 128;
-64 is the default) and ``weight_only`` (at 8 bits: keep activations in float and compute on
-the dequantized weight, which costs the int8 kernel's speed and keeps its accuracy).
+64 is the default) and ``weight_only`` (at 8 bits: keep activations in float, on the int8
+weight-only kernel, which keeps more accuracy than quantizing activations).
 """
 
 from __future__ import annotations
@@ -77,9 +78,15 @@ class Bits(Method):
         return f"{value}b"
 
     def realized(self, value: Any) -> str:
-        # bf16 matmuls (this CPU has avx512_bf16) and fbgemm int8 kernels; 4 and 2 bits are
-        # dequantized to a dense fp32 copy to compute.
-        return BOTH if value in (16, 8) else SIZE
+        # bf16 matmuls, fbgemm int8 and torch's int4 weight-only kernels (methods/kernels.py),
+        # where the layer's shape fits them; a layer that does not fit says so itself.
+        return BOTH
+
+    def amend_realized(self, value: Any, values: Mapping[str, Any], realized: dict[str, str]) -> None:
+        # The int4 kernel has no sparse form: sparse 4/3/2-bit layers compute on a dense copy.
+        pruned = any(m.stage == "sparsify" for m, _ in registry.in_stage_order(values))
+        if value in GROUPED_BITS and pruned:
+            realized[self.realized_key(value)] = SIZE
 
     def realized_key(self, value: Any) -> str:
         return f"bits{value}"
@@ -181,7 +188,7 @@ class Group(_BitsOption):
 @register
 class WeightOnly(_BitsOption, Switch):
     """At 8 bits, keep activations in float (the ``weight_only`` knob): per-channel int8
-    weights, computed on their dequantized fp32 copy, so realized for size only."""
+    weights on torch's int8 weight-only kernel with bf16 activations."""
 
     name = "weight_only"
     option_base: ClassVar[Mapping[str, Any]] = {"bits": 8}
@@ -194,7 +201,7 @@ class WeightOnly(_BitsOption, Switch):
     def amend_realized(self, value: Any, values: Mapping[str, Any], realized: dict[str, str]) -> None:
         if value and values.get("bits") == 8:
             realized.pop("bits8", None)
-            realized["bits8-weight-only"] = SIZE
+            realized["bits8-weight-only"] = BOTH
 
     def examples(self) -> tuple[Any, ...]:
         return (True,)

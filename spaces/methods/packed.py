@@ -6,11 +6,13 @@ quantize.py), optionally sparse (a packed bitmask, one bit per weight, plus the 
 only: the index overhead is part of the stored bytes). ``PackedEmbedding`` does the same
 for an embedding table, row by row.
 
-Compute forms are derived lazily and never saved: 8-bit Linears run on the fbgemm/x86
-int8 kernel (real int8 matmuls, dynamic per-tensor activation quantization), 16-bit on bf16
-matmuls, everything else on a dense fp32 copy. So size on disk is always real, while
-speed comes only from 8 and 16 bits; 4-, 2-bit and sparsity are realized for size only
-(methods/realized.py), and the latency evaluator measures whatever the model really does.
+Compute forms are derived lazily and never saved (``PackedLinear.kernel`` says which one a
+layer runs): 8-bit Linears run on the fbgemm/x86 int8 kernel (real int8 matmuls, dynamic
+per-tensor activation quantization), int8 weight-only and 4-, 3- and 2-bit ones on torch's
+weight-only kernels (methods/kernels.py), 16-bit on bf16 matmuls. Only layers no kernel can
+take (sparse 4/3/2 bits, shapes the kernels cannot tile, fp32 sparsity) compute on a dense
+fp32 copy: realized for size only (methods/realized.py). Training (grad enabled) always uses
+the dense copy. The latency evaluator measures whatever the model really does.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimsearch.spaces.methods import kernels
 from slimsearch.spaces.methods.quantize import (
     GROUP_SIZE,
     GROUPED_BITS,
@@ -217,23 +220,42 @@ class PackedLinear(nn.Module):
         """What this layer's storage buys: see methods/realized.py."""
         if self.bits == 32:
             return SIZE if self.sparse else NOTHING
-        return BOTH if self.bits == 16 or self.int8_kernel else SIZE
+        return SIZE if self.kernel == "dense" else BOTH
+
+    @property
+    def kernel(self) -> str:
+        """What the layer computes on at inference: "int8" (activations quantized too),
+        "int8-weight-only", "int4" (4, 3 and 2 bits), "bf16", or "dense" (fp32)."""
+        if self.bits == 8:
+            if not self.weight_only:
+                return "int8"
+            return "int8-weight-only" if kernels.int8_fits(self.in_features) else "dense"
+        if self.bits == 16:
+            return "bf16"
+        fits = kernels.int4_fits(self.out_features, self.in_features, self.group)
+        return "int4" if self.bits in GROUPED_BITS and not self.sparse and fits else "dense"
 
     @property
     def int8_kernel(self) -> bool:
         """Whether the layer computes on the int8 kernel (8 bits, activations quantized too)."""
-        return self.bits == 8 and not self.weight_only
+        return self.kernel == "int8"
 
     @property
     def compute_path(self) -> str:
-        if self.int8_kernel:
+        kernel = self.kernel
+        if kernel == "int8":
             return "int8 kernel (real int8 matmul)"
-        if self.bits == 8:
-            return "int8 weight-only stored, computed dense fp32 (size only)"
-        if self.bits == 16:
+        if kernel == "int8-weight-only":
+            return "int8 weight-only kernel (bf16 activations)"
+        if kernel == "bf16":
             return "bf16 matmul"
-        sparse = " sparse" if self.sparse else ""
-        return f"{self.bits}-bit{sparse} stored, computed dense fp32 (size only)"
+        if kernel == "int4":
+            widened = "" if self.bits == 4 else f" ({self.bits}-bit codes widened to 4 in memory)"
+            return f"int4 weight-only kernel (bf16 activations){widened}"
+        if self.bits == 32:
+            return "fp32 sparse stored, computed dense fp32 (size only)"
+        why = "sparse" if self.sparse else f"shape {self.out_features}x{self.in_features} fits no kernel"
+        return f"{self.bits}-bit stored, computed dense fp32 (size only: {why})"
 
     def reset_cache(self) -> None:
         self._cache.clear()
@@ -251,22 +273,53 @@ class PackedLinear(nn.Module):
                 self._cache["int8"] = torch.ops.quantized.linear_prepack(qweight, bias)
         return self._cache["int8"]
 
+    def _int4_kernel(self) -> tuple[Tensor, Tensor]:
+        if "int4" not in self._cache:
+            self._cache["int4"] = kernels.int4_pack(self._dense_stored(), self.scale, self.offset, self.bits)
+        packed: tuple[Tensor, Tensor] = self._cache["int4"]
+        return packed
+
+    def _int8_weight_only(self) -> tuple[Tensor, Tensor]:
+        if "int8wo" not in self._cache:
+            codes = kernels.aligned(self._dense_stored().contiguous())
+            self._cache["int8wo"] = (codes, self.scale.to(torch.bfloat16))
+        kernel: tuple[Tensor, Tensor] = self._cache["int8wo"]
+        return kernel
+
+    def _bf16_weight(self) -> Tensor:
+        if self.column_scale() is None and not self.sparse:
+            return self.values.view(self.out_features, self.in_features)  # stored as bf16 already
+        if "bf16" not in self._cache:
+            self._cache["bf16"] = self.dense_weight().to(torch.bfloat16)
+        weight: Tensor = self._cache["bf16"]
+        return weight
+
+    def _runtime(self) -> tuple[str, Tensor | None]:
+        """The kernel and the fp32 input column scale, worked out once (decoding calls small
+        layers thousands of times, where the Python around a kernel is a visible cost)."""
+        if "runtime" not in self._cache:
+            self._cache["runtime"] = (self.kernel, self.column_scale())
+        runtime: tuple[str, Tensor | None] = self._cache["runtime"]
+        return runtime
+
     def forward(self, x: Tensor) -> Tensor:
         bias = getattr(self, "bias", None)
-        if self.int8_kernel and not torch.is_grad_enabled():
-            in_scale = self.column_scale()
+        kernel, in_scale = self._runtime()
+        if kernel in ("int8", "int8-weight-only", "int4") and not torch.is_grad_enabled():
             if in_scale is not None:
                 x = x / in_scale
+            if kernel == "int4":
+                return kernels.int4_linear(x, *self._int4_kernel(), self.group, bias)
+            if kernel == "int8-weight-only":
+                return kernels.int8_linear(x, *self._int8_weight_only(), bias)
             shape = x.shape
             y = torch.ops.quantized.linear_dynamic(
                 x.reshape(-1, shape[-1]).float().contiguous(), self._int8_kernel(), True
             )
             return y.view(*shape[:-1], self.out_features).to(x.dtype)
-        if self.bits == 16:
-            if "bf16" not in self._cache:
-                self._cache["bf16"] = self.dense_weight().to(torch.bfloat16)
+        if kernel == "bf16":
             b16 = bias.to(torch.bfloat16) if bias is not None else None
-            return F.linear(x.to(torch.bfloat16), self._cache["bf16"], b16).to(x.dtype)
+            return F.linear(x.to(torch.bfloat16), self._bf16_weight(), b16).to(x.dtype)
         if "dense" not in self._cache:
             self._cache["dense"] = self.dense_weight()
         return F.linear(x, self._cache["dense"], bias)
@@ -383,6 +436,12 @@ class PackedEmbedding(nn.Module):
         codes = codes.view(*ids.shape, -1)[..., : self.embedding_dim]
         return dequantize_groups(codes, F.embedding(ids, self.scale), F.embedding(ids, self.offset))
 
+    def stored_codes(self) -> Tensor:
+        """The (rows, embedding_dim) unsigned codes of a 4- or 2-bit table."""
+        rows = self.values.view(self.num_embeddings, self._row_bytes())
+        codes = unpack_codes(rows, self.bits, rows.numel() * (8 // self.bits))
+        return codes.view(self.num_embeddings, -1)[:, : self.embedding_dim]
+
     def dense_weight(self) -> Tensor:
         if "dense" not in self._cache:
             all_ids = torch.arange(self.num_embeddings)
@@ -413,9 +472,43 @@ class TiedHead(nn.Module):
         self._embedding = [embedding]  # a list, so the table is not registered (saved) twice
 
     @property
+    def kernel(self) -> str:
+        """What the output matmul runs on: the table's own width where a kernel takes it
+        ("bf16", "int8-weight-only", "int4"), else "dense" (the dequantized fp32 table)."""
+        emb = self._embedding[0]
+        if emb.bits == 16:
+            return "bf16"
+        if emb.bits == 8:
+            return "int8-weight-only" if kernels.int8_fits(emb.embedding_dim) else "dense"
+        fits = kernels.int4_fits(emb.num_embeddings, emb.embedding_dim, GROUP_SIZE)
+        return "int4" if emb.bits in GROUPED_BITS and fits else "dense"
+
+    @property
     def realized(self) -> str:
-        # It computes with the dequantized fp32 table: the saving is the embedding's bytes.
-        return SIZE
+        # The saving is the embedding's bytes; speed too where a kernel reads the table.
+        return SIZE if self.kernel == "dense" else BOTH
+
+    @property
+    def compute_path(self) -> str:
+        kernel = self.kernel
+        if kernel == "dense":
+            return "tied output layer on the dequantized fp32 table (size only)"
+        return f"tied output layer on the {kernel} kernel (bf16 activations)"
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self._embedding[0].dense_weight())
+        emb = self._embedding[0]
+        kernel = self.kernel
+        if kernel == "bf16":
+            table = emb.values.view(emb.num_embeddings, emb.embedding_dim)
+            return F.linear(x.to(torch.bfloat16), table).to(x.dtype)
+        if kernel != "dense" and not torch.is_grad_enabled():
+            cache = emb._cache
+            if kernel == "int4":
+                if "int4" not in cache:
+                    cache["int4"] = kernels.int4_pack(emb.stored_codes(), emb.scale, emb.offset, emb.bits)
+                return kernels.int4_linear(x, *cache["int4"], GROUP_SIZE, None)
+            if "int8wo" not in cache:
+                codes = kernels.aligned(emb.values.view(emb.num_embeddings, emb.embedding_dim))
+                cache["int8wo"] = (codes, emb.scale.to(torch.bfloat16))
+            return kernels.int8_linear(x, *cache["int8wo"], None)
+        return F.linear(x, emb.dense_weight())

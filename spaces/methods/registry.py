@@ -152,8 +152,9 @@ class Method:
         return self.name
 
     def amend_realized(self, value: Any, values: Mapping[str, Any], realized: dict[str, str]) -> None:
-        """For options: change what the layer's other methods realize (``values``: all of the
-        layer's methods), in place. Options are not listed themselves."""
+        """Change what the layer's methods realize given the others (``values``: all of the
+        layer's methods), in place; options, which are not listed themselves, say here what
+        they make of their host."""
 
     def examples(self) -> tuple[Any, ...]:
         """Non-off plan values the conformance suite checks (on every scope the method has)."""
