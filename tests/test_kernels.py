@@ -64,6 +64,15 @@ def test_low_bits_run_on_the_int4_kernel(bits: int, group: int) -> None:
     assert "dense" not in module._cache, "a layer on a kernel keeps no dense float copy"
 
 
+@pytest.mark.parametrize(("shape", "group"), [((48, 72), 64), ((32, 576), 128)])
+def test_a_partial_last_group_is_padded_for_the_kernel(shape: tuple[int, int], group: int) -> None:
+    linear, x = _linear(*shape), _inputs(shape[1], 3, 2)
+    module = _packed(linear, x, bits=4, group=group)
+    assert module.kernel == "int4"
+    with torch.no_grad():
+        assert _relative_error(module(x), _reference(module, x)) < TOLERANCE
+
+
 def test_activation_scaling_is_divided_out_before_the_kernel() -> None:
     linear, x = _linear(48, 256), _inputs(256, 9)
     x[:, :8] *= 8.0
@@ -95,7 +104,7 @@ def test_bf16_computes_on_the_stored_values_without_a_copy() -> None:
     [
         ((48, 256), {"bits": 4, "sparsity": 0.5}, "sparse"),
         ((40, 256), {"bits": 4}, "fits no kernel"),  # rows not a multiple of 16
-        ((48, 72), {"bits": 4}, "fits no kernel"),  # columns not whole groups of 64
+        ((48, 40), {"bits": 4}, "fits no kernel"),  # rows of 40: one group of 40, not a kernel size
         ((48, 40), {"bits": 8, "weight_only": True}, "fits no kernel"),  # columns not a multiple of 16
     ],
 )

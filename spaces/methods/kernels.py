@@ -27,9 +27,9 @@ _INNER_K_TILES = 2
 
 
 def int4_fits(out_features: int, in_features: int, group: int) -> bool:
-    """Whether the int4 kernel can hold a (out, in) weight with groups of ``group`` columns."""
-    group = group_size_for(in_features, group)
-    return out_features % 16 == 0 and group in INT4_GROUPS and in_features % group == 0
+    """Whether the int4 kernel can hold a (out, in) weight with groups of ``group`` columns
+    (a last, partial group is padded to whole: ``int4_pack``)."""
+    return out_features % 16 == 0 and group_size_for(in_features, group) in INT4_GROUPS
 
 
 def int8_fits(in_features: int) -> bool:
@@ -37,13 +37,18 @@ def int8_fits(in_features: int) -> bool:
     return in_features % 16 == 0
 
 
-def int4_pack(codes: Tensor, scale: Tensor, offset: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
+def int4_pack(
+    codes: Tensor, scale: Tensor, offset: Tensor, group: int, bits: int = 4
+) -> tuple[Tensor, Tensor]:
     """The int4 kernel's weight and its (groups, out, 2) bf16 scales and zeros, from unsigned
-    ``bits``-bit codes (out, in) and fp16 (out, groups) scales and offsets."""
+    ``bits``-bit codes (out, in) and fp16 (out, groups) scales and offsets. A partial last
+    group is padded with columns that ``int4_linear`` meets with zero inputs."""
     # Codes of fewer bits move to the middle of the 4-bit range, so the zero lands mid-range
     # too: bf16 rounds a zero far outside the weights' range to visibly wrong weights.
     shift = 8 - 2 ** (bits - 1)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + shift, _INNER_K_TILES)
+    padded = scale.shape[-1] * group_size_for(codes.shape[-1], group)
+    shifted = torch.nn.functional.pad(codes.to(torch.int32) + shift, (0, padded - codes.shape[-1]))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(shifted.contiguous(), _INNER_K_TILES)
     s = scale.float()
     zeros = offset.float() + (8 - shift) * s
     scales_and_zeros = torch.stack([s.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
@@ -55,9 +60,14 @@ def int4_linear(
 ) -> Tensor:
     """``x @ W.T + bias`` on the int4 kernel; ``x`` of any leading shape, returned in its dtype."""
     shape = x.shape
-    flat = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+    flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)
     group = group_size_for(shape[-1], group)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(aligned(flat), packed, group, scales_and_zeros)
+    padding = scales_and_zeros.shape[0] * group - shape[-1]
+    if padding:
+        flat = torch.nn.functional.pad(flat, (0, padding))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        aligned(flat.contiguous()), packed, group, scales_and_zeros
+    )
     return _finish(y, shape, x.dtype, bias)
 
 

@@ -275,7 +275,9 @@ class PackedLinear(nn.Module):
 
     def _int4_kernel(self) -> tuple[Tensor, Tensor]:
         if "int4" not in self._cache:
-            self._cache["int4"] = kernels.int4_pack(self._dense_stored(), self.scale, self.offset, self.bits)
+            self._cache["int4"] = kernels.int4_pack(
+                self._dense_stored(), self.scale, self.offset, self.group, self.bits
+            )
         packed: tuple[Tensor, Tensor] = self._cache["int4"]
         return packed
 
@@ -505,7 +507,9 @@ class TiedHead(nn.Module):
             cache = emb._cache
             if kernel == "int4":
                 if "int4" not in cache:
-                    cache["int4"] = kernels.int4_pack(emb.stored_codes(), emb.scale, emb.offset, emb.bits)
+                    cache["int4"] = kernels.int4_pack(
+                        emb.stored_codes(), emb.scale, emb.offset, GROUP_SIZE, emb.bits
+                    )
                 return kernels.int4_linear(x, *cache["int4"], GROUP_SIZE, None)
             if "int8wo" not in cache:
                 codes = kernels.aligned(emb.values.view(emb.num_embeddings, emb.embedding_dim))
