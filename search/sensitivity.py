@@ -548,15 +548,11 @@ def _fast_only(option: Option) -> bool:
     """Whether the option stores the layer at a width whose kernel beats fp32 at any batch
     (see FAMILIES) and every quantize-stage value of it is realized for speed."""
     values = {_knob(p): v for p, v in option.params.items()}
-    quantize = [(registry.get(k), v) for k, v in values.items() if registry.get(k).stage == "quantize"]
-    realized = {m.realized_key(v): m.realized(v) for m, v in quantize if m.option_of is None}
-    for method, value in quantize:
-        if not method.is_off(value):
-            method.amend_realized(value, values, realized)
+    quantize = LayerSettings(**{k: v for k, v in values.items() if registry.get(k).stage == "quantize"})
     width = registry.table_method()
     bits = values.get(width.name, width.off)
     on_a_fast_kernel = not width.is_off(bits) and bits not in GROUPED_BITS
-    return on_a_fast_kernel and all(SPEED in r for r in realized.values())
+    return on_a_fast_kernel and all(SPEED in r for r in quantize.realized().values())
 
 
 def _low_bit_only(option: Option, off: Mapping[str, Any]) -> bool:

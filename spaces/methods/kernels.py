@@ -37,6 +37,21 @@ def int8_fits(in_features: int) -> bool:
     return in_features % 16 == 0
 
 
+def kernel_for(
+    bits: int, out_features: int, in_features: int, group: int, sparse: bool, weight_only: bool
+) -> str:
+    """The kernel a weight stored at ``bits`` runs on: "int8" (activations quantized too),
+    "int8-weight-only", "int4" (4, 3 and 2 bits, not sparse), "bf16", or "dense" (fp32)."""
+    if bits == 8:
+        if not weight_only:
+            return "int8"
+        return "int8-weight-only" if int8_fits(in_features) else "dense"
+    if bits == 16:
+        return "bf16"
+    low = bits in (4, 3, 2) and not sparse
+    return "int4" if low and int4_fits(out_features, in_features, group) else "dense"
+
+
 def int4_pack(
     codes: Tensor, scale: Tensor, offset: Tensor, group: int, bits: int = 4
 ) -> tuple[Tensor, Tensor]:

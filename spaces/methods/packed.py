@@ -226,14 +226,9 @@ class PackedLinear(nn.Module):
     def kernel(self) -> str:
         """What the layer computes on at inference: "int8" (activations quantized too),
         "int8-weight-only", "int4" (4, 3 and 2 bits), "bf16", or "dense" (fp32)."""
-        if self.bits == 8:
-            if not self.weight_only:
-                return "int8"
-            return "int8-weight-only" if kernels.int8_fits(self.in_features) else "dense"
-        if self.bits == 16:
-            return "bf16"
-        fits = kernels.int4_fits(self.out_features, self.in_features, self.group)
-        return "int4" if self.bits in GROUPED_BITS and not self.sparse and fits else "dense"
+        return kernels.kernel_for(
+            self.bits, self.out_features, self.in_features, self.group, self.sparse, self.weight_only
+        )
 
     @property
     def int8_kernel(self) -> bool:
@@ -478,12 +473,9 @@ class TiedHead(nn.Module):
         """What the output matmul runs on: the table's own width where a kernel takes it
         ("bf16", "int8-weight-only", "int4"), else "dense" (the dequantized fp32 table)."""
         emb = self._embedding[0]
-        if emb.bits == 16:
-            return "bf16"
-        if emb.bits == 8:
-            return "int8-weight-only" if kernels.int8_fits(emb.embedding_dim) else "dense"
-        fits = kernels.int4_fits(emb.num_embeddings, emb.embedding_dim, GROUP_SIZE)
-        return "int4" if emb.bits in GROUPED_BITS and fits else "dense"
+        return kernels.kernel_for(
+            emb.bits, emb.num_embeddings, emb.embedding_dim, GROUP_SIZE, sparse=False, weight_only=True
+        )
 
     @property
     def realized(self) -> str:
