@@ -29,7 +29,8 @@ class LatencySpec:
     quietest it has run (in this process or earlier trials of the study: a busy neighbour).
     0 turns either off. ``time_budget``: seconds one measurement (all shapes, warm-up and
     retries) may take; past it the best attempt so far is kept and flagged ``noisy`` (0: no
-    limit).
+    limit). ``decode_tokens``: how many tokens the decode evaluators generate after the
+    first (causal LMs; the prompt is ``seq_len`` tokens).
     """
 
     batch_size: int = 1
@@ -45,9 +46,19 @@ class LatencySpec:
     shapes: tuple[tuple[int, int], ...] = ()
     target: str | None = None
     time_budget: float = 60.0
+    decode_tokens: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "seq_len", "warmup", "repeats", "threads", "retries", "max_repeats"):
+        for name in (
+            "batch_size",
+            "seq_len",
+            "warmup",
+            "repeats",
+            "threads",
+            "retries",
+            "max_repeats",
+            "decode_tokens",
+        ):
             value = getattr(self, name)
             low = 0 if name in ("warmup", "retries") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -96,7 +107,11 @@ class Evaluator(Protocol):
     """A measurement of a compressed model: ``name``, ``direction`` and ``evaluate``.
 
     An evaluator may also set ``exclusive = True`` when it must run with no other trial
-    computing on the machine (timing does); the worker then holds a machine-wide lock.
+    computing on the machine (timing does); the worker then holds a machine-wide lock. And
+    ``tasks``, the task kinds it can measure (e.g. ``("causal-lm",)`` for decode speed): a
+    study of another kind is refused before any trial. ``repeatable = False`` marks a
+    measurement that moves from run to run of the same model (resident memory): an export
+    re-measures and reports it instead of requiring the searched value back.
     """
 
     name: str

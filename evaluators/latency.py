@@ -27,6 +27,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -136,9 +137,11 @@ def remember_quiet(times: Mapping[str, float]) -> None:
 
 
 def quiet_times(record: dict[str, Any]) -> dict[str, float]:
-    """{quiet key: baseline median} from a latency record written by ``measure_all``."""
+    """{quiet key: baseline median} from a latency record written by ``measure_all`` (its
+    shapes) or a decode record (its two passes)."""
     out: dict[str, float] = {}
-    for shape in record.get("shapes", []):
+    passes = [record[k] for k in ("ttft", "decode") if isinstance(record.get(k), dict)]
+    for shape in [*record.get("shapes", []), *passes]:
         if "quiet_key" in shape and "baseline_median_ms" in shape:
             out[shape["quiet_key"]] = float(shape["baseline_median_ms"])
     return out
@@ -190,10 +193,31 @@ def measure(
     torch.set_num_threads(spec.threads)
     batch, seq = shape or (spec.batch_size, spec.seq_len)
     inputs = latency_inputs(batch, seq, vocab_size)
-    run_cand = _timer(model, inputs)
     run_base = _timer(reference, inputs) if reference is not None else None
-    warm = _warm_up(run_cand, spec.warmup, deadline)
     key = quiet_key(batch, seq, spec.threads, reference)
+    return {"batch_size": batch, "seq_len": seq} | measure_timers(
+        _timer(model, inputs), run_base, spec, key, deadline
+    )
+
+
+def measure_timers(
+    run_cand: Callable[[], float],
+    run_base: Callable[[], float] | None,
+    spec: LatencySpec,
+    key: str,
+    deadline: float = math.inf,
+    repeats: int | None = None,
+    warmup: int | None = None,
+) -> dict[str, Any]:
+    """Steps 2-5 of the protocol for any pair of timed passes (each call returns ms).
+
+    ``key`` names the baseline's quiet-machine reference for the drift gate; ``repeats``
+    and ``warmup`` cap the spec's (a decode pass is many forward passes)."""
+    if repeats is not None:
+        spec = replace(spec, repeats=min(spec.repeats, repeats))
+    if warmup is not None:
+        spec = replace(spec, warmup=min(spec.warmup, warmup))
+    warm = _warm_up(run_cand, spec.warmup, deadline)
     if run_base is not None:
         warm += _warm_up(run_base, spec.warmup, deadline)
     attempts: list[dict[str, Any]] = []
@@ -205,7 +229,7 @@ def measure(
                 break
             time.sleep(0.2 * attempt)  # a short pause: a burst of other work may pass
         cand, base = _sample(run_cand, run_base, spec, deadline)
-        result: dict[str, Any] = {"batch_size": batch, "seq_len": seq, "repeats": len(cand)}
+        result: dict[str, Any] = {"repeats": len(cand)}
         result |= _spread(cand)
         result["warmup_passes"] = warm
         quiet = True

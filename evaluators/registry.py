@@ -7,7 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from slimsearch.evaluators.base import Evaluator
+from slimsearch.evaluators.decode import DecodeSpeedup, DecodeTokensPerS, TimeToFirstToken
 from slimsearch.evaluators.latency import LatencyMs, LatencyRatio
+from slimsearch.evaluators.memory import ResidentBytes
 from slimsearch.evaluators.quality import Accuracy, Perplexity
 from slimsearch.evaluators.size import SizeBytes
 
@@ -20,7 +22,17 @@ def register_evaluator(name: str, factory: Callable[..., Any]) -> None:
     _REGISTRY[name] = factory
 
 
-for _cls in (Accuracy, Perplexity, SizeBytes, LatencyMs, LatencyRatio):
+for _cls in (
+    Accuracy,
+    Perplexity,
+    SizeBytes,
+    LatencyMs,
+    LatencyRatio,
+    TimeToFirstToken,
+    DecodeTokensPerS,
+    DecodeSpeedup,
+    ResidentBytes,
+):
     register_evaluator(_cls.name, _cls)
 
 

@@ -22,6 +22,7 @@ from slimsearch.search.worker import timing_objectives
 from slimsearch.spaces import SearchSpace
 
 FORMAT = 1
+WORKLOAD_OBJECTIVES = {"ttft_ms", "decode_tokens_per_s", "decode_speedup", "memory_bytes"}
 
 
 def _file_digest(path: Path) -> str:
@@ -70,6 +71,12 @@ def record(spec: StudySpec, space: SearchSpace, baseline_key: str) -> dict[str, 
             "threads": lat.threads,
             "target": lat.target,
         }
+    names = {o.name for o in spec.objectives}
+    if names & WORKLOAD_OBJECTIVES:  # these run the prompt and decode_tokens generated tokens
+        lat = spec.latency
+        data.setdefault("latency", {}).update(
+            shapes=[list(s) for s in lat.all_shapes()], decode_tokens=lat.decode_tokens
+        )
     return json.loads(json.dumps(data, default=str))  # what storage gives back
 
 

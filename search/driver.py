@@ -32,7 +32,8 @@ from slimsearch.spaces import CompressionPlan, SearchSpace
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.distill import DistillRecipe
 
-RATIO_SHOWN = ("size_bytes", "latency_ms", "perplexity")  # progress shows these against the baseline
+# progress shows these against the baseline
+RATIO_SHOWN = ("size_bytes", "latency_ms", "perplexity", "memory_bytes", "ttft_ms", "decode_tokens_per_s")
 RUN_INFO = "run.json"
 # A trial past its timeout first gets TrialTimeout raised inside it; past this much more,
 # its task is killed (code stuck in native calls cannot see the signal).
@@ -228,7 +229,8 @@ class Driver:
         return result.values
 
     def note_quiet(self, records: dict[str, Any]) -> None:
-        merge_quietest(self.quiet_ms, quiet_times(records.get("latency", {})))
+        for kind in ("latency", "decode"):
+            merge_quietest(self.quiet_ms, quiet_times(records.get(kind, {})))
 
     # -- the loop -----------------------------------------------------------------------
     def finished_count(self, study: optuna.Study) -> int:

@@ -108,13 +108,18 @@ def hypervolume_history(run: Run, feasible: list[FrozenTrial]) -> pd.DataFrame:
 
 # -- figures ------------------------------------------------------------------------------
 def _display(name: str, value: float) -> float:
-    return value / 1e6 if name == "size_bytes" else value
+    return value / 1e6 if name in ("size_bytes", "memory_bytes") else value
 
 
 def _title(name: str) -> str:
-    return {"size_bytes": "size (MB)", "latency_ms": "latency (ms)", "accuracy": "accuracy (%)"}.get(
-        name, name
-    )
+    return {
+        "size_bytes": "size (MB)",
+        "memory_bytes": "resident memory (MB)",
+        "latency_ms": "latency (ms)",
+        "ttft_ms": "time to first token (ms)",
+        "decode_tokens_per_s": "decode (tokens/s)",
+        "accuracy": "accuracy (%)",
+    }.get(name, name)
 
 
 def _groups(run: Run) -> dict[str, list[FrozenTrial]]:

@@ -30,6 +30,7 @@ CONSTRAINTS = {
     "max_perplexity_ratio": "perplexity",
     "max_size_ratio": "size_bytes",
     "max_latency_ratio": "latency_ms",
+    "max_memory_ratio": "memory_bytes",
 }
 
 
@@ -382,6 +383,12 @@ def _objectives(data: Mapping[str, Any], kind: str) -> tuple[ObjectiveSpec, ...]
             evaluator = make_evaluator(ref, options)
         except (ValueError, TypeError) as exc:
             raise StudyError(f"{where}.name: {exc}") from None
+        tasks = getattr(evaluator, "tasks", None)
+        if tasks is not None and kind not in tasks:
+            raise StudyError(
+                f"{where}.name: {ref!r} measures task kind(s) {list(tasks)}, and this study's "
+                f"task.kind is {kind!r}; use latency_ms or latency_ratio for its speed"
+            )
         direction = item.get("direction", evaluator.direction)
         _choice(direction, f"{where}.direction", ("minimize", "maximize"))
         out.append(ObjectiveSpec(name=evaluator.name, direction=direction, ref=ref, options=options))
@@ -523,6 +530,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
             "shapes",
             "target",
             "time_budget",
+            "decode_tokens",
         },
     )
     if lat.get("time_budget") not in (None, 0):

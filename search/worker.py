@@ -388,6 +388,17 @@ def timing_objectives(objectives: tuple[ObjectiveSpec, ...]) -> tuple[ObjectiveS
     return tuple(o for o in objectives if is_timing(o))
 
 
+def varying_objectives(objectives: tuple[ObjectiveSpec, ...]) -> tuple[ObjectiveSpec, ...]:
+    """Objectives whose value moves from run to run of the same model: timing, and any
+    evaluator with ``repeatable = False`` (resident memory)."""
+    out = []
+    for o in objectives:
+        evaluator = make_evaluator(o.ref, dict(o.options))
+        if exclusive(evaluator) or not getattr(evaluator, "repeatable", True):
+            out.append(o)
+    return tuple(out)
+
+
 def _evaluate(job: TrialJob, model: nn.Module, context: EvalContext) -> dict[str, float]:
     evaluators = [(o.name, make_evaluator(o.ref, dict(o.options))) for o in job.objectives]
     values: dict[str, float] = {}

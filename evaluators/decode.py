@@ -1,0 +1,174 @@
+"""What a chat user feels: time to first token and decode speed of a causal LM.
+
+Greedy generation at ``latency.batch_size`` (1 by default) from a fixed prompt of
+``latency.seq_len`` tokens (the start of the evaluation text), KV cache on. Two timed
+passes, each measured by the latency protocol (warm-up, interleaved with the baseline,
+bootstrap interval, noise gates, the shared ``time_budget``):
+- time to first token: the prompt's forward pass and the first token's choice;
+- decode: ``latency.decode_tokens`` more tokens, one forward pass each on the growing cache,
+  reported per token (the prompt is run again, untimed, before each pass).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slimsearch.evaluators.base import Direction, EvalContext, LatencySpec
+from slimsearch.evaluators.latency import environment, latency_inputs, measure_timers, quiet_key
+
+CAUSAL_ONLY = ("causal-lm",)
+
+
+def _first_token(model: nn.Module, ids: Tensor) -> tuple[Tensor, Any]:
+    out = model(input_ids=ids, use_cache=True)
+    return out.logits[:, -1:].argmax(-1), out.past_key_values
+
+
+def _ttft_timer(model: nn.Module, ids: Tensor) -> Callable[[], float]:
+    def once() -> float:
+        start = time.perf_counter()
+        _first_token(model, ids)
+        return (time.perf_counter() - start) * 1000.0
+
+    return once
+
+
+def _decode_timer(model: nn.Module, ids: Tensor, steps: int, tokens: list[int]) -> Callable[[], float]:
+    """Each call: the prompt untimed, then ``steps`` greedy tokens timed; ms per token.
+    ``tokens`` is left holding the last call's generated tokens (of the first row)."""
+
+    def once() -> float:
+        token, past = _first_token(model, ids)
+        out_tokens = [int(token[0, 0])]
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            token, past = out.logits[:, -1:].argmax(-1), out.past_key_values
+            out_tokens.append(int(token[0, 0]))
+        ms = (time.perf_counter() - start) * 1000.0 / steps
+        tokens[:] = out_tokens
+        return ms
+
+    return once
+
+
+def prompt_ids(spec: LatencySpec, vocab_size: int, batches: list[dict[str, Tensor]]) -> tuple[Tensor, str]:
+    """The prompt: the first ``seq_len`` tokens of the evaluation text (so the generated tokens
+    mean something), or random tokens where there is not enough text."""
+    if batches and "input_ids" in batches[0] and batches[0]["input_ids"].shape[-1] >= spec.seq_len:
+        row = batches[0]["input_ids"][:1, : spec.seq_len]
+        return row.expand(spec.batch_size, -1).contiguous(), "evaluation text"
+    return latency_inputs(spec.batch_size, spec.seq_len, vocab_size)["input_ids"], "random tokens"
+
+
+@torch.no_grad()
+def measure_decode(
+    model: nn.Module,
+    spec: LatencySpec,
+    vocab_size: int,
+    reference: nn.Module | None = None,
+    batches: list[dict[str, Tensor]] | None = None,
+) -> dict[str, Any]:
+    """Both passes by the latency protocol, within one ``spec.time_budget``; the prompt is
+    taken from ``batches`` (causal-LM evaluation blocks) where they are long enough."""
+    torch.set_num_threads(spec.threads)
+    deadline = time.monotonic() + spec.time_budget if spec.time_budget > 0 else math.inf
+    batch, seq = spec.batch_size, spec.seq_len
+    ids, prompt = prompt_ids(spec, vocab_size, batches or [])
+    key = quiet_key(batch, seq, spec.threads, reference)
+    base_ttft = _ttft_timer(reference, ids) if reference is not None else None
+    ttft = measure_timers(_ttft_timer(model, ids), base_ttft, spec, "ttft-" + key, deadline)
+    steps = spec.decode_tokens
+    cand_tokens: list[int] = []
+    base_tokens: list[int] = []
+    base_decode = _decode_timer(reference, ids, steps, base_tokens) if reference is not None else None
+    # One decode pass is ``steps`` forward passes: blocks of 5, one warm-up pass.
+    decode = measure_timers(
+        _decode_timer(model, ids, steps, cand_tokens),
+        base_decode,
+        spec,
+        f"decode{steps}-" + key,
+        deadline,
+        repeats=5,
+        warmup=1,
+    )
+    record: dict[str, Any] = {
+        "batch_size": batch,
+        "prompt_tokens": seq,
+        "prompt": prompt,
+        "decode_tokens": steps,
+        "ttft": ttft,
+        "decode": decode,
+        "ttft_ms": ttft["median_ms"],
+        "tokens_per_s": batch * 1000.0 / decode["median_ms"],
+        "environment": environment(spec),
+        "noisy": bool(ttft["noisy"] or decode["noisy"]),
+    }
+    if reference is not None:
+        record["ttft_ratio"] = ttft["ratio"]
+        record["speedup"] = 1.0 / decode["ratio"]
+        low, high = decode["ratio_ci95"]
+        record["speedup_ci95"] = (1.0 / high, 1.0 / low)
+        record["same_tokens_as_baseline"] = sum(a == b for a, b in zip(cand_tokens, base_tokens, strict=True))
+    return record
+
+
+def decode_record(model: nn.Module, context: EvalContext) -> dict[str, Any]:
+    """The decode record, measured once per trial and kept in ``context.records``."""
+    if context.task not in CAUSAL_ONLY:
+        raise ValueError(f"decode speed needs a causal LM; this task is {context.task!r}")
+    if "decode" not in context.records:
+        spec = context.latency
+        context.records["decode"] = measure_decode(
+            model, spec, context.vocab_size, context.reference, context.batches
+        )
+    record: dict[str, Any] = context.records["decode"]
+    return record
+
+
+class TimeToFirstToken:
+    """Milliseconds from the prompt to the first generated token (median)."""
+
+    name = "ttft_ms"
+    direction: Direction = "minimize"
+    exclusive = True
+    tasks = CAUSAL_ONLY
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        return float(decode_record(model, context)["ttft_ms"])
+
+
+class DecodeTokensPerS:
+    """Generated tokens per second after the first, with the KV cache (median pass)."""
+
+    name = "decode_tokens_per_s"
+    direction: Direction = "maximize"
+    exclusive = True
+    tasks = CAUSAL_ONLY
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        return float(decode_record(model, context)["tokens_per_s"])
+
+
+class DecodeSpeedup:
+    """Decode tokens/s relative to the uncompressed baseline, timed interleaved in the same
+    process: robust to a machine that is uniformly slower or faster."""
+
+    name = "decode_speedup"
+    direction: Direction = "maximize"
+    exclusive = True
+    tasks = CAUSAL_ONLY
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        if context.reference is None:
+            raise ValueError(
+                "decode_speedup needs the baseline model in context.reference; "
+                "slimsearch's worker provides it, a direct caller must set it"
+            )
+        return float(decode_record(model, context)["speedup"])

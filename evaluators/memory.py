@@ -1,0 +1,159 @@
+"""Resident memory of a model while it runs, measured in a process of its own.
+
+The model is pickled to a temporary file and loaded by a fresh Python process, which
+imports what the model's classes need, reads its resident set size (RSS), loads the model
+and runs the workload once (kernels pack their weights on first use, libraries start up);
+frees what it can (``gc``, ``malloc_trim``), resets the peak and runs the workload again;
+then deletes the model and frees again. ``resident_bytes`` is the peak RSS of that second
+run minus the RSS left after the model is gone: the model's weights, kernel layouts,
+activations and KV cache, not the libraries' start-up (``runtime_bytes``, the same for
+every plan). The workload is the task's: a forward pass at the primary latency shape for
+classification, the prompt and ``decode_tokens`` greedy tokens with the KV cache for causal
+LMs. Where the kernel cannot reset the peak, the RSS at the end of the second run is used
+(``peak_reset: false`` in the record).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimsearch.evaluators.base import Direction, EvalContext, LatencySpec
+from slimsearch.evaluators.latency import latency_inputs
+
+TIMEOUT_S = 600
+CHILD = (
+    "import json, sys; from slimsearch.evaluators.memory import child; "
+    "print(json.dumps(child(*sys.argv[1:])))"
+)
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status: resident memory is measured on Linux only")
+
+
+def _settle() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: freed heap may stay counted
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@torch.no_grad()
+def _workload(model: nn.Module, task: str, spec: LatencySpec, vocab_size: int) -> None:
+    inputs = latency_inputs(spec.batch_size, spec.seq_len, vocab_size)
+    if task != "causal-lm":
+        model(**inputs)
+        return
+    out = model(input_ids=inputs["input_ids"], use_cache=True)
+    for _ in range(spec.decode_tokens):
+        token = out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+
+
+def child(path: str, job_json: str) -> dict[str, Any]:
+    """In the fresh process: load ``path``, run the workload, return the measured bytes."""
+    import importlib
+
+    job = json.loads(job_json)
+    for module in job["modules"]:
+        importlib.import_module(module)
+    torch.set_num_threads(job["threads"])
+    spec = LatencySpec(**job["latency"])
+    _settle()
+    before = _status("VmRSS")
+    model = torch.load(path, weights_only=False).eval()
+    _settle()
+    loaded = _status("VmRSS") - before
+    _workload(model, job["task"], spec, job["vocab_size"])
+    _settle()
+    peak_reset = _reset_peak()
+    _workload(model, job["task"], spec, job["vocab_size"])
+    running = _status("VmRSS")
+    peak = _status("VmHWM") if peak_reset else running
+    del model
+    _settle()
+    floor = _status("VmRSS")  # the process with every library the workload woke up, no model
+    return {
+        "resident_bytes": peak - floor,
+        "process_bytes": peak - before,
+        "loaded_bytes": loaded,
+        "runtime_bytes": floor - before,
+        "peak_reset": peak_reset,
+    }
+
+
+def _job(model: nn.Module, context: EvalContext) -> dict[str, Any]:
+    spec = context.latency
+    return {
+        "modules": sorted({type(m).__module__ for m in model.modules()}),
+        "threads": spec.threads,
+        "task": context.task,
+        "vocab_size": context.vocab_size,
+        "latency": {
+            "batch_size": spec.batch_size,
+            "seq_len": spec.seq_len,
+            "decode_tokens": spec.decode_tokens,
+        },
+    }
+
+
+def measure_resident(model: nn.Module, context: EvalContext) -> dict[str, Any]:
+    """Run the measurement in a fresh process; the record it returns (see the module doc)."""
+    job = _job(model, context)
+    with tempfile.TemporaryDirectory(prefix="slimsearch-memory-") as tmp:
+        path = Path(tmp) / "model.pt"
+        torch.save(model, path)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path), json.dumps(job)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError("the memory measurement's process failed: " + " | ".join(tail))
+    record: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    record["workload"] = workload_text(context)
+    return record
+
+
+def workload_text(context: EvalContext) -> str:
+    spec = context.latency
+    if context.task == "causal-lm":
+        return f"prompt {spec.batch_size}x{spec.seq_len} + {spec.decode_tokens} tokens, KV cache"
+    return f"forward {spec.batch_size}x{spec.seq_len}"
+
+
+class ResidentBytes:
+    """Bytes the model holds resident while it runs its task's workload (peak RSS of a fresh
+    process, minus the process before the model was loaded)."""
+
+    name = "memory_bytes"
+    direction: Direction = "minimize"
+    repeatable = False  # the allocator's pages move by a few per cent from run to run
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        if "memory" not in context.records:
+            context.records["memory"] = measure_resident(model, context)
+        return float(context.records["memory"]["resident_bytes"])
