@@ -4,27 +4,22 @@
    replaces (module calls both: what a model runs), timed in alternation in this process,
    at batch 1 and 16 (rows of the matmul), for
    MiniLM's and SmolLM2's Linear shapes (random weights: speed does not depend on values).
-2. Decode (``--decode``): SmolLM2-135M, greedy, KV cache on, batch 1, a fixed 64-token
-   prompt and 32 new tokens: time to first token and decode tokens/s of each plan against
-   the fp32 model, interleaved in one process; and each plan's resident memory, measured in
-   a fresh process (RSS after loading, compressing and generating, minus RSS before the
-   model was loaded; the model's tensors are copied off the baseline's file mapping first,
-   and malloc_trim returns freed heap to the OS).
+2. Decode (``--decode``): SmolLM2-135M, greedy, KV cache on, batch 1, a 64-token prompt
+   from the evaluation text and 32 tokens after the first, measured by the search's own
+   objectives: time to first token and decode tokens/s against the fp32 model, interleaved
+   (``evaluators/decode.py``), and resident memory in a fresh process
+   (``evaluators/memory.py``: peak RSS while generating, minus the process without the model).
 
-    .venv/bin/python benchmarks/kernels.py [--decode] [--threads 2] [--out PATH]
+    .venv/bin/python benchmarks/kernels.py [--decode] [--decode-budget 90] [--threads 2] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -34,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimsearch.evaluators import EvalContext, LatencySpec, measure_decode, measure_resident
 from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
 from slimsearch.spaces.apply import compress_linear
 from slimsearch.spaces.methods import PackedLinear
@@ -133,97 +129,37 @@ def _smollm2() -> tuple[nn.Module, Tensor]:
     return model.eval(), ids
 
 
-@torch.no_grad()
-def generate(model: nn.Module, ids: Tensor) -> tuple[float, float, list[int]]:
-    """(time to first token s, decode tokens/s, the generated tokens): greedy with a KV cache."""
-    start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    first = time.perf_counter() - start
-    tokens, past = [int(token)], out.past_key_values
-    start = time.perf_counter()
-    for _ in range(NEW_TOKENS - 1):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        token, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
-        tokens.append(int(token))
-    decode = (NEW_TOKENS - 1) / (time.perf_counter() - start)
-    return first, decode, tokens
-
-
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def _own_memory(model: nn.Module) -> None:
-    """Copy every tensor the model still holds into memory of its own: the baseline is read
-    through a file mapping, whose pages would count as resident for as long as it is mapped."""
-    copies: dict[int, Tensor] = {}
-    with torch.no_grad():
-        for module in model.modules():
-            for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
-                if tensor is None:
-                    continue
-                if id(tensor) not in copies:  # tied tensors stay one
-                    copies[id(tensor)] = tensor.data.clone()
-                if name in module._parameters:
-                    tensor.data = copies[id(tensor)]
-                else:
-                    module._buffers[name] = copies[id(tensor)]
-
-
-def resident(plan_name: str) -> dict[str, Any]:
-    """In this (fresh) process: the model's resident bytes while it generates under ``plan_name``."""
-    before = _rss()
-    model, ids = _smollm2()
-    apply_plan(model, _plan(model, PLANS[plan_name]))
-    _own_memory(model)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    generate(model, ids)
-    return {"plan": plan_name, "resident_bytes": _rss() - before}
-
-
-def decode_rows(rounds: int) -> list[dict[str, Any]]:
+def decode_rows(threads: int, budget: float) -> list[dict[str, Any]]:
+    """Each plan by the search's own objectives: ``measure_decode`` (interleaved with fp32)
+    and ``measure_resident`` (a fresh process)."""
     base, ids = _smollm2()
-    _, _, want = generate(base, ids)
+    spec = LatencySpec(
+        batch_size=1, seq_len=PROMPT, threads=threads, decode_tokens=NEW_TOKENS, time_budget=budget
+    )
+    vocab = base.get_input_embeddings().num_embeddings  # type: ignore[operator]
     rows = []
     for name, settings in PLANS.items():
-        model = apply_plan(copy.deepcopy(base), _plan(base, settings)).eval() if settings else base
+        plan = _plan(base, settings)
+        model = apply_plan(copy.deepcopy(base), plan).eval() if settings else base
         kernels = sorted({getattr(m, "kernel", "") for m in model.modules()} - {""})
-        firsts, rates, base_firsts, base_rates = [], [], [], []
-        tokens: list[int] = []
-        generate(model, ids)  # warm up: the first call of a model pays for its kernels' packing
-        for _ in range(rounds):
-            first, rate, tokens = generate(model, ids)
-            firsts.append(first)
-            rates.append(rate)
-            first, rate, _ = generate(base, ids)
-            base_firsts.append(first)
-            base_rates.append(rate)
-        memory = json.loads(
-            subprocess.run(
-                [sys.executable, __file__, "--resident", name],
-                check=True,
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-            ).stdout.splitlines()[-1]
-        )
+        decode = measure_decode(model, spec, vocab, reference=base, batches=[{"input_ids": ids}])
+        context = EvalContext(task="causal-lm", batches=[], vocab_size=vocab, plan=plan, latency=spec)
+        memory = measure_resident(model, context)
         row = {
             "plan": name,
             "kernels": kernels,
-            "ttft_ms": statistics.median(firsts) * 1e3,
-            "fp32_ttft_ms": statistics.median(base_firsts) * 1e3,
-            "tokens_per_s": statistics.median(rates),
-            "fp32_tokens_per_s": statistics.median(base_rates),
-            "same_tokens_as_fp32": sum(a == b for a, b in zip(tokens, want, strict=True)),
+            "ttft_ms": decode["ttft_ms"],
+            "fp32_ttft_ms": decode["ttft"]["baseline_median_ms"],
+            "tokens_per_s": decode["tokens_per_s"],
+            "fp32_tokens_per_s": 1000.0 / decode["decode"]["baseline_median_ms"],
+            "decode_speedup": decode["speedup"],
+            "decode_speedup_ci95": decode["speedup_ci95"],
+            "ttft_ratio": decode["ttft_ratio"],
+            "noisy": decode["noisy"],
+            "same_tokens_as_fp32": decode["same_tokens_as_baseline"],
             "resident_bytes": memory["resident_bytes"],
+            "memory": memory,
         }
-        row["ttft_ratio"] = row["ttft_ms"] / row["fp32_ttft_ms"]
-        row["decode_speedup"] = row["tokens_per_s"] / row["fp32_tokens_per_s"]
         rows.append(row)
         print(
             f"decode {name}: {row['tokens_per_s']:.1f} tok/s (x{row['decode_speedup']:.2f} fp32), "
@@ -259,7 +195,7 @@ def table(result: dict[str, Any]) -> str:
     if result.get("decode"):
         lines += [
             "",
-            f"SmolLM2-135M decode, batch 1, {PROMPT}-token prompt, {NEW_TOKENS} new tokens "
+            f"SmolLM2-135M decode, batch 1, {PROMPT}-token prompt, {NEW_TOKENS} tokens after the first "
             f"(greedy, KV cache), {result['threads']} threads:",
             "",
             "| plan | kernels | decode tok/s | vs fp32 | time to first token vs fp32 | resident MB "
@@ -271,7 +207,7 @@ def table(result: dict[str, Any]) -> str:
                 f"| {row['plan']} | {', '.join(row['kernels']) or 'fp32'} | {row['tokens_per_s']:.1f} | "
                 f"{row['decode_speedup']:.2f}x | {row['ttft_ratio']:.2f}x | "
                 f"{row['resident_bytes'] / 1e6:.0f} | "
-                f"{row['resident_ratio']:.2f}x | {row['same_tokens_as_fp32']}/{NEW_TOKENS} |"
+                f"{row['resident_ratio']:.2f}x | {row['same_tokens_as_fp32']}/{NEW_TOKENS + 1} |"
             )
     return "\n".join(lines)
 
@@ -283,14 +219,12 @@ def main() -> None:
     parser.add_argument("--decode", action="store_true", help="also time SmolLM2 decoding and its memory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per layer and format")
-    parser.add_argument("--decode-rounds", type=int, default=3)
+    parser.add_argument(
+        "--decode-budget", type=float, default=90.0, help="seconds per plan's decode measurement"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kernels.json"))
-    parser.add_argument("--resident", help=argparse.SUPPRESS)  # internal: one plan's memory
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.resident:
-        print(json.dumps(resident(args.resident)))
-        return
     result: dict[str, Any] = {
         "torch": torch.__version__,
         "cpu": torch.backends.cpu.get_cpu_capability(),
@@ -299,7 +233,7 @@ def main() -> None:
         "layers": layer_rows(args.rounds),
     }
     if args.decode:
-        result["decode"] = decode_rows(args.decode_rounds)
+        result["decode"] = decode_rows(args.threads, args.decode_budget)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
