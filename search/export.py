@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from slimsearch.evaluators import EvalContext, LatencySpec, make_evaluator
 from slimsearch.evaluators.latency import measure_all
-from slimsearch.search import models
+from slimsearch.search import gguf_export, models
 from slimsearch.search.log import quiet_libraries, say
 from slimsearch.search.study_file import StudyError
 from slimsearch.search.worker import (
@@ -54,6 +54,7 @@ CARD_FILE = "README.md"
 EXPORT_FORMAT = 1
 # Objectives that export measures itself: size is the written file, latency is interleaved.
 MEASURED_HERE = ("size_bytes", "latency_ms")
+FORMATS = ("hf", "gguf")
 
 
 # -- latency ------------------------------------------------------------------------------
@@ -332,6 +333,7 @@ def model_card(report: ExportReport) -> str:
     lines += [f"- {n} x {path}" for path, n in sorted(report.paths.items(), key=lambda kv: -kv[1])] or [
         "- none"
     ]
+    lines += _gguf_card(report.gguf)
     lines += [
         "",
         "## Load it",
@@ -348,6 +350,42 @@ def model_card(report: ExportReport) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _gguf_card(gguf: Mapping[str, Any] | None) -> list[str]:
+    if gguf is None:
+        return []
+    back = gguf["read_back"]
+    inexact = ", ".join(back["inexact"])[:300]
+    types = ", ".join(f"{n} x {t}" for t, n in gguf["tensor_types"].items())
+    lines = [
+        "",
+        "## GGUF (llama.cpp)",
+        "",
+        f"- `{gguf['file']}`: {gguf['bytes']} bytes; tensors {types}. Each layer's stored codes are "
+        "written in the GGUF type that holds them (4/3/2 bits: Q4_1; 8 bits: Q8_0 with the row "
+        "scale rounded to fp16; bf16: BF16).",
+        f"- Read back with the `gguf` package and dequantized: {back['bit_exact']} of {back['tensors']} "
+        f"tensors bit for bit the weights this model computes with; largest relative difference "
+        f"{back['max_relative_error']:.2g}" + (f" ({inexact})" if inexact else "") + ".",
+        f"- Tokenizer: {gguf['tokenizer']}.",
+    ]
+    check = gguf["llama_cpp"]
+    if "error" in check:
+        lines.append(f"- Not checked in llama.cpp here: {check['error']}.")
+    else:
+        versus = (
+            f" against {check['slimsearch_perplexity']:.4g} measured by slimsearch on the same tokens "
+            f"({(check['ratio'] - 1) * 100:+.2f}%)"
+            if "ratio" in check
+            else ""
+        )
+        lines.append(
+            f"- Checked in {check['runtime']}: perplexity {check['perplexity']:.4g} on {check['tokens']} "
+            f"scored tokens{versus}. llama.cpp computes Q4_1/Q8_0 layers with activations quantized to "
+            "8 bits per block of 32, slimsearch with bf16 activations: small differences are expected."
+        )
+    return lines
 
 
 # -- exporting a trial --------------------------------------------------------------------
@@ -437,12 +475,34 @@ class ExportReport:
     created: str = ""
     state_sha256: str = ""
     identical: bool | None = None  # the rebuild's state equals the searched model's (None: unknown)
+    gguf: dict[str, Any] | None = None  # --format gguf: what was written and how it checked
 
     def info(self) -> dict[str, Any]:
         data = asdict(self)
         data["out"] = str(self.out)
         data["latency"] = asdict(self.latency)
         return data
+
+
+def _write_gguf(
+    model: nn.Module,
+    tokenizer: Any,
+    out: Path,
+    spec: Any,
+    batches: list[dict[str, Tensor]],
+    measured: Mapping[str, float],
+) -> dict[str, Any]:
+    path = out / gguf_export.GGUF_FILE
+    say(f"writing {path.name}")
+    written = gguf_export.write_gguf(model, tokenizer, path, models.source_gguf(spec))
+    written["read_back"] = gguf_export.read_back(path, model)
+    say(f"checking {path.name} in llama.cpp")
+    check = gguf_export.llama_cpp_perplexity(path, batches, spec.latency.threads)
+    if "perplexity" in check and "perplexity" in measured:
+        check["slimsearch_perplexity"] = measured["perplexity"]
+        check["ratio"] = check["perplexity"] / measured["perplexity"]
+    written["llama_cpp"] = check
+    return written
 
 
 def _eval_sizes(batches: list[dict[str, Tensor]], task: str) -> tuple[int, int]:
@@ -461,13 +521,16 @@ def export_trial(
     overwrite: bool = False,
     repeats: int | None = None,
     allow_mismatch: bool = False,
+    format: str = "hf",
 ) -> ExportReport:
     """Rebuild ``trial`` of ``run`` from its plan and the baseline folder, check that it is
     the model the search measured (the same state digest, and the same quality on the full
     test split), and write an export folder at ``out``.
 
     A rebuild that differs is refused (``ExportMismatch``) unless ``allow_mismatch``; then the
-    export is written and its card says so."""
+    export is written and its card says so. ``format="gguf"`` also writes ``model.gguf``
+    (Llama-architecture decoders, see gguf_export.py), reads it back and, where llama.cpp is
+    installed, measures its perplexity there; a plan GGUF cannot express is refused first."""
     from slimsearch.search.results import Run, open_run
 
     run = run if isinstance(run, Run) else open_run(run)
@@ -481,6 +544,10 @@ def export_trial(
     baseline_dir = run.baseline_dir()
     out = Path(out).resolve()
     check_out_folder(out, overwrite)  # before minutes of work, not after
+    if format not in FORMATS:
+        raise StudyError(f"--format {format!r}: choose one of {list(FORMATS)}")
+    if format == "gguf":
+        gguf_export.check_plan(plan, models.model_type(baseline_dir), spec.task.kind)
     torch.set_num_threads(spec.latency.threads)
 
     job = TrialJob(
@@ -566,6 +633,8 @@ def export_trial(
     report.size_bytes = size
     report.measured["size_bytes"] = float(size)
     report.measured.setdefault("latency_ms", latency.candidate_ms)
+    if format == "gguf":
+        report.gguf = _write_gguf(candidate, tokenizer, out, spec, batches, report.measured)
     (out / INFO_FILE).write_text(
         json.dumps({"format": EXPORT_FORMAT, **report.info()}, indent=2, default=str)
     )

@@ -96,6 +96,21 @@ def _from_config(spec: StudySpec) -> tuple[Any, Any]:
     return model, _word_tokenizer(texts, cfg.vocab_size)
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def source_gguf(spec: StudySpec) -> Path | None:
+    """The GGUF file the baseline was read from (its tokenizer and metadata), if any."""
+    if spec.model.source == "builtin:smollm2-135m":
+        return assets.smollm2_folder(spec.cache) / SMOLLM2_GGUF
+    return None
+
+
+def model_type(folder: Path) -> str:
+    """The ``model_type`` of a baseline folder's config."""
+    return str(json.loads((folder / "config.json").read_text()).get("model_type", "unknown"))
+
+
 def _load_smollm2(cache: Path) -> tuple[Any, Any]:
     if importlib.util.find_spec("gguf") is None:
         raise RuntimeError(
@@ -105,7 +120,7 @@ def _load_smollm2(cache: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     folder = assets.smollm2_folder(cache)
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = SMOLLM2_GGUF
     say("dequantizing SmolLM2 from GGUF (about 20 s, once); its weights carry Q4_1 rounding")
     loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)

@@ -21,6 +21,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         overwrite=args.force,
         repeats=args.repeats,
         allow_mismatch=args.allow_mismatch,
+        format=args.format,
     )
     lat = report.latency
     print(f"exported trial {report.trial} of {report.study} to {report.out}")
@@ -35,6 +36,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
     )
     print(f"  weights: {report.size_bytes} bytes in {report.out / 'model.safetensors'}")
     print(f"  load it: slimsearch.load({str(report.out)!r})")
+    if report.gguf is not None:
+        g = report.gguf
+        back = g["read_back"]
+        print(
+            f"  GGUF: {report.out / g['file']} ({g['bytes']} bytes; {g['tensor_types']}); read back: "
+            f"{back['bit_exact']}/{back['tensors']} tensors bit-exact, max relative error "
+            f"{back['max_relative_error']:.2g}"
+        )
+        check = g["llama_cpp"]
+        if "error" in check:
+            print(f"  not checked in llama.cpp: {check['error']}")
+        else:
+            print(
+                f"  llama.cpp perplexity {check['perplexity']:.4g} on {check['tokens']} tokens"
+                + (f" ({check['ratio']:.4f}x slimsearch's)" if "ratio" in check else "")
+            )
     return 0
 
 
@@ -65,6 +82,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "--allow-mismatch",
         action="store_true",
         help="write the export even when the rebuild differs from the searched model (the card says so)",
+    )
+    exp.add_argument(
+        "--format",
+        choices=["hf", "gguf"],
+        default="hf",
+        help="hf: the slimsearch folder (always written); gguf: also model.gguf for llama.cpp "
+        "(Llama-architecture decoders), read back and scored in llama.cpp where it is installed",
     )
     exp.set_defaults(func=_cmd_export)
 
