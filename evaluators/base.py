@@ -17,6 +17,9 @@ Direction = Literal["minimize", "maximize"]
 TaskKind = Literal["classification", "causal-lm"]
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
 @dataclass(frozen=True)
 class LatencySpec:
     """How latency is measured (see evaluators/latency.py for the protocol).
@@ -30,7 +33,10 @@ class LatencySpec:
     0 turns either off. ``time_budget``: seconds one measurement (all shapes, warm-up and
     retries) may take; past it the best attempt so far is kept and flagged ``noisy`` (0: no
     limit). ``decode_tokens``: how many tokens the decode evaluators generate after the
-    first (causal LMs; the prompt is ``seq_len`` tokens).
+    first (causal LMs; the prompt is ``seq_len`` tokens). ``backend``: the runtime the
+    latency objectives time the model in, ``torch`` or ``onnxruntime`` (classifiers: the
+    model and the baseline are exported to ONNX with the operators of their stored formats
+    and timed in ONNX Runtime, see spaces/onnx.py).
     """
 
     batch_size: int = 1
@@ -47,6 +53,7 @@ class LatencySpec:
     target: str | None = None
     time_budget: float = 60.0
     decode_tokens: int = 32
+    backend: str = "torch"
 
     def __post_init__(self) -> None:
         for name in (
@@ -75,6 +82,8 @@ class LatencySpec:
                 raise ValueError(
                     f"latency.shapes: {shape!r} is not a [batch_size, seq_len] pair of positive ints"
                 )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"latency.backend={self.backend!r}: choose one of {list(BACKENDS)}")
         if self.target is not None and (not isinstance(self.target, str) or not self.target):
             raise ValueError(f"latency.target={self.target!r}: give the name of a Ray custom resource")
 

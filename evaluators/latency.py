@@ -86,6 +86,7 @@ def cpu_model() -> str:
 def environment(spec: LatencySpec) -> dict[str, Any]:
     return {
         "cpu": cpu_model(),
+        "backend": spec.backend,
         "threads": spec.threads,
         "torch": torch.__version__,
         "node": platform.node(),
@@ -261,8 +262,16 @@ def measure_all(model: nn.Module, context: EvalContext, reference: nn.Module | N
     if "latency" not in context.records:
         spec = context.latency
         deadline = time.monotonic() + spec.time_budget if spec.time_budget > 0 else math.inf
-        shapes = [measure(model, spec, context.vocab_size, reference, s, deadline) for s in spec.all_shapes()]
-        record: dict[str, Any] = {"shapes": shapes, "environment": environment(spec)}
+        extra: dict[str, Any] = {}
+        if spec.backend == "onnxruntime":
+            from slimsearch.evaluators.onnx_backend import measure_onnx
+
+            shapes, extra = measure_onnx(model, spec, context.vocab_size, reference, deadline)
+        else:
+            shapes = [
+                measure(model, spec, context.vocab_size, reference, s, deadline) for s in spec.all_shapes()
+            ]
+        record: dict[str, Any] = {"shapes": shapes, "environment": environment(spec) | extra}
         record["median_ms"] = sum(s["median_ms"] for s in shapes)
         if all("ratio" in s for s in shapes):
             record["ratio"] = statistics.geometric_mean([s["ratio"] for s in shapes])

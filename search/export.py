@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from slimsearch.evaluators import EvalContext, LatencySpec, make_evaluator
 from slimsearch.evaluators.latency import measure_all
-from slimsearch.search import gguf_export, models
+from slimsearch.search import gguf_export, models, onnx_check
 from slimsearch.search.log import quiet_libraries, say
 from slimsearch.search.study_file import StudyError
 from slimsearch.search.worker import (
@@ -54,7 +54,7 @@ CARD_FILE = "README.md"
 EXPORT_FORMAT = 1
 # Objectives that export measures itself: size is the written file, latency is interleaved.
 MEASURED_HERE = ("size_bytes", "latency_ms")
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "onnx")
 
 
 # -- latency ------------------------------------------------------------------------------
@@ -333,7 +333,7 @@ def model_card(report: ExportReport) -> str:
     lines += [f"- {n} x {path}" for path, n in sorted(report.paths.items(), key=lambda kv: -kv[1])] or [
         "- none"
     ]
-    lines += _gguf_card(report.gguf)
+    lines += _gguf_card(report.gguf) + onnx_check.card(report.onnx)
     lines += [
         "",
         "## Load it",
@@ -476,6 +476,7 @@ class ExportReport:
     state_sha256: str = ""
     identical: bool | None = None  # the rebuild's state equals the searched model's (None: unknown)
     gguf: dict[str, Any] | None = None  # --format gguf: what was written and how it checked
+    onnx: dict[str, Any] | None = None  # --format onnx: the same
 
     def info(self) -> dict[str, Any]:
         data = asdict(self)
@@ -548,6 +549,8 @@ def export_trial(
         raise StudyError(f"--format {format!r}: choose one of {list(FORMATS)}")
     if format == "gguf":
         gguf_export.check_plan(plan, models.model_type(baseline_dir), spec.task.kind)
+    if format == "onnx":
+        onnx_check.check_task(spec.task.kind)
     torch.set_num_threads(spec.latency.threads)
 
     job = TrialJob(
@@ -635,6 +638,10 @@ def export_trial(
     report.measured.setdefault("latency_ms", latency.candidate_ms)
     if format == "gguf":
         report.gguf = _write_gguf(candidate, tokenizer, out, spec, batches, report.measured)
+    if format == "onnx":
+        report.onnx = onnx_check.write_and_check(
+            candidate, base_model, out, spec.latency, batches, len(tokenizer)
+        )
     (out / INFO_FILE).write_text(
         json.dumps({"format": EXPORT_FORMAT, **report.info()}, indent=2, default=str)
     )

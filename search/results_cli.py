@@ -52,6 +52,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 f"  llama.cpp perplexity {check['perplexity']:.4g} on {check['tokens']} tokens"
                 + (f" ({check['ratio']:.4f}x slimsearch's)" if "ratio" in check else "")
             )
+    if report.onnx is not None:
+        o = report.onnx
+        print(
+            f"  ONNX: {report.out / o['file']} ({o['bytes']} bytes; {o['operators']}); in {o['runtime']}: "
+            f"accuracy {o['accuracy']:.2f} (baseline {o['baseline_accuracy']:.2f}), latency "
+            f"{o['latency_ratio']:.3f}x the baseline's"
+        )
     return 0
 
 
@@ -85,10 +92,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     exp.add_argument(
         "--format",
-        choices=["hf", "gguf"],
+        choices=["hf", "gguf", "onnx"],
         default="hf",
         help="hf: the slimsearch folder (always written); gguf: also model.gguf for llama.cpp "
-        "(Llama-architecture decoders), read back and scored in llama.cpp where it is installed",
+        "(Llama-architecture decoders), read back and scored in llama.cpp where it is installed; "
+        "onnx: also model.onnx (classifiers), its accuracy and latency checked in ONNX Runtime",
     )
     exp.set_defaults(func=_cmd_export)
 

@@ -427,6 +427,20 @@ def _constraints(data: Mapping[str, Any], objectives: tuple[ObjectiveSpec, ...])
     return out
 
 
+def _check_onnxruntime(kind: str) -> None:
+    import importlib.util
+
+    if kind != "classification":
+        raise StudyError(
+            f"latency.backend: onnxruntime times classifiers (encoders) here, and task.kind is {kind!r}; "
+            "use backend torch (the decode objectives time generation there)"
+        )
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        raise StudyError(
+            "latency.backend: onnxruntime needs the onnxruntime and onnx packages: pip install -e '.[onnx]'"
+        )
+
+
 def _distill(data: Mapping[str, Any]) -> DistillSpec:
     from slimsearch.spaces.methods.distill import DistillRecipe
 
@@ -531,6 +545,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
             "target",
             "time_budget",
             "decode_tokens",
+            "backend",
         },
     )
     if lat.get("time_budget") not in (None, 0):
@@ -546,6 +561,8 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         latency = LatencySpec(**lat)
     except (TypeError, ValueError) as exc:
         raise StudyError(str(exc)) from None
+    if latency.backend == "onnxruntime":
+        _check_onnxruntime(task.kind)
 
     smp = _section(data, "sampler", {"name", "seed", "population_size"})
     sampler = SamplerSpec(

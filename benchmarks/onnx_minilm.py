@@ -1,0 +1,174 @@
+"""MiniLM plans timed in torch and in ONNX Runtime, beside ORT's own dynamic int8.
+
+For each plan (every Linear of the blocks at one width): accuracy on the study's test split
+in torch and in ORT (the plan exported with spaces/onnx.py), and latency at batch 1 x 64
+tokens against the fp32 model in the same runtime, by the latency protocol (interleaved,
+bootstrap interval). The peer row is ``onnxruntime.quantization.quantize_dynamic`` applied
+to the fp32 ONNX model (its own int8 weights, per tensor), timed against the same fp32 ORT
+session.
+
+    .venv/bin/python benchmarks/onnx_minilm.py [--threads 2] [--budget 60] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from methods import data, minilm_spec, quality  # benchmarks/methods.py
+from torch import nn
+
+from slimsearch.evaluators import LatencySpec, measure
+from slimsearch.evaluators.latency import latency_inputs, measure_timers
+from slimsearch.evaluators.onnx_backend import _timer
+from slimsearch.search import models
+from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
+from slimsearch.spaces.onnx import export_onnx, session
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCKS = r"re:.*encoder\.layer\.\d+\..*"
+PLANS: dict[str, dict[str, Any]] = {
+    "fp32": {},
+    "int8 W8A8": {"bits": 8},
+    "int8 W8A8 + table int8": {"bits": 8, "table": 8},
+    "int8 weight-only": {"bits": 8, "weight_only": True},
+    "int4 g64": {"bits": 4},
+}
+
+
+def _plan(model: nn.Module, settings: dict[str, Any]) -> CompressionPlan:
+    settings = dict(settings)
+    layers = {}
+    table = settings.pop("table", None)
+    if settings:
+        layers[BLOCKS] = LayerSettings(**settings)
+    if table:
+        name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())  # type: ignore[operator]
+        layers[name] = LayerSettings(bits=table)
+    return CompressionPlan(layers=layers)
+
+
+def ort_accuracy(sess: Any, batches: list[dict[str, torch.Tensor]]) -> float:
+    correct = total = 0
+    for b in batches:
+        feeds = {"input_ids": b["input_ids"].numpy(), "attention_mask": b["attention_mask"].numpy()}
+        pred = np.asarray(sess.run(None, feeds)[0]).argmax(-1)
+        correct += int((pred == b["labels"].numpy()).sum())
+        total += int(b["labels"].numel())
+    return 100.0 * correct / total
+
+
+def ort_ratio(sess: Any, base: Any, spec: LatencySpec, vocab: int) -> dict[str, Any]:
+    feeds = {k: v.numpy() for k, v in latency_inputs(spec.batch_size, spec.seq_len, vocab).items()}
+    return measure_timers(_timer(sess, feeds), _timer(base, feeds), spec, "bench-ort", math.inf)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds per latency measurement")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_minilm.json"))
+    args = parser.parse_args()
+    import onnxruntime
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    torch.set_num_threads(args.threads)
+    spec = minilm_spec()
+    folder = models.prepare_baseline(spec)
+    base, tokenizer = models.load_baseline(folder, "classification")
+    base.eval()
+    batches, _ = data(spec, tokenizer)
+    vocab = len(tokenizer)
+    latency = LatencySpec(
+        batch_size=1, seq_len=64, threads=args.threads, warmup=5, repeats=20, time_budget=args.budget
+    )
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        export_onnx(base, fp32_path, vocab)
+        base_sess = session(fp32_path, args.threads)
+        for name, settings in PLANS.items():
+            model = apply_plan(copy.deepcopy(base), _plan(base, settings)).eval() if settings else base
+            path = Path(tmp) / "plan.onnx"
+            ops = export_onnx(model, path, vocab)
+            sess = session(path, args.threads)
+            torch_lat = measure(model, latency, vocab, reference=base)
+            ort_lat = ort_ratio(sess, base_sess, latency, vocab)
+            row = {
+                "plan": name,
+                "onnx_ops": sorted(set(ops.values())),
+                "torch_accuracy": quality(model, "classification", batches),
+                "ort_accuracy": ort_accuracy(sess, batches),
+                "torch_ratio": torch_lat["ratio"],
+                "torch_ratio_ci95": torch_lat["ratio_ci95"],
+                "ort_ratio": ort_lat["ratio"],
+                "ort_ratio_ci95": ort_lat["ratio_ci95"],
+                "ort_fp32_ms": ort_lat["baseline_median_ms"],
+                "torch_fp32_ms": torch_lat["baseline_median_ms"],
+                "noisy": bool(torch_lat["noisy"] or ort_lat["noisy"]),
+            }
+            rows.append(row)
+            print(
+                f"{name}: accuracy torch {row['torch_accuracy']:.1f} / ORT {row['ort_accuracy']:.1f}; "
+                f"latency vs fp32: torch {row['torch_ratio']:.2f}x, ORT {row['ort_ratio']:.2f}x",
+                flush=True,
+            )
+        peer_path = Path(tmp) / "ort-int8.onnx"
+        quantize_dynamic(str(fp32_path), str(peer_path), weight_type=QuantType.QInt8)
+        peer = session(peer_path, args.threads)
+        peer_lat = ort_ratio(peer, base_sess, latency, vocab)
+        rows.append(
+            {
+                "plan": "ORT quantize_dynamic int8 (peer)",
+                "onnx_ops": ["ORT's own"],
+                "torch_accuracy": None,
+                "ort_accuracy": ort_accuracy(peer, batches),
+                "torch_ratio": None,
+                "ort_ratio": peer_lat["ratio"],
+                "ort_ratio_ci95": peer_lat["ratio_ci95"],
+                "ort_fp32_ms": peer_lat["baseline_median_ms"],
+                "noisy": bool(peer_lat["noisy"]),
+            }
+        )
+    result = {
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "shape": [latency.batch_size, latency.seq_len],
+        "baseline_accuracy": rows[0]["torch_accuracy"],
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(f"wrote {out}")
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        "| plan | ONNX operators | accuracy torch | accuracy ORT | latency vs fp32, torch "
+        "| latency vs fp32, ORT |",
+        "|---" * 6 + "|",
+    ]
+    for r in result["rows"]:
+        acc_t = f"{r['torch_accuracy']:.1f}" if r["torch_accuracy"] is not None else "-"
+        lat_t = f"{r['torch_ratio']:.2f}x" if r["torch_ratio"] is not None else "-"
+        lines.append(
+            f"| {r['plan']} | {', '.join(r['onnx_ops']) or 'MatMul'} | {acc_t} | {r['ort_accuracy']:.1f} | "
+            f"{lat_t} | {r['ort_ratio']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

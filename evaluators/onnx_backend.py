@@ -1,0 +1,73 @@
+"""Latency in ONNX Runtime (``latency.backend: onnxruntime``): the candidate and the baseline
+are each exported to ONNX with the operators of their stored formats (spaces/onnx.py) and
+timed in ONNX Runtime CPU sessions by the same protocol as in torch (warm-up, interleaved
+passes, bootstrap interval, noise gates), so a classifier's front shows the speed a user
+gets when deploying with ORT. The baseline's session is made once per process.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from slimsearch.evaluators.base import LatencySpec
+from slimsearch.evaluators.latency import latency_inputs, measure_timers, quiet_key
+from slimsearch.spaces.onnx import export_onnx, session
+
+_BASELINES: weakref.WeakKeyDictionary[nn.Module, dict[int, Any]] = weakref.WeakKeyDictionary()
+
+
+def onnx_session(model: nn.Module, vocab_size: int, threads: int) -> tuple[Any, dict[str, str]]:
+    """An ORT session of ``model`` (exported to a temporary file, gone once loaded) and the
+    ONNX operator of each packed Linear."""
+    with tempfile.TemporaryDirectory(prefix="slimsearch-onnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ops = export_onnx(model, path, vocab_size)
+        return session(path, threads), ops
+
+
+def _baseline_session(reference: nn.Module, vocab_size: int, threads: int) -> Any:
+    sessions = _BASELINES.setdefault(reference, {})
+    if threads not in sessions:
+        sessions[threads] = onnx_session(reference, vocab_size, threads)[0]
+    return sessions[threads]
+
+
+def _timer(sess: Any, feeds: dict[str, Any]) -> Callable[[], float]:
+    def once() -> float:
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        return (time.perf_counter() - start) * 1000.0
+
+    return once
+
+
+def measure_onnx(
+    model: nn.Module, spec: LatencySpec, vocab_size: int, reference: nn.Module | None, deadline: float
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every configured shape timed in ORT; and what ran (runtime version, operators)."""
+    import onnxruntime
+
+    cand, ops = onnx_session(model, vocab_size, spec.threads)
+    base = None
+    if reference is not None:
+        base = cand if reference is model else _baseline_session(reference, vocab_size, spec.threads)
+    shapes = []
+    for batch, seq in spec.all_shapes():
+        feeds = {k: v.numpy() for k, v in latency_inputs(batch, seq, vocab_size).items()}
+        run_base = _timer(base, feeds) if base is not None else None
+        key = "ort-" + quiet_key(batch, seq, spec.threads, reference)
+        result = measure_timers(_timer(cand, feeds), run_base, spec, key, deadline)
+        shapes.append({"batch_size": batch, "seq_len": seq} | result)
+    extra = {
+        "backend": f"onnxruntime {onnxruntime.__version__}",
+        "onnx_ops": dict(sorted(Counter(ops.values()).items())),
+    }
+    return shapes, extra

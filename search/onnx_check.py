@@ -1,0 +1,100 @@
+"""``slimsearch export --format onnx``: a classifier as ONNX (spaces/onnx.py), checked in
+ONNX Runtime: accuracy on the study's test split and latency against the baseline's own
+ONNX model there."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor, nn
+
+from slimsearch.evaluators import LatencySpec
+from slimsearch.evaluators.latency import latency_inputs, measure_timers
+from slimsearch.search.study_file import StudyError
+
+ONNX_FILE = "model.onnx"
+
+
+def check_task(kind: str) -> None:
+    if kind != "classification":
+        raise StudyError(
+            f"--format onnx writes classifiers (encoders) here; this study's task is {kind!r}: "
+            "export a causal LM with --format gguf"
+        )
+
+
+def accuracy(sess: Any, batches: list[dict[str, Tensor]]) -> float:
+    correct = total = 0
+    for batch in batches:
+        feeds = {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()}
+        pred = np.asarray(sess.run(None, feeds)[0]).argmax(-1)
+        correct += int((pred == batch["labels"].numpy()).sum())
+        total += int(batch["labels"].numel())
+    return 100.0 * correct / max(total, 1)
+
+
+def write_and_check(
+    model: nn.Module,
+    baseline: nn.Module,
+    out: Path,
+    spec: LatencySpec,
+    batches: list[dict[str, Tensor]],
+    vocab_size: int,
+) -> dict[str, Any]:
+    """Write ``out/model.onnx`` and measure it in ORT (accuracy, latency vs the baseline)."""
+    import onnxruntime
+
+    from slimsearch.evaluators.onnx_backend import _timer
+    from slimsearch.search.log import say
+    from slimsearch.spaces.onnx import export_onnx, session
+
+    path = out / ONNX_FILE
+    say(f"writing {path.name} and checking it in ONNX Runtime")
+    ops = export_onnx(model, path, vocab_size)
+    sess = session(path, spec.threads)
+    with tempfile.TemporaryDirectory(prefix="slimsearch-onnx-") as tmp:
+        base_path = Path(tmp) / "baseline.onnx"
+        export_onnx(baseline, base_path, vocab_size)
+        base = session(base_path, spec.threads)
+    feeds = {k: v.numpy() for k, v in latency_inputs(spec.batch_size, spec.seq_len, vocab_size).items()}
+    timed = measure_timers(_timer(sess, feeds), _timer(base, feeds), spec, "export-ort", math.inf)
+    counts: dict[str, int] = {}
+    for op in ops.values():
+        counts[op] = counts.get(op, 0) + 1
+    return {
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "operators": dict(sorted(counts.items())),
+        "runtime": f"onnxruntime {onnxruntime.__version__}",
+        "accuracy": accuracy(sess, batches),
+        "baseline_accuracy": accuracy(base, batches),
+        "latency_ratio": timed["ratio"],
+        "latency_ratio_ci95": list(timed["ratio_ci95"]),
+        "latency_ms": timed["median_ms"],
+        "baseline_latency_ms": timed["baseline_median_ms"],
+        "noisy": bool(timed["noisy"]),
+        "shape": [spec.batch_size, spec.seq_len],
+    }
+
+
+def card(onnx: dict[str, Any] | None) -> list[str]:
+    if onnx is None:
+        return []
+    ops = ", ".join(f"{n} x {op}" for op, n in onnx["operators"].items())
+    low, high = onnx["latency_ratio_ci95"]
+    return [
+        "",
+        "## ONNX (ONNX Runtime)",
+        "",
+        f"- `{onnx['file']}`: {onnx['bytes']} bytes; packed Linears as {ops} (stored codes as they are; "
+        "MatMul where ORT has no kernel for the format, on the same fp32 values).",
+        f"- Checked in {onnx['runtime']} (CPU): accuracy {onnx['accuracy']:.2f} on the test split "
+        f"(the baseline's ONNX model: {onnx['baseline_accuracy']:.2f}); latency at batch x sequence "
+        f"{onnx['shape'][0]} x {onnx['shape'][1]}: {onnx['latency_ms']:.3f} ms vs "
+        f"{onnx['baseline_latency_ms']:.3f} ms, ratio {onnx['latency_ratio']:.3f} (95% interval "
+        f"{low:.3f}-{high:.3f})" + (" - the machine was noisy." if onnx["noisy"] else "."),
+    ]

@@ -1,0 +1,208 @@
+"""ONNX for ONNX Runtime: a compressed encoder written with the operators that run its
+stored codes, so ORT computes what slimsearch scored and at the speed its kernels give.
+
+Per packed Linear (what ``onnx_ops`` reports):
+- ``bits: 8`` (W8A8): ``DynamicQuantizeLinear`` on the activations (per tensor, uint8) and
+  ``MatMulInteger`` on the stored int8 codes, rescaled by the row scales: ORT's dynamic
+  int8, with slimsearch's codes instead of codes it would choose again;
+- ``bits: 4``, ``3``, ``2`` and ``weight_only`` int8: ``MatMulNBits`` (ORT's weight-only
+  kernel; com.microsoft domain) holding the stored codes, scales and, as float zero points,
+  the offsets (``code * scale + offset == (code - zero) * scale``); 3- and 2-bit codes in
+  4-bit slots;
+- anything else (fp32, bf16, sparse, a shape the kernel cannot take): ``MatMul`` on the fp32
+  values the layer computes with (the same function; no speed claimed for it).
+AWQ's input scale becomes a ``Div`` before the matmul. Embedding tables are written as
+fp32 tables of their values. Low-rank layers are their two factors, each as above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slimsearch.spaces.methods import PackedEmbedding, PackedLinear
+from slimsearch.spaces.methods.packed import TiedHead
+from slimsearch.spaces.methods.quantize import GROUPED_BITS, group_size_for
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+NBITS_BLOCKS = (16, 32, 64, 128, 256)
+# The layers being exported, by id, with the fp32 weight they compute with (symbolic reads them).
+_LAYERS: dict[int, tuple[PackedLinear, Tensor]] = {}
+
+
+def onnx_op(layer: PackedLinear) -> str:
+    """The ONNX operator that computes ``layer`` (see the module docstring)."""
+    if layer.sparse:
+        return "MatMul"
+    if layer.bits == 8 and not layer.weight_only:
+        return "MatMulInteger"
+    if layer.bits == 8 and layer.in_features % 16 == 0:
+        return "MatMulNBits"
+    if layer.bits in GROUPED_BITS and group_size_for(layer.in_features, layer.group) in NBITS_BLOCKS:
+        return "MatMulNBits"
+    return "MatMul"
+
+
+def _const(g: Any, tensor: Tensor) -> Any:
+    return g.op("Constant", value_t=tensor.contiguous())
+
+
+def _nbits_inputs(layer: PackedLinear) -> tuple[Tensor, Tensor, Tensor, int, int]:
+    """(B uint8 [N, blocks, blob], scales [N * blocks], float zero points, bits, block size)."""
+    codes = layer._dense_stored()
+    rows, cols = codes.shape
+    if layer.bits == 8:
+        block = 32 if cols % 32 == 0 else 16
+        blocks = cols // block
+        q = (codes.to(torch.int16) + 128).to(torch.uint8).view(rows, blocks, block)
+        scale = layer.scale.float().view(rows, 1).expand(rows, blocks).contiguous()
+        zero = torch.full((rows, blocks), 128, dtype=torch.uint8)  # symmetric codes, shifted
+        return q, scale.reshape(-1), zero, 8, block
+    block = group_size_for(cols, layer.group)
+    blocks = -(-cols // block)
+    padded = F.pad(codes.to(torch.uint8), (0, blocks * block - cols)).view(rows, blocks, block)
+    packed = padded[..., 0::2] | (padded[..., 1::2] << 4)
+    scale = layer.scale.float()
+    offset = layer.offset.float()
+    # A group of equal values may have scale 0: a tiny scale keeps (code - zero) * scale at
+    # its offset, to a relative 1e-6.
+    scale = torch.where(scale == 0, 1e-6 * offset.abs().clamp_min(1e-12), scale)
+    zero = -offset / scale
+    return packed.contiguous(), scale.reshape(-1), zero.reshape(-1), 4, block
+
+
+class _PackedMatMul(torch.autograd.Function):
+    """Computes the layer (for tracing) and writes its ONNX operators (``symbolic``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, key: int) -> Tensor:  # type: ignore[override]
+        layer, weight = _LAYERS[key]
+        return F.linear(x, weight, getattr(layer, "bias", None))
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, key: int) -> Any:
+        layer, weight = _LAYERS[key]
+        in_scale = layer.column_scale()
+        if in_scale is not None:
+            x = g.op("Div", x, _const(g, in_scale))
+        op = onnx_op(layer)
+        if op == "MatMulInteger":
+            xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
+            codes = layer._dense_stored().to(torch.int8).t()
+            y = g.op(
+                "MatMulInteger",
+                xq,
+                _const(g, codes),
+                xz,
+                _const(g, torch.zeros(layer.out_features, dtype=torch.int8)),
+            )
+            y = g.op("Cast", y, to_i=1)  # float
+            y = g.op("Mul", y, g.op("Mul", xs, _const(g, layer.scale.float())))
+        elif op == "MatMulNBits":
+            b, scales, zeros, bits, block = _nbits_inputs(layer)
+            y = g.op(
+                f"{MS_DOMAIN}::MatMulNBits",
+                x,
+                _const(g, b),
+                _const(g, scales),
+                _const(g, zeros),
+                K_i=layer.in_features,
+                N_i=layer.out_features,
+                bits_i=bits,
+                block_size_i=block,
+            )
+        else:
+            y = g.op("MatMul", x, _const(g, weight.t()))
+        bias = getattr(layer, "bias", None)
+        if bias is not None:
+            y = g.op("Add", y, _const(g, bias.detach().float()))
+        return y
+
+
+class _Exported(nn.Module):
+    def __init__(self, layer: PackedLinear) -> None:
+        super().__init__()
+        self.key = id(layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = _PackedMatMul.apply(x, self.key)
+        return out
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        logits: Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module) -> Iterator[dict[str, str]]:
+    """Packed Linears replaced by their exported form, tables by fp32 copies; restored after."""
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    ops: dict[str, str] = {}
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, PackedLinear):
+                _LAYERS[id(child)] = (child, child.dense_weight().detach())
+                ops[full] = onnx_op(child)
+                replacement: nn.Module = _Exported(child)
+            elif isinstance(child, PackedEmbedding):
+                table = nn.Embedding(child.num_embeddings, child.embedding_dim, child.padding_idx)
+                table.weight.data = child.dense_weight() * child.lookup_scale
+                replacement = table
+            elif isinstance(child, TiedHead):
+                raise ValueError("the ONNX export writes encoders; a tied LM head is a decoder's")
+            else:
+                continue
+            swaps.append((module, child_name, child))
+            setattr(module, child_name, replacement)
+    try:
+        yield ops
+    finally:
+        for module, child_name, child in swaps:
+            setattr(module, child_name, child)
+            _LAYERS.pop(id(child), None)
+
+
+def export_onnx(model: nn.Module, path: Path, vocab_size: int, seq_len: int = 16) -> dict[str, str]:
+    """Write a classifier (``input_ids``, ``attention_mask`` -> ``logits``; batch and sequence
+    dynamic) to ``path``; returns the ONNX operator of each packed Linear by name."""
+    ids = torch.randint(1, max(vocab_size, 2), (1, seq_len), generator=torch.Generator().manual_seed(0))
+    with _swapped(model) as ops, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            _Logits(model).eval(),
+            (ids, torch.ones_like(ids)),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask")},
+            opset_version=OPSET,
+            custom_opsets={MS_DOMAIN: 1} if "MatMulNBits" in ops.values() else {},
+            dynamo=False,
+        )
+    return ops
+
+
+def session(path: Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads, all graph optimizations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,133 @@
+"""ONNX export with the stored formats' operators, and latency timed in ONNX Runtime."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_study
+from slimsearch.evaluators import EvalContext, LatencySpec, make_evaluator
+from slimsearch.search.cli import main
+from slimsearch.search.driver import run_study
+from slimsearch.search.study_file import StudyError, study_from_mapping
+from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
+from slimsearch.spaces.onnx import export_onnx, session
+from tiny import LM_TEXT, tiny_bert, tiny_llama_config
+
+pytest.importorskip("onnxruntime")
+
+BLOCKS = r"re:bert\.encoder\.layer\.\d+\..*"
+FORMATS: list[tuple[dict[str, Any], str]] = [
+    ({"bits": 8}, "MatMulInteger"),
+    ({"bits": 8, "weight_only": True}, "MatMulNBits"),
+    ({"bits": 4, "group": 32}, "MatMulNBits"),
+    ({"bits": 3}, "MatMulNBits"),
+    ({"bits": 2}, "MatMulNBits"),
+    ({"bits": 4, "awq": True}, "MatMulNBits"),
+    ({"bits": 16}, "MatMul"),
+    ({"bits": 4, "sparsity": 0.5}, "MatMul"),
+    ({"rank": 8, "bits": 8}, "MatMulInteger"),
+]
+
+
+@pytest.mark.parametrize(("settings", "op"), FORMATS, ids=[str(s) for s, _ in FORMATS])
+def test_onnx_runtime_computes_what_the_packed_model_computes(
+    settings: dict[str, Any], op: str, tmp_path: Path
+) -> None:
+    plan = CompressionPlan(
+        layers={BLOCKS: LayerSettings(**settings), "bert.embeddings.word_embeddings": LayerSettings(bits=8)}
+    )
+    model = apply_plan(tiny_bert(), plan).eval()
+    path = tmp_path / "m.onnx"
+    ops = export_onnx(model, path, vocab_size=96)
+    assert set(ops.values()) == {op}
+    ids = torch.randint(1, 96, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # padding is handled as in torch
+    got = session(path, 1).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    # W8A8: torch quantizes activations to 7 bits (fbgemm's reduce_range), ORT to 8.
+    tolerance = 0.05 if op == "MatMulInteger" else 1e-3
+    assert np.abs(got - want).max() < tolerance * np.abs(want).max()
+
+
+def test_latency_in_onnx_runtime_is_timed_against_the_baseline_there() -> None:
+    base = tiny_bert()
+    model = apply_plan(copy.deepcopy(base), CompressionPlan(layers={BLOCKS: LayerSettings(bits=8)})).eval()
+    spec = LatencySpec(
+        batch_size=1, seq_len=8, warmup=1, repeats=5, threads=1, max_drift=0, backend="onnxruntime"
+    )
+    context = EvalContext(
+        task="classification", batches=[], vocab_size=96, plan=CompressionPlan(), latency=spec, reference=base
+    )
+    ratio = make_evaluator("latency_ratio").evaluate(model, context)
+    record = context.records["latency"]
+    assert record["environment"]["backend"].startswith("onnxruntime ")
+    assert record["environment"]["onnx_ops"] == {"MatMulInteger": 12}
+    assert ratio == record["ratio"] and ratio > 0
+    assert record["shapes"][0]["quiet_key"].startswith("ort-")
+
+
+def test_the_onnxruntime_backend_is_checked_at_load(tmp_path: Path) -> None:
+    with pytest.raises(
+        StudyError, match=r"latency.backend='tensorrt': choose one of \['torch', 'onnxruntime'\]"
+    ):
+        study_from_mapping(tiny_study(tmp_path, latency={"backend": "tensorrt"}))
+    data = tiny_study(
+        tmp_path,
+        model={"config": {"model_type": "llama", "vocab_size": 96, "hidden_size": 32}},
+        task={"kind": "causal-lm", "text": LM_TEXT},
+        objectives=["perplexity", "latency_ratio"],
+        constraints={},
+        latency={"backend": "onnxruntime"},
+    )
+    with pytest.raises(StudyError, match=r"onnxruntime times classifiers .*task.kind is 'causal-lm'"):
+        study_from_mapping(data)
+
+
+def test_a_study_times_its_trials_in_onnx_runtime(tmp_path: Path) -> None:
+    data = tiny_study(tmp_path, objectives=["accuracy", "size_bytes", "latency_ratio"], budget={"trials": 3})
+    data["latency"] |= {"backend": "onnxruntime"}
+    result = run_study(study_from_mapping(data))
+    complete = [t for t in result.study.trials if t.user_attrs.get("metrics")]
+    assert len(complete) == 3
+    for trial in complete:
+        latency = trial.user_attrs["records"]["latency"]
+        assert latency["environment"]["backend"].startswith("onnxruntime")
+        assert trial.user_attrs["metrics"]["latency_ratio"] == latency["ratio"]
+
+
+def test_export_format_onnx_writes_a_model_checked_in_onnx_runtime(tmp_path: Path) -> None:
+    result = run_study(study_from_mapping(tiny_study(tmp_path, budget={"trials": 2})))
+    out = tmp_path / "out"
+    assert main(["export", str(result.run_dir), str(out), "--trial", "1", "--format", "onnx"]) == 0
+    info = json.loads((out / "slimsearch_export.json").read_text())["onnx"]
+    assert (out / "model.onnx").stat().st_size == info["bytes"]
+    # The ONNX model scores what the search measured for the trial, within one example.
+    searched = result.study.trials[1].user_attrs["metrics"]["accuracy"]
+    assert abs(info["accuracy"] - searched) <= 100.0 / 16 + 1e-9
+    assert info["latency_ratio"] > 0 and info["runtime"].startswith("onnxruntime")
+    assert "## ONNX (ONNX Runtime)" in (out / "README.md").read_text()
+
+
+def test_export_format_onnx_refuses_a_causal_lm_before_any_work(tmp_path: Path) -> None:
+    data = tiny_study(
+        tmp_path,
+        model={"config": tiny_llama_config()},
+        task={"kind": "causal-lm", "text": LM_TEXT, "block_size": 8, "eval_blocks": 2},
+        space={"default": {"bits": [32, 8]}},
+        objectives=["perplexity", "size_bytes"],
+        constraints={},
+        budget={"trials": 1},
+    )
+    result = run_study(study_from_mapping(data))
+    out = tmp_path / "out"
+    assert main(["export", str(result.run_dir), str(out), "--trial", "0", "--format", "onnx"]) == 2
+    assert not out.exists()
