@@ -27,12 +27,14 @@ from torch import nn
 
 from slimsearch.evaluators import LatencySpec, measure
 from slimsearch.evaluators.latency import latency_inputs, measure_timers
-from slimsearch.evaluators.onnx_backend import _timer
+from slimsearch.evaluators.onnx_backend import ort_timer
 from slimsearch.search import models
+from slimsearch.search.onnx_check import accuracy
 from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
 from slimsearch.spaces.onnx import export_onnx, session
 
 ROOT = Path(__file__).resolve().parent.parent
+CPU = ["CPUExecutionProvider"]
 BLOCKS = r"re:.*encoder\.layer\.\d+\..*"
 PLANS: dict[str, dict[str, Any]] = {
     "fp32": {},
@@ -55,19 +57,75 @@ def _plan(model: nn.Module, settings: dict[str, Any]) -> CompressionPlan:
     return CompressionPlan(layers=layers)
 
 
-def ort_accuracy(sess: Any, batches: list[dict[str, torch.Tensor]]) -> float:
-    correct = total = 0
-    for b in batches:
-        feeds = {"input_ids": b["input_ids"].numpy(), "attention_mask": b["attention_mask"].numpy()}
-        pred = np.asarray(sess.run(None, feeds)[0]).argmax(-1)
-        correct += int((pred == b["labels"].numpy()).sum())
-        total += int(b["labels"].numel())
-    return 100.0 * correct / total
-
-
 def ort_ratio(sess: Any, base: Any, spec: LatencySpec, vocab: int) -> dict[str, Any]:
     feeds = {k: v.numpy() for k, v in latency_inputs(spec.batch_size, spec.seq_len, vocab).items()}
-    return measure_timers(_timer(sess, feeds), _timer(base, feeds), spec, "bench-ort", math.inf)
+    return measure_timers(ort_timer(sess, feeds), ort_timer(base, feeds), spec, "bench-ort", math.inf)
+
+
+def _nbits_graph(kind: str, k: int, n: int, rows: int, block: int = 64) -> Any:
+    """One MatMul of MiniLM's FFN shape: fp32, or MatMulNBits 4-bit with integer (uint8) or
+    float zero points (random values: speed does not depend on them)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, n])
+    blocks = k // block
+    domains = [helper.make_opsetid("", 17)]
+    if kind == "fp32 MatMul":
+        inits = [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w")]
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    else:
+        zeros = (
+            rng.integers(0, 255, (n, (blocks + 1) // 2), dtype=np.uint8)
+            if kind == "MatMulNBits, uint8 zero points"
+            else (rng.random(n * blocks) * 15).astype(np.float32)
+        )
+        inits = [
+            numpy_helper.from_array(rng.integers(0, 255, (n, blocks, block // 2), dtype=np.uint8), "b"),
+            numpy_helper.from_array(rng.random(n * blocks).astype(np.float32), "s"),
+            numpy_helper.from_array(zeros, "z"),
+        ]
+        node = helper.make_node(
+            "MatMulNBits",
+            ["x", "b", "s", "z"],
+            ["y"],
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=4,
+            block_size=block,
+        )
+        domains.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y], inits), opset_imports=domains)
+    model.ir_version = 9  # what onnxruntime 1.31 reads
+    return model
+
+
+def nbits_rows(threads: int, budget: float) -> list[dict[str, Any]]:
+    """MatMulNBits' speed with integer and with float zero points, against fp32, 1536x384."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    spec = LatencySpec(threads=threads, warmup=5, repeats=20, time_budget=budget)
+    out = []
+    for rows in (1, 64):
+        feeds = {"x": np.random.default_rng(1).standard_normal((1, rows, 384)).astype(np.float32)}
+        sessions = {
+            kind: onnxruntime.InferenceSession(
+                _nbits_graph(kind, 384, 1536, rows).SerializeToString(),
+                options,
+                providers=["CPUExecutionProvider"],
+            )
+            for kind in ("fp32 MatMul", "MatMulNBits, uint8 zero points", "MatMulNBits, float zero points")
+        }
+        base = ort_timer(sessions["fp32 MatMul"], feeds)
+        for kind, sess in sessions.items():
+            timed = measure_timers(ort_timer(sess, feeds), base, spec, f"nbits-{rows}", math.inf)
+            out.append({"rows": rows, "operator": kind, "ratio": timed["ratio"], "ms": timed["median_ms"]})
+            print(f"1536x384 at {rows} rows, {kind}: {timed['ratio']:.2f}x fp32", flush=True)
+    return out
 
 
 def main() -> None:
@@ -107,7 +165,7 @@ def main() -> None:
                 "plan": name,
                 "onnx_ops": sorted(set(ops.values())),
                 "torch_accuracy": quality(model, "classification", batches),
-                "ort_accuracy": ort_accuracy(sess, batches),
+                "ort_accuracy": accuracy(sess, batches),
                 "torch_ratio": torch_lat["ratio"],
                 "torch_ratio_ci95": torch_lat["ratio_ci95"],
                 "ort_ratio": ort_lat["ratio"],
@@ -131,7 +189,7 @@ def main() -> None:
                 "plan": "ORT quantize_dynamic int8 (peer)",
                 "onnx_ops": ["ORT's own"],
                 "torch_accuracy": None,
-                "ort_accuracy": ort_accuracy(peer, batches),
+                "ort_accuracy": accuracy(peer, batches),
                 "torch_ratio": None,
                 "ort_ratio": peer_lat["ratio"],
                 "ort_ratio_ci95": peer_lat["ratio_ci95"],
@@ -146,6 +204,7 @@ def main() -> None:
         "shape": [latency.batch_size, latency.seq_len],
         "baseline_accuracy": rows[0]["torch_accuracy"],
         "rows": rows,
+        "matmul_nbits": nbits_rows(args.threads, args.budget),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +226,8 @@ def table(result: dict[str, Any]) -> str:
             f"| {r['plan']} | {', '.join(r['onnx_ops']) or 'MatMul'} | {acc_t} | {r['ort_accuracy']:.1f} | "
             f"{lat_t} | {r['ort_ratio']:.2f}x |"
         )
+    lines += ["", "| MatMulNBits 1536x384 | rows | vs fp32 MatMul |", "|---|---|---|"]
+    lines += [f"| {r['operator']} | {r['rows']} | {r['ratio']:.2f}x |" for r in result["matmul_nbits"]]
     return "\n".join(lines)
 
 

@@ -40,7 +40,7 @@ def _baseline_session(reference: nn.Module, vocab_size: int, threads: int) -> An
     return sessions[threads]
 
 
-def _timer(sess: Any, feeds: dict[str, Any]) -> Callable[[], float]:
+def ort_timer(sess: Any, feeds: dict[str, Any]) -> Callable[[], float]:
     def once() -> float:
         start = time.perf_counter()
         sess.run(None, feeds)
@@ -62,9 +62,9 @@ def measure_onnx(
     shapes = []
     for batch, seq in spec.all_shapes():
         feeds = {k: v.numpy() for k, v in latency_inputs(batch, seq, vocab_size).items()}
-        run_base = _timer(base, feeds) if base is not None else None
+        run_base = ort_timer(base, feeds) if base is not None else None
         key = "ort-" + quiet_key(batch, seq, spec.threads, reference)
-        result = measure_timers(_timer(cand, feeds), run_base, spec, key, deadline)
+        result = measure_timers(ort_timer(cand, feeds), run_base, spec, key, deadline)
         shapes.append({"batch_size": batch, "seq_len": seq} | result)
     extra = {
         "backend": f"onnxruntime {onnxruntime.__version__}",

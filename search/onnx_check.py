@@ -48,7 +48,7 @@ def write_and_check(
     """Write ``out/model.onnx`` and measure it in ORT (accuracy, latency vs the baseline)."""
     import onnxruntime
 
-    from slimsearch.evaluators.onnx_backend import _timer
+    from slimsearch.evaluators.onnx_backend import ort_timer
     from slimsearch.search.log import say
     from slimsearch.spaces.onnx import export_onnx, session
 
@@ -61,7 +61,7 @@ def write_and_check(
         export_onnx(baseline, base_path, vocab_size)
         base = session(base_path, spec.threads)
     feeds = {k: v.numpy() for k, v in latency_inputs(spec.batch_size, spec.seq_len, vocab_size).items()}
-    timed = measure_timers(_timer(sess, feeds), _timer(base, feeds), spec, "export-ort", math.inf)
+    timed = measure_timers(ort_timer(sess, feeds), ort_timer(base, feeds), spec, "export-ort", math.inf)
     counts: dict[str, int] = {}
     for op in ops.values():
         counts[op] = counts.get(op, 0) + 1
