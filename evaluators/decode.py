@@ -20,7 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from slimsearch.evaluators.base import Direction, EvalContext, LatencySpec
-from slimsearch.evaluators.latency import environment, latency_inputs, measure_timers, quiet_key
+from slimsearch.evaluators.latency import (
+    environment,
+    latency_inputs,
+    measure_timers,
+    quiet_key,
+    require_reference,
+)
 
 CAUSAL_ONLY = ("causal-lm",)
 
@@ -166,9 +172,5 @@ class DecodeSpeedup:
     tasks = CAUSAL_ONLY
 
     def evaluate(self, model: nn.Module, context: EvalContext) -> float:
-        if context.reference is None:
-            raise ValueError(
-                "decode_speedup needs the baseline model in context.reference; "
-                "slimsearch's worker provides it, a direct caller must set it"
-            )
+        require_reference(context, self.name)
         return float(decode_record(model, context)["speedup"])

@@ -291,6 +291,16 @@ def time_forward(model: nn.Module, inputs: dict[str, torch.Tensor], spec: Latenc
         return [run() for _ in range(spec.repeats)]
 
 
+def require_reference(context: EvalContext, name: str) -> nn.Module:
+    """The baseline model a relative measurement needs, or a clear error."""
+    if context.reference is None:
+        raise ValueError(
+            f"{name} needs the baseline model in context.reference; "
+            "slimsearch's worker provides it, a direct caller must set it"
+        )
+    return context.reference
+
+
 class LatencyMs:
     """Median forward time in ms (summed over the configured shapes)."""
 
@@ -311,9 +321,4 @@ class LatencyRatio:
     exclusive = True
 
     def evaluate(self, model: nn.Module, context: EvalContext) -> float:
-        if context.reference is None:
-            raise ValueError(
-                "latency_ratio needs the baseline model in context.reference; "
-                "slimsearch's worker provides it, a direct caller must set it"
-            )
-        return float(measure_all(model, context, context.reference)["ratio"])
+        return float(measure_all(model, context, require_reference(context, self.name))["ratio"])
