@@ -373,7 +373,8 @@ class SearchSpace:
             knobs = [k for k in self.knobs if k.knob == method.name and len(k.choices) > 1]
             for value in _ordered({v for k in knobs for v in k.choices} - {off_of[method.name]}):
                 add(self._with(off, knobs, value))
-        # An option alone changes nothing: each of its values comes with each value of its host.
+        # An option alone changes nothing: each of its values comes with each value of its host
+        # that it acts on.
         for method in registry.methods("linear"):
             knobs = [k for k in self.knobs if k.knob == method.name and len(k.choices) > 1]
             if method.option_of is None or not knobs:
@@ -382,6 +383,8 @@ class SearchSpace:
                 hosts = [k for k in self.knobs if k.knob == host]
                 host_off = off_of[host]
                 for width in _ordered({v for k in hosts for v in k.choices} - {host_off}, reverse=True):
+                    if not method.acts_with({host: width}):
+                        continue  # the same model as the host alone, under another name
                     for value in _ordered({v for k in knobs for v in k.choices} - {off_of[method.name]}):
                         add(self._with(self._with(off, hosts, width), knobs, value))
         # Tables and Linears tolerate different widths (on MiniLM, 4-bit Linears with a 2-bit

@@ -4,6 +4,8 @@ are correlated (as real activations are), plus their plans, spaces and sensitivi
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -230,12 +232,26 @@ def test_study_file_values_for_the_new_knobs() -> None:
     knobs = {k.knob for k in space.knobs}
     assert {"gptq", "group", "wanda"} <= knobs
     seeds = space.uniform_params()
-    # Each option comes with each width of its host, never alone.
+    # Each option comes with each width of its host it acts on, never alone (GPTQ chooses
+    # codes on a grid, which bf16 has not; groups are of 4, 3 and 2 bits).
     layer = next(k.layer for k in space.knobs if k.knob == "gptq")
     with_gptq = [s for s in seeds if s.get(f"{layer}:gptq") is True]
-    assert {s[f"{layer}:bits"] for s in with_gptq} == {16, 4, 3, 2}
+    assert {s[f"{layer}:bits"] for s in with_gptq} == {4, 3, 2}
+    with_group = [s for s in seeds if s.get(f"{layer}:group") == 128]
+    assert {s[f"{layer}:bits"] for s in with_group} == {4, 3, 2}
     with pytest.raises(ValueError, match="group"):
         space_config({"default": {"group": [48]}})
+
+
+def test_uniform_seeds_pair_options_only_with_the_widths_they_act_on() -> None:
+    config = space_config({"default": {"bits": [16, 8, 4], "weight_only": [False, True], "group": [64, 128]}})
+    space = SearchSpace(tiny_llama(), config)
+    seeds = space.uniform_params()
+    layer = next(k.layer for k in space.knobs if k.knob == "weight_only")
+    assert {s[f"{layer}:bits"] for s in seeds if s.get(f"{layer}:weight_only") is True} == {8}
+    assert {s[f"{layer}:bits"] for s in seeds if s.get(f"{layer}:group") == 128} == {4}
+    plans = [json.dumps(s, sort_keys=True) for s in seeds]
+    assert len(plans) == len(set(plans))
 
 
 def test_a_plan_with_the_new_methods_round_trips_through_json() -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from slimsearch.spaces.methods.calibration import LayerStats
-from slimsearch.spaces.methods.quantize import Grid
+from slimsearch.spaces.methods.quantize import GRID_BITS, Grid
 from slimsearch.spaces.methods.registry import QAT, LinearWork, Scope, Stage, Switch, register
 
 GRID = 20
@@ -82,6 +82,10 @@ def scaled_stats(stats: LayerStats, s: Tensor) -> LayerStats:
 class AWQ(Switch):
     name = "awq"
     option_base: ClassVar[Mapping[str, Any]] = {"bits": 4}
+
+    def acts_with(self, host: Mapping[str, Any]) -> bool:
+        return host.get("bits") in GRID_BITS
+
     position = 23
     stage: ClassVar[Stage] = "quantize"
     option_of: ClassVar[Stage | None] = "quantize"

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.packed import EMBEDDING_BITS, LINEAR_BITS, PackedEmbedding, PackedLinear
 from slimsearch.spaces.methods.quantize import (
+    GRID_BITS,
     GROUP_SIZE,
     GROUP_SIZES,
     GROUPED_BITS,
@@ -96,7 +97,7 @@ class Bits(Method):
 
     def grid(self, work: LinearWork, value: Any) -> Grid | None:
         bits = int(value)
-        if bits not in (8, *GROUPED_BITS):
+        if bits not in GRID_BITS:
             return None
         return Grid.for_layer(bits, work.in_features, int(work.options.get("group", GROUP_SIZE)))
 
@@ -181,6 +182,9 @@ class Group(_BitsOption):
     def short(self, value: Any) -> str:
         return f"g{value}"
 
+    def acts_with(self, host: Mapping[str, Any]) -> bool:
+        return host.get("bits") in GROUPED_BITS
+
     def examples(self) -> tuple[Any, ...]:
         return (32, 128)
 
@@ -197,6 +201,9 @@ class WeightOnly(_BitsOption, Switch):
 
     def short(self, value: Any) -> str:
         return "w-only"
+
+    def acts_with(self, host: Mapping[str, Any]) -> bool:
+        return host.get("bits") == 8
 
     def amend_realized(self, value: Any, values: Mapping[str, Any], realized: dict[str, str]) -> None:
         if value and values.get("bits") == 8:

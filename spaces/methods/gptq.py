@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from slimsearch.spaces.methods.quantize import Grid
+from slimsearch.spaces.methods.quantize import GRID_BITS, Grid
 from slimsearch.spaces.methods.registry import QAT, LinearWork, Method, Scope, Stage, register
 
 DEFAULTS: dict[str, float] = {"act_order": 1.0, "damp": 0.01}
@@ -145,6 +145,10 @@ def _inverse_cholesky(h: Tensor) -> Tensor:
 class GPTQ(Method):
     name = "gptq"
     option_base: ClassVar[Mapping[str, Any]] = {"bits": 4}
+
+    def acts_with(self, host: Mapping[str, Any]) -> bool:
+        return host.get("bits") in GRID_BITS
+
     position = 24
     stage: ClassVar[Stage] = "quantize"
     option_of: ClassVar[Stage | None] = "quantize"

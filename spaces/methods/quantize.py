@@ -19,6 +19,7 @@ from torch import Tensor
 
 GROUP_SIZE = 64
 GROUPED_BITS = (4, 3, 2)
+GRID_BITS = (8, *GROUPED_BITS)  # the widths whose codes are chosen on a grid (options act there)
 GROUP_SIZES = (32, 64, 128)
 # Least-squares refinements of each group's scale and offset (see quantize_groups); 8 is
 # within 1% of converged at 2 bits on MiniLM.

@@ -108,6 +108,11 @@ class Method:
     # option alone would do nothing (conformance cases, the realized table).
     option_base: ClassVar[Mapping[str, Any]] = {}
 
+    def acts_with(self, host: Mapping[str, Any]) -> bool:
+        """For an option: whether it changes a layer whose host settings are ``host`` (e.g.
+        ``group`` does nothing at 16 bits); uniform seeds skip the pairs where it does not."""
+        return True
+
     # -- values -----------------------------------------------------------------------------
     def check(self, value: Any) -> Any:
         """The plan value, validated (ValueError naming the value and what is allowed)."""
