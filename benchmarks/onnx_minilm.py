@@ -1,13 +1,14 @@
 """MiniLM plans timed in torch and in ONNX Runtime, beside ORT's own dynamic int8.
 
-For each plan (every Linear of the blocks at one width): accuracy on the study's test split
+For each plan (every Linear of the blocks at one width, and any ``--exports`` folders, e.g.
+front points of a study): accuracy on the study's test split
 in torch and in ORT (the plan exported with spaces/onnx.py), and latency at batch 1 x 64
 tokens against the fp32 model in the same runtime, by the latency protocol (interleaved,
 bootstrap interval). The peer row is ``onnxruntime.quantization.quantize_dynamic`` applied
 to the fp32 ONNX model (its own int8 weights, per tensor), timed against the same fp32 ORT
 session.
 
-    .venv/bin/python benchmarks/onnx_minilm.py [--threads 2] [--budget 60] [--out PATH]
+    .venv/bin/python benchmarks/onnx_minilm.py [--threads 2] [--budget 60] [--exports OUT1,OUT2] [--out PATH]
 """
 
 from __future__ import annotations
@@ -134,6 +135,11 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=60.0, help="seconds per latency measurement")
+    parser.add_argument(
+        "--exports",
+        help="comma-separated folders written by `slimsearch export` (e.g. a study's front points), "
+        "timed and scored beside the uniform plans",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_minilm.json"))
     args = parser.parse_args()
     import onnxruntime
@@ -154,8 +160,15 @@ def main() -> None:
         fp32_path = Path(tmp) / "fp32.onnx"
         export_onnx(base, fp32_path, vocab)
         base_sess = session(fp32_path, args.threads)
+        candidates: list[tuple[str, nn.Module]] = []
         for name, settings in PLANS.items():
             model = apply_plan(copy.deepcopy(base), _plan(base, settings)).eval() if settings else base
+            candidates.append((name, model))
+        for folder_name in [f for f in (args.exports or "").split(",") if f]:
+            from slimsearch.search.export import load
+
+            candidates.append((f"export {Path(folder_name).name}", load(folder_name)[0].eval()))
+        for name, model in candidates:
             path = Path(tmp) / "plan.onnx"
             ops = export_onnx(model, path, vocab)
             sess = session(path, args.threads)
