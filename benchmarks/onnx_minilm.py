@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,8 @@ from methods import data, minilm_spec, quality  # benchmarks/methods.py
 from torch import nn
 
 from slimsearch.evaluators import LatencySpec, measure
-from slimsearch.evaluators.latency import latency_inputs, measure_timers
-from slimsearch.evaluators.onnx_backend import ort_timer
+from slimsearch.evaluators.latency import measure_timers, timed
+from slimsearch.evaluators.onnx_backend import time_sessions
 from slimsearch.search import models
 from slimsearch.search.onnx_check import accuracy
 from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
@@ -59,8 +59,7 @@ def _plan(model: nn.Module, settings: dict[str, Any]) -> CompressionPlan:
 
 
 def ort_ratio(sess: Any, base: Any, spec: LatencySpec, vocab: int) -> dict[str, Any]:
-    feeds = {k: v.numpy() for k, v in latency_inputs(spec.batch_size, spec.seq_len, vocab).items()}
-    return measure_timers(ort_timer(sess, feeds), ort_timer(base, feeds), spec, "bench-ort", math.inf)
+    return time_sessions(sess, base, spec, vocab, (spec.batch_size, spec.seq_len), "bench-ort")
 
 
 def _nbits_graph(kind: str, k: int, n: int, rows: int, block: int = 64) -> Any:
@@ -121,11 +120,11 @@ def nbits_rows(threads: int, budget: float) -> list[dict[str, Any]]:
             )
             for kind in ("fp32 MatMul", "MatMulNBits, uint8 zero points", "MatMulNBits, float zero points")
         }
-        base = ort_timer(sessions["fp32 MatMul"], feeds)
+        base = timed(partial(sessions["fp32 MatMul"].run, None, feeds))
         for kind, sess in sessions.items():
-            timed = measure_timers(ort_timer(sess, feeds), base, spec, f"nbits-{rows}", math.inf)
-            out.append({"rows": rows, "operator": kind, "ratio": timed["ratio"], "ms": timed["median_ms"]})
-            print(f"1536x384 at {rows} rows, {kind}: {timed['ratio']:.2f}x fp32", flush=True)
+            result = measure_timers(timed(partial(sess.run, None, feeds)), base, spec, f"nbits-{rows}")
+            out.append({"rows": rows, "operator": kind, "ratio": result["ratio"], "ms": result["median_ms"]})
+            print(f"1536x384 at {rows} rows, {kind}: {result['ratio']:.2f}x fp32", flush=True)
     return out
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import replace
+from functools import partial
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -26,23 +28,27 @@ from slimsearch.evaluators.latency import (
     measure_timers,
     quiet_key,
     require_reference,
+    timed,
 )
 
 CAUSAL_ONLY = ("causal-lm",)
 
 
-def _first_token(model: nn.Module, ids: Tensor) -> tuple[Tensor, Any]:
+def first_token(model: nn.Module, ids: Tensor) -> tuple[Tensor, Any]:
+    """The prompt's forward pass: the greedy first token and the KV cache."""
     out = model(input_ids=ids, use_cache=True)
     return out.logits[:, -1:].argmax(-1), out.past_key_values
 
 
-def _ttft_timer(model: nn.Module, ids: Tensor) -> Callable[[], float]:
-    def once() -> float:
-        start = time.perf_counter()
-        _first_token(model, ids)
-        return (time.perf_counter() - start) * 1000.0
-
-    return once
+def greedy(model: nn.Module, token: Tensor, past: Any, steps: int) -> list[int]:
+    """``steps`` greedy tokens after ``token``, one forward pass each on the cache ``past``
+    (the first row's tokens)."""
+    tokens = []
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        token, past = out.logits[:, -1:].argmax(-1), out.past_key_values
+        tokens.append(int(token[0, 0]))
+    return tokens
 
 
 def _decode_timer(model: nn.Module, ids: Tensor, steps: int, tokens: list[int]) -> Callable[[], float]:
@@ -50,15 +56,11 @@ def _decode_timer(model: nn.Module, ids: Tensor, steps: int, tokens: list[int]) 
     ``tokens`` is left holding the last call's generated tokens (of the first row)."""
 
     def once() -> float:
-        token, past = _first_token(model, ids)
-        out_tokens = [int(token[0, 0])]
+        token, past = first_token(model, ids)
         start = time.perf_counter()
-        for _ in range(steps):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            token, past = out.logits[:, -1:].argmax(-1), out.past_key_values
-            out_tokens.append(int(token[0, 0]))
+        after = greedy(model, token, past, steps)
         ms = (time.perf_counter() - start) * 1000.0 / steps
-        tokens[:] = out_tokens
+        tokens[:] = [int(token[0, 0]), *after]
         return ms
 
     return once
@@ -88,21 +90,20 @@ def measure_decode(
     batch, seq = spec.batch_size, spec.seq_len
     ids, prompt = prompt_ids(spec, vocab_size, batches or [])
     key = quiet_key(batch, seq, spec.threads, reference)
-    base_ttft = _ttft_timer(reference, ids) if reference is not None else None
-    ttft = measure_timers(_ttft_timer(model, ids), base_ttft, spec, "ttft-" + key, deadline)
+    base_ttft = timed(partial(first_token, reference, ids)) if reference is not None else None
+    ttft = measure_timers(timed(partial(first_token, model, ids)), base_ttft, spec, "ttft-" + key, deadline)
     steps = spec.decode_tokens
     cand_tokens: list[int] = []
     base_tokens: list[int] = []
     base_decode = _decode_timer(reference, ids, steps, base_tokens) if reference is not None else None
-    # One decode pass is ``steps`` forward passes: blocks of 5, one warm-up pass.
+    # One decode pass is ``steps`` forward passes: blocks of at most 5, one warm-up pass.
+    long_passes = replace(spec, repeats=min(spec.repeats, 5), warmup=min(spec.warmup, 1))
     decode = measure_timers(
         _decode_timer(model, ids, steps, cand_tokens),
         base_decode,
-        spec,
+        long_passes,
         f"decode{steps}-" + key,
         deadline,
-        repeats=5,
-        warmup=1,
     )
     record: dict[str, Any] = {
         "batch_size": batch,
@@ -138,39 +139,41 @@ def decode_record(model: nn.Module, context: EvalContext) -> dict[str, Any]:
     return record
 
 
-class TimeToFirstToken:
+class _FromDecode:
+    """An objective read from the trial's one decode measurement (``decode_record``)."""
+
+    field: ClassVar[str]
+    exclusive = True  # timing: the machine to itself
+    tasks = CAUSAL_ONLY
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        return float(decode_record(model, context)[self.field])
+
+
+class TimeToFirstToken(_FromDecode):
     """Milliseconds from the prompt to the first generated token (median)."""
 
     name = "ttft_ms"
     direction: Direction = "minimize"
-    exclusive = True
-    tasks = CAUSAL_ONLY
-
-    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
-        return float(decode_record(model, context)["ttft_ms"])
+    field = "ttft_ms"
 
 
-class DecodeTokensPerS:
+class DecodeTokensPerS(_FromDecode):
     """Generated tokens per second after the first, with the KV cache (median pass)."""
 
     name = "decode_tokens_per_s"
     direction: Direction = "maximize"
-    exclusive = True
-    tasks = CAUSAL_ONLY
-
-    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
-        return float(decode_record(model, context)["tokens_per_s"])
+    field = "tokens_per_s"
 
 
-class DecodeSpeedup:
+class DecodeSpeedup(_FromDecode):
     """Decode tokens/s relative to the uncompressed baseline, timed interleaved in the same
     process: robust to a machine that is uniformly slower or faster."""
 
     name = "decode_speedup"
     direction: Direction = "maximize"
-    exclusive = True
-    tasks = CAUSAL_ONLY
+    field = "speedup"
 
     def evaluate(self, model: nn.Module, context: EvalContext) -> float:
         require_reference(context, self.name)
-        return float(decode_record(model, context)["speedup"])
+        return super().evaluate(model, context)

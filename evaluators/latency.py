@@ -27,7 +27,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -44,13 +44,19 @@ def latency_inputs(batch_size: int, seq_len: int, vocab_size: int) -> dict[str, 
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _timer(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], float]:
+def timed(call: Callable[[], object]) -> Callable[[], float]:
+    """A timed pass of ``call``: each call of the result runs it once and returns its ms."""
+
     def once() -> float:
         start = time.perf_counter()
-        model(**inputs)
+        call()
         return (time.perf_counter() - start) * 1000.0
 
     return once
+
+
+def _timer(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], float]:
+    return timed(partial(model, **inputs))
 
 
 def _warm_up(run: Callable[[], float], minimum: int, deadline: float = math.inf) -> int:
@@ -207,17 +213,10 @@ def measure_timers(
     spec: LatencySpec,
     key: str,
     deadline: float = math.inf,
-    repeats: int | None = None,
-    warmup: int | None = None,
 ) -> dict[str, Any]:
     """Steps 2-5 of the protocol for any pair of timed passes (each call returns ms).
 
-    ``key`` names the baseline's quiet-machine reference for the drift gate; ``repeats``
-    and ``warmup`` cap the spec's (a decode pass is many forward passes)."""
-    if repeats is not None:
-        spec = replace(spec, repeats=min(spec.repeats, repeats))
-    if warmup is not None:
-        spec = replace(spec, warmup=min(spec.warmup, warmup))
+    ``key`` names the baseline's quiet-machine reference for the drift gate."""
     warm = _warm_up(run_cand, spec.warmup, deadline)
     if run_base is not None:
         warm += _warm_up(run_base, spec.warmup, deadline)

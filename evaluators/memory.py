@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from slimsearch.evaluators.base import Direction, EvalContext, LatencySpec
+from slimsearch.evaluators.decode import first_token, greedy
 from slimsearch.evaluators.latency import latency_inputs
 
 TIMEOUT_S = 600
@@ -65,10 +66,8 @@ def _workload(model: nn.Module, task: str, spec: LatencySpec, vocab_size: int) -
     if task != "causal-lm":
         model(**inputs)
         return
-    out = model(input_ids=inputs["input_ids"], use_cache=True)
-    for _ in range(spec.decode_tokens):
-        token = out.logits[:, -1:].argmax(-1)
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+    token, past = first_token(model, inputs["input_ids"])
+    greedy(model, token, past, spec.decode_tokens)
 
 
 def child(path: str, job_json: str) -> dict[str, Any]:

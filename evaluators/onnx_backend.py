@@ -7,18 +7,18 @@ gets when deploying with ORT. The baseline's session is made once per process.
 
 from __future__ import annotations
 
+import math
 import tempfile
-import time
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from slimsearch.evaluators.base import LatencySpec
-from slimsearch.evaluators.latency import latency_inputs, measure_timers, quiet_key
+from slimsearch.evaluators.latency import latency_inputs, measure_timers, quiet_key, timed
 from slimsearch.spaces.onnx import export_onnx, session
 
 _BASELINES: weakref.WeakKeyDictionary[nn.Module, dict[int, Any]] = weakref.WeakKeyDictionary()
@@ -40,13 +40,21 @@ def _baseline_session(reference: nn.Module, vocab_size: int, threads: int) -> An
     return sessions[threads]
 
 
-def ort_timer(sess: Any, feeds: dict[str, Any]) -> Callable[[], float]:
-    def once() -> float:
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        return (time.perf_counter() - start) * 1000.0
-
-    return once
+def time_sessions(
+    cand: Any,
+    base: Any | None,
+    spec: LatencySpec,
+    vocab_size: int,
+    shape: tuple[int, int],
+    key: str,
+    deadline: float = math.inf,
+) -> dict[str, Any]:
+    """Two ORT sessions timed in alternation at one (batch, sequence) shape, by the protocol."""
+    batch, seq = shape
+    feeds = {k: v.numpy() for k, v in latency_inputs(batch, seq, vocab_size).items()}
+    run_base = timed(partial(base.run, None, feeds)) if base is not None else None
+    result = measure_timers(timed(partial(cand.run, None, feeds)), run_base, spec, key, deadline)
+    return {"batch_size": batch, "seq_len": seq} | result
 
 
 def measure_onnx(
@@ -59,15 +67,19 @@ def measure_onnx(
     base = None
     if reference is not None:
         base = cand if reference is model else _baseline_session(reference, vocab_size, spec.threads)
-    shapes = []
-    for batch, seq in spec.all_shapes():
-        feeds = {k: v.numpy() for k, v in latency_inputs(batch, seq, vocab_size).items()}
-        run_base = ort_timer(base, feeds) if base is not None else None
-        key = "ort-" + quiet_key(batch, seq, spec.threads, reference)
-        result = measure_timers(ort_timer(cand, feeds), run_base, spec, key, deadline)
-        shapes.append({"batch_size": batch, "seq_len": seq} | result)
+    shapes = [
+        time_sessions(
+            cand, base, spec, vocab_size, shape, "ort-" + quiet_key(*shape, spec.threads, reference), deadline
+        )
+        for shape in spec.all_shapes()
+    ]
     extra = {
         "backend": f"onnxruntime {onnxruntime.__version__}",
-        "onnx_ops": dict(sorted(Counter(ops.values()).items())),
+        "onnx_ops": operator_counts(ops),
     }
     return shapes, extra
+
+
+def operator_counts(ops: dict[str, str]) -> dict[str, int]:
+    """How many packed Linears each ONNX operator computes."""
+    return dict(sorted(Counter(ops.values()).items()))

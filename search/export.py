@@ -333,7 +333,7 @@ def model_card(report: ExportReport) -> str:
     lines += [f"- {n} x {path}" for path, n in sorted(report.paths.items(), key=lambda kv: -kv[1])] or [
         "- none"
     ]
-    lines += _gguf_card(report.gguf) + onnx_check.card(report.onnx)
+    lines += gguf_export.card(report.gguf) + onnx_check.card(report.onnx)
     lines += [
         "",
         "## Load it",
@@ -350,42 +350,6 @@ def model_card(report: ExportReport) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _gguf_card(gguf: Mapping[str, Any] | None) -> list[str]:
-    if gguf is None:
-        return []
-    back = gguf["read_back"]
-    inexact = ", ".join(back["inexact"])[:300]
-    types = ", ".join(f"{n} x {t}" for t, n in gguf["tensor_types"].items())
-    lines = [
-        "",
-        "## GGUF (llama.cpp)",
-        "",
-        f"- `{gguf['file']}`: {gguf['bytes']} bytes; tensors {types}. Each layer's stored codes are "
-        "written in the GGUF type that holds them (4/3/2 bits: Q4_1; 8 bits: Q8_0 with the row "
-        "scale rounded to fp16; bf16: BF16).",
-        f"- Read back with the `gguf` package and dequantized: {back['bit_exact']} of {back['tensors']} "
-        f"tensors bit for bit the weights this model computes with; largest relative difference "
-        f"{back['max_relative_error']:.2g}" + (f" ({inexact})" if inexact else "") + ".",
-        f"- Tokenizer: {gguf['tokenizer']}.",
-    ]
-    check = gguf["llama_cpp"]
-    if "error" in check:
-        lines.append(f"- Not checked in llama.cpp here: {check['error']}.")
-    else:
-        versus = (
-            f" against {check['slimsearch_perplexity']:.4g} measured by slimsearch on the same tokens "
-            f"({(check['ratio'] - 1) * 100:+.2f}%)"
-            if "ratio" in check
-            else ""
-        )
-        lines.append(
-            f"- Checked in {check['runtime']}: perplexity {check['perplexity']:.4g} on {check['tokens']} "
-            f"scored tokens{versus}. llama.cpp computes Q4_1/Q8_0 layers with activations quantized to "
-            "8 bits per block of 32, slimsearch with bf16 activations: small differences are expected."
-        )
-    return lines
 
 
 # -- exporting a trial --------------------------------------------------------------------
@@ -483,27 +447,6 @@ class ExportReport:
         data["out"] = str(self.out)
         data["latency"] = asdict(self.latency)
         return data
-
-
-def _write_gguf(
-    model: nn.Module,
-    tokenizer: Any,
-    out: Path,
-    spec: Any,
-    batches: list[dict[str, Tensor]],
-    measured: Mapping[str, float],
-) -> dict[str, Any]:
-    path = out / gguf_export.GGUF_FILE
-    say(f"writing {path.name}")
-    written = gguf_export.write_gguf(model, tokenizer, path, models.source_gguf(spec))
-    written["read_back"] = gguf_export.read_back(path, model)
-    say(f"checking {path.name} in llama.cpp")
-    check = gguf_export.llama_cpp_perplexity(path, batches, spec.latency.threads)
-    if "perplexity" in check and "perplexity" in measured:
-        check["slimsearch_perplexity"] = measured["perplexity"]
-        check["ratio"] = check["perplexity"] / measured["perplexity"]
-    written["llama_cpp"] = check
-    return written
 
 
 def _eval_sizes(batches: list[dict[str, Tensor]], task: str) -> tuple[int, int]:
@@ -637,7 +580,11 @@ def export_trial(
     report.measured["size_bytes"] = float(size)
     report.measured.setdefault("latency_ms", latency.candidate_ms)
     if format == "gguf":
-        report.gguf = _write_gguf(candidate, tokenizer, out, spec, batches, report.measured)
+        source = models.source_gguf(spec)
+        threads = spec.latency.threads
+        report.gguf = gguf_export.write_and_check(
+            candidate, tokenizer, out, source, batches, threads, report.measured
+        )
     if format == "onnx":
         report.onnx = onnx_check.write_and_check(
             candidate, base_model, out, spec.latency, batches, len(tokenizer)

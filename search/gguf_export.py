@@ -23,6 +23,9 @@ can then still score token ids).
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ from slimsearch.search.study_file import StudyError
 from slimsearch.spaces import CompressionPlan
 from slimsearch.spaces.methods import PackedEmbedding, PackedLinear
 from slimsearch.spaces.methods.packed import TiedHead
-from slimsearch.spaces.methods.quantize import GROUPED_BITS, group_size_for
+from slimsearch.spaces.methods.quantize import GROUP_SIZE, GROUPED_BITS, group_size_for
 
 GGUF_FILE = "model.gguf"
 BLOCK = 32  # columns per Q4_1 / Q8_0 block
@@ -171,7 +174,7 @@ def table_tensor(module: nn.Module) -> Tensor_:
         return Tensor_(_q8_0(codes, module.scale.reshape(-1)), "Q8_0", shape)
     if module.bits in GROUPED_BITS:
         codes = module.stored_codes()
-        return Tensor_(_q4_1(codes, module.scale, module.offset, 64), "Q4_1", shape)
+        return Tensor_(_q4_1(codes, module.scale, module.offset, GROUP_SIZE), "Q4_1", shape)
     return _float(module.dense_weight(), "F32")
 
 
@@ -313,8 +316,6 @@ def metadata(model: nn.Module, tokenizer: Any, source_gguf: Path | None, blocks:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     model_json = backend.to_str() if backend is not None else None
     if model_json is not None and '"type":"BPE"' in model_json.replace(" ", ""):
-        import json
-
         bpe = json.loads(model_json)["model"]
         vocab = sorted(bpe["vocab"].items(), key=lambda kv: kv[1])
         merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
@@ -361,13 +362,10 @@ def write_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    types: dict[str, int] = {}
-    for tensor in tensors.values():
-        types[tensor.qtype] = types.get(tensor.qtype, 0) + 1
     return {
         "file": path.name,
         "bytes": path.stat().st_size,
-        "tensor_types": dict(sorted(types.items())),
+        "tensor_types": dict(sorted(Counter(t.qtype for t in tensors.values()).items())),
         "tokenizer": meta.tokenizer,
         "metadata_from": meta.copied_from,
     }
@@ -436,3 +434,66 @@ def llama_cpp_perplexity(path: Path, batches: list[dict[str, Tensor]], threads: 
         "tokens": count,
         "runtime": f"llama.cpp via llama-cpp-python {llama_cpp.__version__}",
     }
+
+
+def write_and_check(
+    model: nn.Module,
+    tokenizer: Any,
+    out: Path,
+    source_gguf: Path | None,
+    batches: list[dict[str, Tensor]],
+    threads: int,
+    measured: Mapping[str, float],
+) -> dict[str, Any]:
+    """Write ``out/model.gguf``, read it back, and score it in llama.cpp against slimsearch's
+    perplexity in ``measured``: what the card and the export's JSON report."""
+    from slimsearch.search.log import say
+
+    path = out / GGUF_FILE
+    say(f"writing {path.name}")
+    written = write_gguf(model, tokenizer, path, source_gguf)
+    written["read_back"] = read_back(path, model)
+    say(f"checking {path.name} in llama.cpp")
+    check = llama_cpp_perplexity(path, batches, threads)
+    if "perplexity" in check and "perplexity" in measured:
+        check["slimsearch_perplexity"] = measured["perplexity"]
+        check["ratio"] = check["perplexity"] / measured["perplexity"]
+    written["llama_cpp"] = check
+    return written
+
+
+def card(gguf: Mapping[str, Any] | None) -> list[str]:
+    """The model card's GGUF section (nothing without a GGUF export)."""
+    if gguf is None:
+        return []
+    back = gguf["read_back"]
+    inexact = ", ".join(back["inexact"])[:300]
+    types = ", ".join(f"{n} x {t}" for t, n in gguf["tensor_types"].items())
+    lines = [
+        "",
+        "## GGUF (llama.cpp)",
+        "",
+        f"- `{gguf['file']}`: {gguf['bytes']} bytes; tensors {types}. Each layer's stored codes are "
+        "written in the GGUF type that holds them (4/3/2 bits: Q4_1; 8 bits: Q8_0 with the row "
+        "scale rounded to fp16; bf16: BF16).",
+        f"- Read back with the `gguf` package and dequantized: {back['bit_exact']} of {back['tensors']} "
+        f"tensors bit for bit the weights this model computes with; largest relative difference "
+        f"{back['max_relative_error']:.2g}" + (f" ({inexact})" if inexact else "") + ".",
+        f"- Tokenizer: {gguf['tokenizer']}.",
+    ]
+    check = gguf["llama_cpp"]
+    if "error" in check:
+        lines.append(f"- Not checked in llama.cpp here: {check['error']}.")
+    else:
+        versus = (
+            f" against {check['slimsearch_perplexity']:.4g} measured by slimsearch on the same tokens "
+            f"({(check['ratio'] - 1) * 100:+.2f}%)"
+            if "ratio" in check
+            else ""
+        )
+        lines.append(
+            f"- Checked in {check['runtime']}: perplexity {check['perplexity']:.4g} on {check['tokens']} "
+            f"scored tokens{versus}. llama.cpp computes Q4_1/Q8_0 layers with activations quantized to "
+            "8 bits per block of 32, slimsearch with bf16 activations: small differences are expected."
+        )
+    return lines

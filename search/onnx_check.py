@@ -4,8 +4,6 @@ ONNX model there."""
 
 from __future__ import annotations
 
-import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,6 @@ import numpy as np
 from torch import Tensor, nn
 
 from slimsearch.evaluators import LatencySpec
-from slimsearch.evaluators.latency import latency_inputs, measure_timers
 from slimsearch.search.study_file import StudyError
 
 ONNX_FILE = "model.onnx"
@@ -48,7 +45,7 @@ def write_and_check(
     """Write ``out/model.onnx`` and measure it in ORT (accuracy, latency vs the baseline)."""
     import onnxruntime
 
-    from slimsearch.evaluators.onnx_backend import ort_timer
+    from slimsearch.evaluators.onnx_backend import onnx_session, operator_counts, time_sessions
     from slimsearch.search.log import say
     from slimsearch.spaces.onnx import export_onnx, session
 
@@ -56,19 +53,12 @@ def write_and_check(
     say(f"writing {path.name} and checking it in ONNX Runtime")
     ops = export_onnx(model, path, vocab_size)
     sess = session(path, spec.threads)
-    with tempfile.TemporaryDirectory(prefix="slimsearch-onnx-") as tmp:
-        base_path = Path(tmp) / "baseline.onnx"
-        export_onnx(baseline, base_path, vocab_size)
-        base = session(base_path, spec.threads)
-    feeds = {k: v.numpy() for k, v in latency_inputs(spec.batch_size, spec.seq_len, vocab_size).items()}
-    timed = measure_timers(ort_timer(sess, feeds), ort_timer(base, feeds), spec, "export-ort", math.inf)
-    counts: dict[str, int] = {}
-    for op in ops.values():
-        counts[op] = counts.get(op, 0) + 1
+    base = onnx_session(baseline, vocab_size, spec.threads)[0]
+    timed = time_sessions(sess, base, spec, vocab_size, (spec.batch_size, spec.seq_len), "export-ort")
     return {
         "file": path.name,
         "bytes": path.stat().st_size,
-        "operators": dict(sorted(counts.items())),
+        "operators": operator_counts(ops),
         "runtime": f"onnxruntime {onnxruntime.__version__}",
         "accuracy": accuracy(sess, batches),
         "baseline_accuracy": accuracy(base, batches),

@@ -83,9 +83,6 @@ class AWQ(Switch):
     name = "awq"
     option_base: ClassVar[Mapping[str, Any]] = {"bits": 4}
 
-    def acts_with(self, host: Mapping[str, Any]) -> bool:
-        return host.get("bits") in GRID_BITS
-
     position = 23
     stage: ClassVar[Stage] = "quantize"
     option_of: ClassVar[Stage | None] = "quantize"
@@ -98,6 +95,9 @@ class AWQ(Switch):
 
     def short(self, value: Any) -> str:
         return "awq"
+
+    def acts_with(self, host: Mapping[str, Any]) -> bool:
+        return host.get("bits") in GRID_BITS  # the widths whose codes it chooses on a grid
 
     def examples(self) -> tuple[Any, ...]:
         return (True,)

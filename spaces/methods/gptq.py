@@ -146,9 +146,6 @@ class GPTQ(Method):
     name = "gptq"
     option_base: ClassVar[Mapping[str, Any]] = {"bits": 4}
 
-    def acts_with(self, host: Mapping[str, Any]) -> bool:
-        return host.get("bits") in GRID_BITS
-
     position = 24
     stage: ClassVar[Stage] = "quantize"
     option_of: ClassVar[Stage | None] = "quantize"
@@ -167,6 +164,9 @@ class GPTQ(Method):
 
     def short(self, value: Any) -> str:
         return "gptq"
+
+    def acts_with(self, host: Mapping[str, Any]) -> bool:
+        return host.get("bits") in GRID_BITS  # the widths whose codes it chooses on a grid
 
     def display(self, value: Any) -> str:
         return "gptq" if value is True else str(value) if value else ""
