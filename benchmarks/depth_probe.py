@@ -30,9 +30,10 @@ from torch import Tensor, nn
 from slimsearch.evaluators import Accuracy, EvalContext
 from slimsearch.evaluators.latency import LatencyRatio
 from slimsearch.search import models
+from slimsearch.search.data import TaskData
 from slimsearch.search.log import say
 from slimsearch.search.study_file import load_study
-from slimsearch.search.worker import TrialJob, calibration_batch, distill_batches, eval_batches, teacher_cache
+from slimsearch.search.worker import TrialJob, teacher_cache
 from slimsearch.spaces import CompressionPlan, apply_plan
 from slimsearch.spaces.methods.distill import DistillRecipe, distill
 from slimsearch.spaces.plan import LayerSettings, StructuredSettings
@@ -79,9 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The worker's own test batches and calibration rows (training data), as a trial uses them.
     latency = replace(spec.latency, threads=1)
     job = TrialJob(-1, "{}", "", str(spec.cache), spec.task, (), latency)
-    test = eval_batches(job, tokenizer)
-    calibration = calibration_batch(job, tokenizer)
-    train = distill_batches(job, tokenizer, 32)
+    data = TaskData(spec.task, spec.cache, tokenizer)
+    test = data.test_batches()
+    calibration = data.calibration_batch()
+    train = data.train_batches(32)
     recipe = DistillRecipe(kind="logits", steps=args.steps, learning_rate=1e-4)
     teacher = teacher_cache(job, base, train, "logits") if args.steps else None  # cached on disk
 

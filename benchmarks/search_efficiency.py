@@ -180,10 +180,14 @@ class Bench:
     @property
     def quality_limit(self) -> float:
         """The study's quality constraint in quality_loss's unit."""
+        from slimsearch.search.constraints import limit_on
+
         limits = self.spec.constraints
         if self.quality == "accuracy":
-            return float(limits.get("max_accuracy_drop", 1.0))
-        return 100.0 * (float(limits.get("max_perplexity_ratio", 1.1)) - 1.0)
+            drop = limit_on(limits, "accuracy", "max_drop")
+            return 1.0 if drop is None else float(drop)
+        ratio = limit_on(limits, "perplexity", "max_ratio")
+        return 100.0 * ((1.1 if ratio is None else float(ratio)) - 1.0)
 
     @property
     def reference(self) -> tuple[float, float, float]:
@@ -425,7 +429,7 @@ def setup(study: Path, cache_file: Path | None, threads: int = BENCH_THREADS) ->
         "quantizer": QUANTIZER_VERSION,
         "baseline_dir": str(baseline_dir),
         "space": space.fingerprint(),
-        "task": json.dumps(asdict(spec.task), sort_keys=True, default=str),
+        "task": json.dumps(spec.task.identity(), sort_keys=True, default=str),
         "latency": asdict(spec.latency),
         "screening": asdict(spec.screening) if spec.screening else None,
         "constraints": dict(spec.constraints),

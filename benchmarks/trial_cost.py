@@ -62,8 +62,8 @@ def main() -> None:
             spec.latency,
             layer_store_bytes=None,
         )
-        base, tokenizer = worker.cached_baseline(base_job)
-        worker.eval_batches(base_job, tokenizer)  # data loading is not a trial's cost
+        base, _ = worker.cached_baseline(base_job)
+        worker.job_data(base_job).test_batches()  # data loading is not a trial's cost
         space = SearchSpace(base, spec.space)
         params = space.uniform_params()[1:]
         rng = random.Random(0)

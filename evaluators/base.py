@@ -94,10 +94,23 @@ class LatencySpec:
 
 @dataclass
 class EvalContext:
-    """What an evaluator may use. ``batches`` are ready model inputs: for classification
-    dicts of input_ids / attention_mask / labels; for causal LMs dicts of input_ids blocks.
-    ``records`` collects details an evaluator wants kept with the trial (e.g. latency spread).
-    ``reference`` is the uncompressed baseline model when the caller has it.
+    """What an evaluator may use.
+
+    - ``task``: "classification" or "causal-lm".
+    - ``batches``: the test data as ready model inputs: for classification dicts of
+      input_ids / attention_mask / labels; for causal LMs dicts of input_ids blocks.
+    - ``vocab_size``, ``plan`` (the trial's plan as applied), ``latency`` (how to time).
+    - ``baseline``: the baseline's measured values by evaluator name (empty while the
+      baseline itself is measured).
+    - ``reference``: the uncompressed baseline model when the caller has it.
+    - ``tokenizer``: the baseline's tokenizer (a transformers tokenizer), when the caller
+      has it: to decode predictions, or to tokenize text of the evaluator's own.
+    - ``data``: the task's data object (search/data.py ``TaskData``) when the caller has it:
+      ``data.task`` (the study's task section), ``data.splits()`` (train/test rows as
+      ``(text, class id)``), ``data.text()`` (a causal LM's text), ``data.test_batches()``.
+      Read it; never change it (every trial in the process shares it).
+    - ``options``: the evaluator's options from the study file.
+    - ``records``: details an evaluator wants kept with the trial (e.g. latency spread).
     """
 
     task: TaskKind
@@ -109,6 +122,8 @@ class EvalContext:
     reference: nn.Module | None = None  # the uncompressed model, for interleaved timing
     options: dict[str, Any] = field(default_factory=dict)
     records: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
+    data: Any = None  # search.data.TaskData; typed loosely since evaluators never import search
 
 
 @runtime_checkable
@@ -120,7 +135,11 @@ class Evaluator(Protocol):
     ``tasks``, the task kinds it can measure (e.g. ``("causal-lm",)`` for decode speed): a
     study of another kind is refused before any trial. ``repeatable = False`` marks a
     measurement that moves from run to run of the same model (resident memory): an export
-    re-measures and reports it instead of requiring the searched value back.
+    re-measures and reports it instead of requiring the searched value back. ``compare``,
+    "difference" (the default) or "ratio": how a value is judged against the baseline's,
+    which a constraint written as ``{metric: NAME, limit: x}`` reads (a difference on a
+    maximized metric bounds the drop, a ratio on a minimized one bounds value / baseline).
+    evaluators/testing.py holds the conformance suite an evaluator's tests inherit.
     """
 
     name: str

@@ -154,6 +154,8 @@ class TimeToFirstToken(_FromDecode):
     """Milliseconds from the prompt to the first generated token (median)."""
 
     name = "ttft_ms"
+
+    compare = "ratio"
     direction: Direction = "minimize"
     field = "ttft_ms"
 
@@ -162,6 +164,8 @@ class DecodeTokensPerS(_FromDecode):
     """Generated tokens per second after the first, with the KV cache (median pass)."""
 
     name = "decode_tokens_per_s"
+
+    compare = "ratio"
     direction: Direction = "maximize"
     field = "tokens_per_s"
 
@@ -171,6 +175,8 @@ class DecodeSpeedup(_FromDecode):
     process: robust to a machine that is uniformly slower or faster."""
 
     name = "decode_speedup"
+
+    compare = "difference"
     direction: Direction = "maximize"
     field = "speedup"
 

@@ -20,6 +20,8 @@ class Accuracy:
     """Percent of evaluation examples whose argmax logit is the label (0-100)."""
 
     name = "accuracy"
+
+    compare = "difference"
     direction: Direction = "maximize"
 
     @torch.no_grad()
@@ -37,6 +39,8 @@ class Perplexity:
     """exp of the mean next-token negative log-likelihood over the evaluation blocks."""
 
     name = "perplexity"
+
+    compare = "ratio"
     direction: Direction = "minimize"
 
     @torch.no_grad()

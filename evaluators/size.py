@@ -10,6 +10,7 @@ from slimsearch.spaces.serialize import serialized_size
 
 class SizeBytes:
     name = "size_bytes"
+    compare = "ratio"
     direction: Direction = "minimize"
 
     def evaluate(self, model: nn.Module, context: EvalContext) -> float:

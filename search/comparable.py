@@ -34,15 +34,21 @@ def _file_digest(path: Path) -> str:
 
 
 def _task(spec: StudySpec) -> dict[str, Any]:
-    task = asdict(spec.task)
+    task = spec.task.identity()
     task.pop("eval_batch_size")  # how rows are batched does not change a score
     if task.get("calibration_rows") is None:
         task.pop("calibration_rows", None)  # the default: studies from before the key compare equal
     for key in ("rows", "text"):  # inline data: its digest, not a copy of it
         if task[key] is not None:
             task[key] = hashlib.sha256(json.dumps(task[key]).encode()).hexdigest()[:16]
-    if not spec.task.data.startswith("builtin:") and Path(spec.task.data).is_file():
-        task["data_sha256"] = _file_digest(Path(spec.task.data))
+    source = Path(spec.task.data)
+    if not spec.task.data.startswith("builtin:") and source.is_file():
+        task["data_sha256"] = _file_digest(source)
+    elif not spec.task.data.startswith("builtin:") and source.is_dir():  # a save_to_disk folder
+        files = sorted(p for p in source.rglob("*") if p.is_file())
+        task["data_sha256"] = hashlib.sha256(
+            json.dumps([[str(p.relative_to(source)), _file_digest(p)] for p in files]).encode()
+        ).hexdigest()[:16]
     return task
 
 
@@ -64,6 +70,8 @@ def record(spec: StudySpec, space: SearchSpace, baseline_key: str) -> dict[str, 
         "distill": {"mode": spec.distill.mode, "recipe": dict(spec.distill.recipe)}
         | {"search": {k: list(v) for k, v in spec.distill.search.items()}},
     }
+    if spec.metrics:  # only when present, so records from before metrics existed compare equal
+        data["metrics"] = [{"name": o.name, "ref": o.ref, "options": dict(o.options)} for o in spec.metrics]
     if timing_objectives(spec.objectives):
         lat = spec.latency
         data["latency"] = {

@@ -21,12 +21,22 @@ import yaml
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from slimsearch.evaluators.latency import merge_quietest, quiet_times
-from slimsearch.search import comparable, models, pareto, preflight, refine, retry, sensitivity, storage
+from slimsearch.search import (
+    comparable,
+    constraints,
+    models,
+    pareto,
+    preflight,
+    refine,
+    retry,
+    sensitivity,
+    storage,
+)
 from slimsearch.search.executors import Executor, make_executor
 from slimsearch.search.faults import FailureStreak, RunAborted, RunFolderWatch
 from slimsearch.search.locks import run_lock
 from slimsearch.search.log import fmt_seconds, say
-from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, constraint_metric, load_study
+from slimsearch.search.study_file import StudyError, StudySpec, load_study
 from slimsearch.search.worker import ScreenSpec, TrialJob, TrialResult, timing_objectives
 from slimsearch.spaces import CompressionPlan, SearchSpace
 from slimsearch.spaces.methods import registry
@@ -81,17 +91,7 @@ def constraint_values(
     spec: StudySpec, values: dict[str, float], baseline: dict[str, float]
 ) -> dict[str, float]:
     """Optuna constraint values: <= 0 means satisfied."""
-    out = {}
-    names = [o.name for o in spec.objectives]
-    for key, limit in spec.constraints.items():
-        metric = constraint_metric(key, names) or CONSTRAINTS[key]
-        if key == "max_accuracy_drop":
-            out[key] = (baseline[metric] - values[metric]) - limit
-        elif metric == "latency_ratio":  # already relative to the baseline
-            out[key] = values[metric] - limit
-        else:
-            out[key] = values[metric] / baseline[metric] - limit
-    return out
+    return constraints.violations(spec.constraints, [o.name for o in spec.measured()], values, baseline)
 
 
 class Driver:
@@ -189,7 +189,7 @@ class Driver:
             baseline_dir=str(baseline_dir),
             cache_dir=str(spec.cache),
             task=spec.task,
-            objectives=spec.objectives,
+            objectives=spec.measured(),
             latency=spec.latency,
             baseline=baseline,
             trust_remote_code=spec.model.trust_remote_code,
@@ -202,7 +202,7 @@ class Driver:
 
     def screen_spec(self, baseline: dict[str, float]) -> ScreenSpec | None:
         s = self.spec.screening
-        drop = self.spec.constraints.get("max_accuracy_drop")
+        drop = constraints.limit_on(self.spec.constraints, "accuracy", "max_drop")
         if s is None or drop is None or "accuracy" not in baseline or self.spec.task.kind != "classification":
             return None
         return ScreenSpec(max_drop=drop, examples=s.examples, z=s.z)
@@ -347,6 +347,10 @@ class Driver:
         previous_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
         try:
             baseline = self.measure_baseline(study, executor, baseline_dir)
+            try:  # a constraint the baseline cannot anchor (a ratio to zero) fails before any trial
+                constraints.check_baseline(spec.constraints, [o.name for o in spec.measured()], baseline)
+            except ValueError as exc:
+                raise StudyError(str(exc)) from None
             if spec.seed_uniform and not study.user_attrs.get("seeded"):
                 _queue_seeds(study, space.uniform_params(), "uniform", "seeded")
             seeding = spec.seed_sensitivity and not study.user_attrs.get("seeded_sensitivity")

@@ -36,11 +36,12 @@ from slimsearch.search.study_file import StudyError
 from slimsearch.search.worker import (
     TrialJob,
     cached_baseline,
-    eval_batches,
+    job_data,
     measured_model,
     varying_objectives,
 )
 from slimsearch.spaces import CompressionPlan, apply_plan, save_compressed
+from slimsearch.spaces.conv1d import as_linears
 from slimsearch.spaces.methods import PackedEmbedding, PackedLinear, registry
 from slimsearch.spaces.methods.registry import BOTH, SIZE, SPEED
 
@@ -163,6 +164,7 @@ def _skeleton(config: Any, task: str | None, trust_remote_code: bool) -> nn.Modu
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is not None:
         model: nn.Module = cls(config)
+        as_linears(model)  # as the baseline was when the trial compressed it
         return model
     if task is None:
         raise ValueError(
@@ -171,6 +173,7 @@ def _skeleton(config: Any, task: str | None, trust_remote_code: bool) -> nn.Modu
         )
     auto = models.model_class(task)
     built: nn.Module = auto.from_config(config, trust_remote_code=trust_remote_code)
+    as_linears(built)
     return built
 
 
@@ -521,7 +524,7 @@ def export_trial(
     base_model, tokenizer = cached_baseline(job)
     identical = check_rebuild(trial, digest, records.get("state_sha256"), allow_mismatch)
 
-    batches = eval_batches(job, tokenizer)
+    batches = job_data(job).test_batches()
     timing = replace(spec.latency, repeats=repeats or max(spec.latency.repeats, 20))
     context = EvalContext(
         task=spec.task.kind,  # type: ignore[arg-type]
@@ -531,9 +534,11 @@ def export_trial(
         latency=timing,
         baseline=dict(run.baseline),
         reference=base_model,  # latency evaluators time the candidate against it, interleaved
+        tokenizer=tokenizer,
+        data=job_data(job),
     )
     measured: dict[str, float] = {}
-    for objective in spec.objectives:
+    for objective in spec.measured():
         if objective.name == "size_bytes":
             continue  # the bytes of the file written below, not an estimate
         say(f"re-measuring {objective.name}")
@@ -541,7 +546,7 @@ def export_trial(
         measured[objective.name] = float(evaluator.evaluate(candidate, context))
     searched = {k: float(v) for k, v in dict(frozen.user_attrs.get("metrics", {})).items()}
     examples, tokens = _eval_sizes(batches, spec.task.kind)
-    varying = {o.name for o in varying_objectives(spec.objectives)}
+    varying = {o.name for o in varying_objectives(spec.measured())}
     check_revalidation(trial, measured, searched, varying, examples, allow_mismatch)
     # Latency against the baseline even when the study did not optimize it (cached otherwise).
     latency = LatencyComparison.from_record(measure_all(candidate, context, base_model), timing)

@@ -24,6 +24,7 @@ from torch import nn
 from slimsearch.search import assets, tasks
 from slimsearch.search.log import fmt_seconds, quiet_libraries, say
 from slimsearch.search.study_file import FinetuneSpec, StudySpec
+from slimsearch.spaces.conv1d import as_linears
 
 # 2: the classifier head that from_pretrained adds is seeded (format 1 left it to chance, so
 # two clones of one study fine-tuned different baselines: MiniLM scored 80.1% and 79.6%).
@@ -39,7 +40,7 @@ def baseline_key(spec: StudySpec) -> str:
     if spec.model.finetune is not None or spec.model.source == "config":
         # The training data (and the tokenizer built from it) decide the weights.
         parts["finetune"] = asdict(spec.model.finetune) if spec.model.finetune else None
-        task = asdict(spec.task)
+        task = spec.task.identity()
         task.pop("eval_batch_size")
         task.pop("calibration_rows")  # what the methods calibrate on, not what the baseline trains on
         parts["task"] = task
@@ -63,6 +64,7 @@ def load_baseline(folder: Path, kind: str, trust_remote_code: bool = False) -> t
         str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
     )
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    as_linears(model)  # GPT-2's Conv1D layers: every method then sees one kind of layer
     return model.eval(), tokenizer
 
 
@@ -90,7 +92,9 @@ def _from_config(spec: StudySpec) -> tuple[Any, Any]:
     cfg = AutoConfig.for_model(model_type, **config)
     model = model_class(spec.task.kind).from_config(cfg)
     if spec.task.kind == "classification":
-        texts = [t for t, _ in tasks.classification_rows(spec.task, spec.cache)]
+        texts = [
+            part for t, _ in tasks.classification_rows(spec.task, spec.cache) for part in tasks.as_pair(t)
+        ]
     else:
         texts = tasks.lm_text(spec.task, spec.cache).split("\n")
     return model, _word_tokenizer(texts, cfg.vocab_size)
@@ -156,6 +160,14 @@ def _load_source(spec: StudySpec) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _name_classes(model: Any, spec: StudySpec) -> None:
+    """The data's class names on the config, so an exported classifier reports them."""
+    if spec.task.kind == "classification" and spec.task.data not in tasks.BUILTIN_ROWS:
+        names = tasks.labelled(spec.task, spec.cache).names
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {name: i for i, name in enumerate(names)}
+
+
 def finetune_classifier(
     model: nn.Module, tokenizer: Any, rows: tasks.Rows, ft: FinetuneSpec, max_length: int, seed: int
 ) -> None:
@@ -199,6 +211,7 @@ def prepare_baseline(spec: StudySpec) -> Path:
     quiet_libraries()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, tokenizer = _load_source(spec)
+    _name_classes(model, spec)
     info: dict[str, Any] = {"source": spec.model.source, "format": BASELINE_FORMAT}
     if spec.model.finetune is not None:
         if spec.task.kind != "classification":

@@ -145,23 +145,19 @@ def check_model(spec: StudySpec) -> None:
 
 
 def check_data(spec: StudySpec) -> None:
+    """Reads the task's data (columns, labels, splits, sizes) before any model is loaded."""
     task = spec.task
     if task.kind == "classification":
         if task.data in tasks.BUILTIN_ROWS:
             tasks.check_sizes(task, tasks.BUILTIN_ROWS[task.data])
             return
-        if task.rows is None and Path(task.data).suffix.lower() != ".csv":
-            raise StudyError(
-                f"task.data: {task.data} is not a .csv file; a classification task reads a CSV with "
-                "'text' and 'label' columns"
-            )
-        tasks.check_sizes(task, len(tasks.classification_rows(task, spec.cache)))
+        tasks.classification_splits(task, spec.cache)
     elif (
         not task.data.startswith("builtin:")
         and task.text is None
         and not tasks.lm_text(task, spec.cache).strip()
     ):
-        raise StudyError(f"task.data: {task.data} holds no text; give a non-empty UTF-8 .txt file")
+        raise StudyError(f"task.data: {task.data} holds no text; give a non-empty UTF-8 text source")
 
 
 def preflight(spec: StudySpec) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +28,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from slimsearch.search import models, pareto
-from slimsearch.search.study_file import CONSTRAINTS, StudyError, StudySpec, study_from_mapping
+from slimsearch.search.study_file import StudyError, StudySpec, study_from_mapping
 from slimsearch.spaces import CompressionPlan
 from slimsearch.spaces.methods import registry
 
@@ -44,6 +44,8 @@ def knob_order() -> tuple[str, ...]:
     methods = registry.methods("linear")
     ranked = sorted(methods, key=lambda m: -registry.STAGES.index(m.stage))
     return tuple(m.name for m in ranked)
+
+
 # Reference points for objectives that no constraint bounds: a trial must be at least this
 # good to add hypervolume (5 accuracy points / 5 % lost, or 1.25x the baseline's cost).
 DEFAULT_DROP_REFERENCE = 5.0
@@ -92,7 +94,15 @@ def make_axes(
     baseline: dict[str, float],
     constraints: dict[str, float],
 ) -> list[Axis]:
-    limits = {CONSTRAINTS[k]: v for k, v in constraints.items()}
+    from slimsearch.search.constraints import resolve
+
+    # A constraint bounds its axis's volume where it is in the axis's unit: points of accuracy
+    # dropped, or a ratio to the baseline of a minimized objective.
+    limits = {}
+    for key, value in constraints.items():
+        c = resolve(key, objectives)
+        if (c.metric, c.bound) == ("accuracy", "max_drop") or c.bound == "max_ratio":
+            limits[c.metric] = value
     axes = []
     for name, direction in zip(objectives, directions, strict=True):
         maximize = direction == optuna.study.StudyDirection.MAXIMIZE
@@ -180,7 +190,9 @@ class Run:
     @property
     def constraints(self) -> dict[str, float]:
         raw = self.raw.get("constraints") or {}
-        return {k: float(v) for k, v in raw.items() if v is not None}
+        if isinstance(raw, Mapping):  # named keys: read without validating the whole study again
+            return {k: float(v) for k, v in raw.items() if v is not None}
+        return dict(self.spec.constraints)
 
     def cache_dir(self) -> Path:
         return Path(self.info["cache_dir"]) if "cache_dir" in self.info else self.spec.cache

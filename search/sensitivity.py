@@ -25,10 +25,9 @@ import hashlib
 import itertools
 import json
 import math
-import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimsearch.search import models, tasks
+from slimsearch.search import models
+from slimsearch.search.data import TaskData
 from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.study_file import StudySpec, TaskSpec
 from slimsearch.spaces import CompressionPlan, SearchSpace, apply_plan, serialized_size
@@ -176,7 +176,7 @@ def profile_key(baseline_dir: Path, task: TaskSpec, space: SearchSpace | str) ->
         "format": PROFILE_FORMAT,
         "methods": registry.versions(),
         "baseline": str(Path(baseline_dir).resolve()),
-        "task": asdict(task),
+        "task": task.identity(),
         "space": space if isinstance(space, str) else space.fingerprint(),
         "rows": PROFILE_ROWS,
     }
@@ -211,8 +211,11 @@ def load_or_compute_profile(spec: StudySpec, space: SearchSpace, baseline_dir: P
     if cached is not None:
         return cached
     model, tokenizer = models.load_baseline(Path(baseline_dir), spec.task.kind, spec.model.trust_remote_code)
-    batches = loss_batches(spec.task, spec.cache, tokenizer)
-    stats = _calibration_stats(spec, space, Path(baseline_dir), tokenizer)
+    from slimsearch.search.worker import task_data
+
+    data = task_data(str(baseline_dir), str(spec.cache), spec.task, tokenizer)
+    batches = loss_batches(data)
+    stats = _calibration_stats(space, model, Path(baseline_dir), data)
     threads = torch.get_num_threads()
     torch.set_num_threads(PROFILE_THREADS)
     try:
@@ -225,7 +228,7 @@ def load_or_compute_profile(spec: StudySpec, space: SearchSpace, baseline_dir: P
 
 
 def _calibration_stats(
-    spec: StudySpec, space: SearchSpace, baseline_dir: Path, tokenizer: Any
+    space: SearchSpace, model: nn.Module, baseline_dir: Path, data: TaskData
 ) -> CalibrationStats | None:
     """The statistics trials use (the worker's, from training rows, of this baseline), where a
     searched method reads them."""
@@ -236,31 +239,27 @@ def _calibration_stats(
             wanted |= method.needs
     if not wanted:
         return None
-    from slimsearch.search.worker import TrialJob, calibration_stats
+    from slimsearch.search.worker import calibration_stats
 
-    job = TrialJob(-1, "{}", str(baseline_dir), str(spec.cache), spec.task, (), spec.latency)
-    return calibration_stats(job, tokenizer, frozenset(wanted))
+    return calibration_stats(model, str(baseline_dir), data, frozenset(wanted))
 
 
-def loss_batches(task: TaskSpec, cache: Path, tokenizer: Any) -> list[dict[str, Tensor]]:
+def loss_batches(data: TaskData) -> list[dict[str, Tensor]]:
     """Data the trials are NOT scored on, so the test data cannot steer the seeds: a fixed
     random subset of the training split (classification) or the first blocks of the text
     after the perplexity blocks (causal LM; the perplexity text itself only when nothing
     else is left, with a warning)."""
+    task = data.task
     if task.kind == "classification":
-        train = tasks.classification_splits(task, Path(cache)).train
-        rows = random.Random(task.seed + 3).sample(train, min(PROFILE_ROWS, len(train)))
-        return tasks.classification_batches(tokenizer, rows, task.max_length, task.eval_batch_size)
-    held_out = tasks.lm_train_text(task, Path(cache))
+        return data.rows_batches(data.profile_rows(PROFILE_ROWS), task.eval_batch_size)
     try:
-        return tasks.lm_blocks(tokenizer, held_out, task.block_size, PROFILE_LM_BLOCKS, task.eval_batch_size)
+        return data.blocks(data.held_out_text(), PROFILE_LM_BLOCKS, task.eval_batch_size)
     except ValueError:
         say(
             "sensitivity: the text has no block left after the perplexity blocks; profiling on "
             "the perplexity text itself, so the seeds are fitted to the data that scores them"
         )
-        text = tasks.lm_text(task, Path(cache))
-        return tasks.lm_blocks(tokenizer, text, task.block_size, PROFILE_LM_BLOCKS, task.eval_batch_size)
+        return data.blocks(data.text(), PROFILE_LM_BLOCKS, task.eval_batch_size)
 
 
 @torch.no_grad()

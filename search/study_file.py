@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,32 @@ class TaskSpec:
     # Rows the calibration statistics are captured on (training sentences, or blocks of
     # block_size tokens); None: the defaults of search/worker.py (32 sentences, 2 blocks).
     calibration_rows: int | None = None
+    # How a `datasets` source is read (search/sources.py): its columns, the split rows come
+    # from (None: its only split, or 'train') and, when set, the split the test rows come
+    # from (else the test rows are drawn from `split`).
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    split: str | None = None
+    test_split: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The fields as a dict for cache keys, leaving out the `datasets` reading options
+        at their defaults, so keys made before they existed still match."""
+        fields = asdict(self)
+        for name, default in _READING_DEFAULTS.items():
+            if fields[name] == default:
+                del fields[name]
+        return fields
+
+
+_READING_DEFAULTS = {
+    "text_column": "text",
+    "text_pair_column": None,
+    "label_column": "label",
+    "split": None,
+    "test_split": None,
+}
 
 
 @dataclass(frozen=True)
@@ -183,6 +209,13 @@ class StudySpec:
     # The layer store (spaces/store.py): None off, else the bytes it may keep on disk.
     layer_store_bytes: int | None = DEFAULT_MAX_BYTES
 
+    # Evaluators measured on every trial but not optimized (for constraints and the report).
+    metrics: tuple[ObjectiveSpec, ...] = ()
+
+    def measured(self) -> tuple[ObjectiveSpec, ...]:
+        """The objectives, then the metrics: everything a trial measures."""
+        return self.objectives + self.metrics
+
     def objective(self, name: str) -> ObjectiveSpec | None:
         return next((o for o in self.objectives if o.name == name), None)
 
@@ -209,6 +242,7 @@ _TOP_KEYS = {
     "refine_front",
     "methods",
     "layer_store",
+    "metrics",
 }
 
 
@@ -292,6 +326,8 @@ def _model(data: Mapping[str, Any], base_dir: Path) -> ModelSpec:
 
 
 def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
+    from slimsearch.search.sources import FILE_FORMATS, HUB, check_split, describe_formats
+
     keys = {
         "kind",
         "data",
@@ -305,6 +341,11 @@ def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
         "eval_blocks",
         "seed",
         "calibration_rows",
+        "text_column",
+        "text_pair_column",
+        "label_column",
+        "split",
+        "test_split",
     }
     raw = _section(data, "task", keys)
     kind = _choice(raw.get("kind"), "task.kind", TASK_KINDS)
@@ -324,18 +365,41 @@ def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
     elif text is not None:
         source = source or "inline"
     elif source is None:
-        raise StudyError(
-            f"task.data: missing; give one of {list(BUILTIN_DATA)} or a path to a .csv/.txt file"
-        )
+        raise StudyError(f"task.data: missing; give one of {list(BUILTIN_DATA)} or {describe_formats()}")
     elif str(source).startswith("builtin:"):
         _choice(source, "task.data", BUILTIN_DATA)
-    else:
+    elif not str(source).startswith(HUB):
         path = _path(base_dir, source)
-        if not path.is_file():
+        if not path.exists():
+            raise _fail("task.data", source, f"nothing at {path}; give {describe_formats()}")
+        if path.is_file() and path.suffix.lower() not in FILE_FORMATS:
             raise _fail(
-                "task.data", source, f"no file at {path}; give an existing .csv (text,label) or .txt file"
+                "task.data", source, f"unknown file suffix {path.suffix!r}; give {describe_formats()}"
             )
+        if kind == "classification" and path.suffix.lower() == ".txt":
+            raise _fail("task.data", source, "a .txt file is causal-lm text; classifiers need labelled rows")
         source = str(path)
+    columns: dict[str, Any] = {}
+    for key, default in (("text_column", "text"), ("label_column", "label"), ("text_pair_column", None)):
+        value = raw.get(key, default)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise _fail(f"task.{key}", value, "give a column name")
+        columns[key] = value
+    if kind == "causal-lm" and columns["text_pair_column"] is not None:
+        raise StudyError("task.text_pair_column: pairs of texts are for classification; remove it")
+    splits = {}
+    for key in ("split", "test_split"):
+        value = raw.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise _fail(f"task.{key}", value, "give a split such as 'train' or 'train[:2000]'")
+            check_split(value, f"task.{key}")
+        splits[key] = value
+    if kind == "causal-lm" and splits["test_split"] is not None:
+        raise StudyError(
+            "task.test_split: a causal-lm task scores the start of its text and trains after it; "
+            "remove test_split (task.split picks the text)"
+        )
     if kind == "causal-lm" and rows is not None:
         raise StudyError("task.rows: inline rows are for classification; a causal-lm task takes task.text")
     spec = TaskSpec(
@@ -355,21 +419,51 @@ def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
             if raw.get("calibration_rows") is None
             else _int(raw["calibration_rows"], "task.calibration_rows")
         ),
+        text_column=columns["text_column"],
+        text_pair_column=columns["text_pair_column"],
+        label_column=columns["label_column"],
+        split=splits["split"],
+        test_split=splits["test_split"],
     )
     return spec
 
 
-def _objectives(data: Mapping[str, Any], kind: str) -> tuple[ObjectiveSpec, ...]:
-    from slimsearch.evaluators import make_evaluator
+def _metrics(
+    data: Mapping[str, Any], kind: str, objectives: tuple[ObjectiveSpec, ...]
+) -> tuple[ObjectiveSpec, ...]:
+    """Evaluators measured on every trial (and the baseline) but not optimized: for
+    constraints and for the report."""
+    raw = data.get("metrics")
+    if raw is None or raw == []:
+        return ()
+    out = _evaluator_specs(raw, kind, "metrics")
+    for spec in out:
+        if spec.name in {o.name for o in objectives}:
+            raise StudyError(f"metrics: {spec.name!r} is already an objective; list it once")
+    return out
 
+
+def _objectives(data: Mapping[str, Any], kind: str) -> tuple[ObjectiveSpec, ...]:
     raw = data.get("objectives")
     if raw is None:
         raw = ["accuracy" if kind == "classification" else "perplexity", "size_bytes", "latency_ms"]
+    out = _evaluator_specs(raw, kind, "objectives")
+    names = [o.name for o in out]
+    if kind == "classification" and "perplexity" in names:
+        raise StudyError("objectives: perplexity needs task.kind causal-lm; use accuracy for classification")
+    if kind == "causal-lm" and "accuracy" in names:
+        raise StudyError("objectives: accuracy needs task.kind classification; use perplexity for causal-lm")
+    return out
+
+
+def _evaluator_specs(raw: Any, kind: str, section: str) -> tuple[ObjectiveSpec, ...]:
+    from slimsearch.evaluators import make_evaluator
+
     if not isinstance(raw, list) or not raw:
-        raise _fail("objectives", raw, "give a list such as [accuracy, size_bytes, latency_ms]")
+        raise _fail(section, raw, "give a list such as [accuracy, size_bytes, latency_ms]")
     out = []
     for i, item in enumerate(raw):
-        where = f"objectives[{i}]"
+        where = f"{section}[{i}]"
         if isinstance(item, str):
             item = {"name": item}
         if not isinstance(item, Mapping) or "name" not in item:
@@ -394,36 +488,58 @@ def _objectives(data: Mapping[str, Any], kind: str) -> tuple[ObjectiveSpec, ...]
         out.append(ObjectiveSpec(name=evaluator.name, direction=direction, ref=ref, options=options))
     names = [o.name for o in out]
     if len(set(names)) != len(names):
-        raise _fail("objectives", names, "each objective may appear once")
-    if kind == "classification" and "perplexity" in names:
-        raise StudyError("objectives: perplexity needs task.kind causal-lm; use accuracy for classification")
-    if kind == "causal-lm" and "accuracy" in names:
-        raise StudyError("objectives: accuracy needs task.kind classification; use perplexity for causal-lm")
+        raise _fail(section, names, "each evaluator may appear once")
     return tuple(out)
 
 
 def constraint_metric(key: str, objective_names: set[str] | list[str]) -> str | None:
-    """The objective a constraint reads; max_latency_ratio reads latency_ratio when present."""
-    if key == "max_latency_ratio" and "latency_ratio" in objective_names:
-        return "latency_ratio"
-    metric = CONSTRAINTS[key]
+    """The metric a constraint reads, when the study measures it."""
+    from slimsearch.search.constraints import resolve
+
+    metric = resolve(key, objective_names).metric
     return metric if metric in objective_names else None
 
 
-def _constraints(data: Mapping[str, Any], objectives: tuple[ObjectiveSpec, ...]) -> dict[str, float]:
-    raw = _section(data, "constraints", set(CONSTRAINTS))
-    names = {o.name for o in objectives}
-    out = {}
-    for key, value in raw.items():
-        if value is None:
-            continue
-        if constraint_metric(key, names) is None:
+def _constraints(data: Mapping[str, Any], measured: tuple[ObjectiveSpec, ...]) -> dict[str, float]:
+    from slimsearch.evaluators import make_evaluator
+    from slimsearch.search.constraints import NAMED, parse_listed
+
+    raw = data.get("constraints") or {}
+    items: list[tuple[str, Any]] = []
+    if isinstance(raw, Mapping):
+        items = [(f"constraints.{k}", {k: v}) for k, v in raw.items()]
+    elif isinstance(raw, list):
+        items = [(f"constraints[{i}]", item) for i, item in enumerate(raw)]
+    else:
+        raise _fail("constraints", raw, "give a mapping such as {max_accuracy_drop: 1.0} or a list of them")
+    names = {o.name for o in measured}
+    evaluators = {o.name: make_evaluator(o.ref, dict(o.options)) for o in measured}
+    out: dict[str, float] = {}
+    for where, item in items:
+        if isinstance(item, Mapping) and "metric" in item:
+            try:
+                key, limit = parse_listed(item, where, evaluators)
+            except ValueError as exc:
+                raise StudyError(str(exc)) from None
+        elif isinstance(item, Mapping) and len(item) == 1 and next(iter(item)) in NAMED:
+            key, value = next(iter(item.items()))
+            if value is None:
+                continue
+            if constraint_metric(key, names) is None:
+                raise StudyError(
+                    f"constraints.{key}: needs the objective {NAMED[key][0]!r}, which this study "
+                    f"does not have (objectives and metrics: {sorted(names)})"
+                )
+            low = -1e-12 if key == "max_accuracy_drop" else 0.0
+            limit = _num(value, f"constraints.{key}", low)
+        else:
             raise StudyError(
-                f"constraints.{key}: needs the objective {CONSTRAINTS[key]!r}, which this study "
-                f"does not have (objectives: {sorted(names)})"
+                f"{where}: unknown constraint {item!r}; use one of {sorted(NAMED)} or "
+                "{metric: NAME, max_drop | max_increase | max_ratio | min_ratio | max | min | limit: value}"
             )
-        low = -1e-12 if key == "max_accuracy_drop" else 0.0
-        out[key] = _num(value, f"constraints.{key}", low)
+        if key in out:
+            raise StudyError(f"{where}: {key} is bounded twice; keep one")
+        out[key] = limit
     return out
 
 
@@ -525,7 +641,8 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     except ValueError as exc:
         raise StudyError(str(exc)) from None
     objectives = _objectives(data, task.kind)
-    constraints = _constraints(data, objectives)
+    metrics = _metrics(data, task.kind, objectives)
+    constraints = _constraints(data, objectives + metrics)
 
     lat = _section(
         data,
@@ -623,6 +740,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         space=space,
         objectives=objectives,
         constraints=constraints,
+        metrics=metrics,
         latency=latency,
         sampler=sampler,
         seed_uniform=seed_uniform,

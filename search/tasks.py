@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,9 @@ from torch import Tensor
 from slimsearch.search import assets
 from slimsearch.search.study_file import StudyError, TaskSpec
 
-Rows = list[tuple[str, int]]
+# A row's text is one string, or a pair of them (task.text_pair_column).
+Text = str | tuple[str, str]
+Rows = list[tuple[Text, int]]
 
 
 @dataclass(frozen=True)
@@ -41,70 +40,86 @@ def read_text_file(path: Path, where: str = "task.data") -> str:
         raise StudyError(f"{where}: cannot read {path} ({exc.strerror})") from None
 
 
-def label_ids(labels: list[Any]) -> dict[Any, int]:
-    """Each distinct label to a class id: sorted numerically when every label is a whole
-    number (so 0/1 labels keep their ids), else as text."""
+def label_ids(labels: list[Any], names: tuple[str, ...] | None = None) -> dict[Any, int]:
+    """Each distinct label to a class id: the declared order when the source names its
+    classes, sorted numerically when every label is a whole number (so 0/1 labels keep
+    their ids), else as text."""
+    if names is not None:
+        return {name: i for i, name in enumerate(names)}
     distinct = set(labels)
     if all(isinstance(v, int) and not isinstance(v, bool) for v in distinct):
         return {v: i for i, v in enumerate(sorted(distinct))}
     return {v: i for i, v in enumerate(sorted(distinct, key=str))}
 
 
-def _as_int(text: str) -> int | str:
-    stripped = text.strip()
-    return int(stripped) if re.fullmatch(r"[+-]?\d+", stripped) else stripped
+@dataclass(frozen=True)
+class Labelled:
+    """A classification task's rows with class ids: ``rows`` (from ``task.split``),
+    ``test_rows`` (from ``task.test_split``; empty when the test rows are drawn from
+    ``rows``) and the class names in id order."""
+
+    rows: Rows
+    test_rows: Rows
+    names: tuple[str, ...]
 
 
-def _csv_rows(path: Path) -> Rows:
-    text = read_text_file(path)
-    reader = csv.DictReader(io.StringIO(text))
-    columns = [c.strip() for c in reader.fieldnames or []]
-    if not {"text", "label"} <= set(columns):
-        raise StudyError(
-            f"task.data: {path} has columns {columns}; a classification CSV needs a header row with "
-            "'text' and 'label' columns"
-        )
-    raw: list[tuple[str, int | str]] = []
-    for number, record in enumerate(reader, 2):
-        record = {(k or "").strip(): v for k, v in record.items()}
-        if record.get("label") in (None, "") or record.get("text") is None:
-            raise StudyError(
-                f"task.data: {path} line {number} has no label or no text; fill it in or drop it"
-            )
-        raw.append((record["text"], _as_int(record["label"])))
-    return _mapped(raw, f"task.data: {path}")
-
-
-def _mapped(raw: list[tuple[str, Any]], where: str) -> Rows:
+def _mapped(
+    raw: list[tuple[Text, Any]], test: list[tuple[Text, Any]], where: str, names: tuple[str, ...] | None
+) -> Labelled:
     """Rows with their labels as class ids; StudyError when fewer than two classes."""
     if len(raw) < 2:
         raise StudyError(
             f"{where} has {len(raw)} row(s); a classification task needs at least 2 labelled rows"
         )
-    ids = label_ids([label for _, label in raw])
+    ids = label_ids([label for _, label in raw + test], names)
     if len(ids) < 2:
         raise StudyError(f"{where}: every row has the label {next(iter(ids))!r}; give at least two classes")
-    return [(text, ids[label]) for text, label in raw]
+    for _, label in test:
+        if label not in ids:
+            raise StudyError(f"{where}: the test split has the label {label!r}, which {names} lacks")
+    named = tuple(str(label) for label in sorted(ids, key=ids.__getitem__))
+    return Labelled([(t, ids[label]) for t, label in raw], [(t, ids[label]) for t, label in test], named)
+
+
+def labelled(task: TaskSpec, cache: Path) -> Labelled:
+    if task.rows is not None:
+        return _mapped(list(task.rows), [], "task.rows", None)
+    if task.data == "builtin:movie-reviews":
+        return Labelled(list(assets.movie_review_rows(cache)), [], ("0", "1"))
+    if task.data == "builtin:uncertainty":
+        return Labelled(list(assets.uncertainty_rows(cache)), [], ("0", "1"))
+    from slimsearch.search import sources
+
+    read = sources.read_rows(task, cache)
+    return _mapped(read.rows, read.test_rows, f"task.data: {task.data}", read.class_names)
 
 
 def classification_rows(task: TaskSpec, cache: Path) -> Rows:
-    if task.rows is not None:
-        return _mapped(list(task.rows), "task.rows")
-    if task.data == "builtin:movie-reviews":
-        return assets.movie_review_rows(cache)
-    if task.data == "builtin:uncertainty":
-        return assets.uncertainty_rows(cache)
-    return _csv_rows(Path(task.data))
+    """Every labelled row of the task (test split included)."""
+    data = labelled(task, cache)
+    return data.rows + data.test_rows
 
 
 def num_labels(task: TaskSpec, cache: Path) -> int:
     """How many classes the task's data has (the classifier head's width)."""
     if task.data in BUILTIN_ROWS:
         return 2
-    return len({label for _, label in classification_rows(task, cache)})
+    return len(labelled(task, cache).names)
 
 
-def check_sizes(task: TaskSpec, rows: int) -> None:
+def check_sizes(task: TaskSpec, rows: int, test_rows: int | None = None) -> None:
+    """StudyError when the sizes ask for more rows than the data has; ``test_rows``: the
+    rows of ``task.test_split`` when the test rows come from there."""
+    if test_rows is not None:
+        for what, size, have, split in (
+            ("train_size", task.train_size, rows, task.split or "the source's split"),
+            ("test_size", task.test_size, test_rows, task.test_split),
+        ):
+            if size > have:
+                raise StudyError(
+                    f"task.{what} = {size}, but {split} of {task.data} has {have} rows; lower it to {have}"
+                )
+        return
     need = task.train_size + task.test_size
     if need > rows:
         raise StudyError(
@@ -113,16 +128,23 @@ def check_sizes(task: TaskSpec, rows: int) -> None:
         )
 
 
-def classification_splits(task: TaskSpec, cache: Path) -> Splits:
-    rows = classification_rows(task, cache)
-    rng = random.Random(task.seed)
+def _shuffled(rows: Rows, seed: int) -> Rows:
     order = list(range(len(rows)))
-    rng.shuffle(order)
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in order]
+
+
+def classification_splits(task: TaskSpec, cache: Path) -> Splits:
+    data = labelled(task, cache)
+    if task.test_split is not None:
+        check_sizes(task, len(data.rows), len(data.test_rows))
+        return Splits(
+            train=_shuffled(data.rows, task.seed)[: task.train_size],
+            test=_shuffled(data.test_rows, task.seed)[: task.test_size],
+        )
+    rows = _shuffled(data.rows, task.seed)
     check_sizes(task, len(rows))
-    need = task.train_size + task.test_size
-    test = [rows[i] for i in order[: task.test_size]]
-    train = [rows[i] for i in order[task.test_size : need]]
-    return Splits(train=train, test=test)
+    return Splits(train=rows[task.test_size : task.train_size + task.test_size], test=rows[: task.test_size])
 
 
 def lm_text(task: TaskSpec, cache: Path) -> str:
@@ -130,7 +152,13 @@ def lm_text(task: TaskSpec, cache: Path) -> str:
         return task.text
     if task.data == "builtin:oanc":
         return assets.oanc_text(cache)
-    return read_text_file(Path(task.data))
+    from slimsearch.search import sources
+
+    return sources.read_text(task, cache)
+
+
+def as_pair(text: Text) -> tuple[str, ...]:
+    return text if isinstance(text, tuple) else (text,)
 
 
 def classification_batches(
@@ -138,7 +166,10 @@ def classification_batches(
 ) -> list[dict[str, Tensor]]:
     """Batches sorted by length with padding only to each batch's longest row (cheaper than
     padding everything to max_length; results do not depend on the order)."""
-    encoded = tokenizer([t for t, _ in rows], truncation=True, max_length=max_length)["input_ids"]
+    firsts = [t[0] if isinstance(t, tuple) else t for t, _ in rows]
+    seconds = [t[1] for t, _ in rows if isinstance(t, tuple)]
+    pairs = seconds if len(seconds) == len(rows) and rows else None
+    encoded = tokenizer(firsts, pairs, truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []

@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import signal
 import socket
 import sys
@@ -19,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ from torch import Tensor, nn
 
 from slimsearch.evaluators import Accuracy, EvalContext, LatencySpec, make_evaluator
 from slimsearch.evaluators.latency import remember_quiet
-from slimsearch.search import models, tasks
+from slimsearch.search import models
+from slimsearch.search.data import CALIBRATION_ROWS, TaskData
 from slimsearch.search.locks import machine_lock
 from slimsearch.search.log import say
 from slimsearch.search.study_file import ObjectiveSpec, TaskSpec
@@ -82,59 +82,35 @@ class TrialResult:
     pruned: bool = False  # rejected by screening: not an error, not a full measurement
 
 
-# Per-process caches: the baseline weights and the tokenized evaluation data do not change
+# Per-process caches: the baseline weights and the task's tokenized data do not change
 # between trials, so a reused worker loads them once.
 _BASELINES: dict[str, tuple[nn.Module, Any]] = {}
-_BATCHES: dict[tuple[str, TaskSpec], list[dict[str, Tensor]]] = {}
+_DATA: dict[tuple[str, str, TaskSpec], TaskData] = {}
+# The baseline's accuracy on each screening subset, scored once.
+_SCREEN_BASELINE: dict[tuple[str, TaskSpec, int], float] = {}
 
 
-@dataclass
-class ScreenRows:
-    """The screening subset, tokenized, and the baseline's accuracy on it (scored once)."""
-
-    batches: list[dict[str, Tensor]]
-    baseline_accuracy: float | None = None
-
-
-_SCREEN: dict[tuple[str, TaskSpec, int], ScreenRows] = {}
+def load_baseline(baseline_dir: str, kind: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """The baseline model and tokenizer, loaded once per process."""
+    if baseline_dir not in _BASELINES:
+        _BASELINES[baseline_dir] = models.load_baseline(Path(baseline_dir), kind, trust_remote_code)
+    return _BASELINES[baseline_dir]
 
 
 def cached_baseline(job: TrialJob) -> tuple[nn.Module, Any]:
-    if job.baseline_dir not in _BASELINES:
-        _BASELINES[job.baseline_dir] = models.load_baseline(
-            Path(job.baseline_dir), job.task.kind, job.trust_remote_code
-        )
-    return _BASELINES[job.baseline_dir]
+    return load_baseline(job.baseline_dir, job.task.kind, job.trust_remote_code)
 
 
-def eval_batches(job: TrialJob, tokenizer: Any) -> list[dict[str, Tensor]]:
-    key = (job.baseline_dir, job.task)
-    if key not in _BATCHES:
-        cache = Path(job.cache_dir)
-        task = job.task
-        if task.kind == "classification":
-            test = tasks.classification_splits(task, cache).test
-            _BATCHES[key] = tasks.classification_batches(
-                tokenizer, test, task.max_length, task.eval_batch_size
-            )
-        else:
-            text = tasks.lm_text(task, cache)
-            _BATCHES[key] = tasks.lm_blocks(
-                tokenizer, text, task.block_size, task.eval_blocks, task.eval_batch_size
-            )
-    return _BATCHES[key]
+def task_data(baseline_dir: str, cache_dir: str, task: TaskSpec, tokenizer: Any) -> TaskData:
+    """The task's data for this baseline's tokenizer, one object per process."""
+    key = (baseline_dir, cache_dir, task)
+    if key not in _DATA:
+        _DATA[key] = TaskData(task, Path(cache_dir), tokenizer)
+    return _DATA[key]
 
 
-def screen_rows(job: TrialJob, tokenizer: Any, examples: int) -> ScreenRows:
-    """A fixed random subset of the test split (not the length-sorted head of it)."""
-    key = (job.baseline_dir, job.task, examples)
-    if key not in _SCREEN:
-        task = job.task
-        test = tasks.classification_splits(task, Path(job.cache_dir)).test
-        subset = random.Random(task.seed + 1).sample(test, min(examples, len(test)))
-        batches = tasks.classification_batches(tokenizer, subset, task.max_length, task.eval_batch_size)
-        _SCREEN[key] = ScreenRows(batches)
-    return _SCREEN[key]
+def job_data(job: TrialJob) -> TaskData:
+    return task_data(job.baseline_dir, job.cache_dir, job.task, cached_baseline(job)[1])
 
 
 def wilson_upper(correct: int, total: int, z: float) -> float:
@@ -151,76 +127,54 @@ def _screen(job: TrialJob, model: nn.Module, context: EvalContext, tokenizer: An
     """Screening record when the trial is rejected, else None (and a record of the pass)."""
     if job.screen is None or job.task.kind != "classification":
         return None
-    rows = screen_rows(job, tokenizer, job.screen.examples)
+    batches = job_data(job).screen_batches(job.screen.examples)
     # Paired with the baseline on the same rows: a subset that happens to be hard (on
     # MiniLM's the baseline scores 75.5% against 80.1% on the full split) must not make the
     # screen stricter than the constraint.
-    subset = replace(context, batches=rows.batches, records={})
+    subset = replace(context, batches=batches, records={})
+    key = (job.baseline_dir, job.task, job.screen.examples)
     with machine_lock(job.cache_dir, exclusive=False):
-        if rows.baseline_accuracy is None:
-            rows.baseline_accuracy = Accuracy().evaluate(cached_baseline(job)[0], subset)
+        if key not in _SCREEN_BASELINE:
+            _SCREEN_BASELINE[key] = Accuracy().evaluate(cached_baseline(job)[0], subset)
         accuracy = Accuracy().evaluate(model, subset)
-    total = sum(int(b["labels"].numel()) for b in rows.batches)
+    baseline_accuracy = _SCREEN_BASELINE[key]
+    total = sum(int(b["labels"].numel()) for b in batches)
     upper = wilson_upper(round(accuracy * total / 100), total, job.screen.z)
     record = {
         "accuracy": accuracy,
         "examples": total,
         "upper_bound": upper,
-        "baseline_accuracy": rows.baseline_accuracy,
-        "threshold": rows.baseline_accuracy - job.screen.max_drop,
+        "baseline_accuracy": baseline_accuracy,
+        "threshold": baseline_accuracy - job.screen.max_drop,
     }
     context.records["screen"] = record
     return record if upper < record["threshold"] else None
 
 
-_CALIBRATION: dict[tuple[str, TaskSpec], dict[str, Tensor]] = {}
-CALIBRATION_ROWS = 32
-CALIBRATION_BLOCKS = 2
-
-
-def calibration_batch(job: TrialJob, tokenizer: Any) -> dict[str, Tensor]:
-    """Training examples (never test data) the calibration statistics are captured on:
-    ``task.calibration_rows`` sentences or blocks (default 32 sentences, 2 blocks)."""
-    key = (job.baseline_dir, job.task)
-    if key not in _CALIBRATION:
-        task, cache = job.task, Path(job.cache_dir)
-        if task.kind == "classification":
-            splits = tasks.classification_splits(task, cache)
-            train = splits.train or splits.test
-            wanted = task.calibration_rows or CALIBRATION_ROWS
-            rows = random.Random(task.seed + 2).sample(train, min(wanted, len(train)))
-            batch = tasks.classification_batches(tokenizer, rows, task.max_length, len(rows))[0]
-        else:
-            text = tasks.lm_train_text(task, cache) or tasks.lm_text(task, cache)
-            blocks = task.calibration_rows or CALIBRATION_BLOCKS
-            batch = tasks.lm_blocks(tokenizer, text, task.block_size, blocks, blocks)[0]
-        _CALIBRATION[key] = {k: v for k, v in batch.items() if k != "labels"}
-    return _CALIBRATION[key]
-
-
 _STATS: dict[str, CalibrationStats] = {}
 
 
-def calibration_stats(job: TrialJob, tokenizer: Any, needs: frozenset[str]) -> CalibrationStats:
+def calibration_stats(
+    base: nn.Module, baseline_dir: str, data: TaskData, needs: frozenset[str]
+) -> CalibrationStats:
     """The baseline's calibration statistics on the calibration batch: captured once, kept in
     memory and on disk under the cache folder (keyed by baseline, task, rows and kinds), so
     trials, sensitivity and export all read the same numbers."""
     ident = json.dumps(
-        [job.baseline_dir, asdict(job.task), CALIBRATION_ROWS, sorted(needs), STATS_VERSION], default=str
+        [baseline_dir, data.task.identity(), CALIBRATION_ROWS, sorted(needs), STATS_VERSION], default=str
     )
-    path = _cache_path(job, "calibration", ident)
+    path = _cache_path(data.cache, "calibration", ident)
 
     def compute() -> CalibrationStats:
-        base, _ = cached_baseline(job)
-        return capture(base, [calibration_batch(job, tokenizer)], needs, progress=say)
+        return capture(base, [data.calibration_batch()], needs, progress=say)
 
     stats: CalibrationStats = _disk_cached(_STATS, path, CalibrationStats.load, compute)
     return stats
 
 
-def _cache_path(job: TrialJob, kind: str, ident: str) -> Path:
+def _cache_path(cache: Path, kind: str, ident: str) -> Path:
     key = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    return Path(job.cache_dir) / kind / f"{key}.safetensors"
+    return cache / kind / f"{key}.safetensors"
 
 
 def _disk_cached(
@@ -242,29 +196,7 @@ def _disk_cached(
     return memo[key]
 
 
-_DISTILL_BATCHES: dict[tuple[str, TaskSpec, int], list[dict[str, Tensor]]] = {}
 _TEACHERS: dict[str, TeacherCache] = {}
-LM_DISTILL_BLOCKS = 64
-
-
-def distill_batches(job: TrialJob, tokenizer: Any, batch_size: int) -> list[dict[str, Tensor]]:
-    """Training data for distillation: the train split, or LM text after the evaluation text."""
-    key = (job.baseline_dir, job.task, batch_size)
-    if key not in _DISTILL_BATCHES:
-        task, cache = job.task, Path(job.cache_dir)
-        if task.kind == "classification":
-            train = tasks.classification_splits(task, cache).train
-            if not train:
-                raise ValueError("distillation needs training rows: set task.train_size above 0")
-            _DISTILL_BATCHES[key] = tasks.classification_batches(
-                tokenizer, train, task.max_length, batch_size
-            )
-        else:
-            text = tasks.lm_train_text(task, cache)
-            _DISTILL_BATCHES[key] = tasks.lm_blocks(
-                tokenizer, text, task.block_size, LM_DISTILL_BLOCKS, batch_size
-            )
-    return _DISTILL_BATCHES[key]
 
 
 def teacher_cache(
@@ -273,9 +205,9 @@ def teacher_cache(
     """The teacher's outputs on the distillation batches: computed once, kept in memory and on
     disk under the cache folder so other workers and later runs reuse them."""
     ident = json.dumps(
-        [job.baseline_dir, asdict(job.task), kind, len(batches), batches[0]["input_ids"].shape[0]]
+        [job.baseline_dir, job.task.identity(), kind, len(batches), batches[0]["input_ids"].shape[0]]
     )
-    path = _cache_path(job, "teacher", ident)
+    path = _cache_path(Path(job.cache_dir), "teacher", ident)
     cache: TeacherCache = _disk_cached(
         _TEACHERS,
         path,
@@ -291,8 +223,8 @@ def _distill(job: TrialJob, model: nn.Module, plan: CompressionPlan, context: Ev
     recipe = DistillRecipe.from_dict(plan.distill)
     if recipe.is_off:
         return
-    teacher, tokenizer = cached_baseline(job)
-    batches = distill_batches(job, tokenizer, recipe.batch_size)
+    teacher, _ = cached_baseline(job)
+    batches = job_data(job).train_batches(recipe.batch_size)
     with machine_lock(job.cache_dir, exclusive=False):
         cache = teacher_cache(job, teacher, batches, recipe.kind)
         context.records["distill"] = distill(model, cache, batches, recipe, job.task.kind)
@@ -305,13 +237,13 @@ def build_model(
     structured pruning kept: ``selection``, when given, decides them instead)."""
     for method in job.methods:
         registry.resolve(method)  # a worker process may not have imported the study's methods
-    base, tokenizer = cached_baseline(job)
+    base, _ = cached_baseline(job)
     plan = CompressionPlan.from_json(job.plan_json)
     if selection:
         plan = replace(plan, selection=dict(selection))
     model = copy.deepcopy(base)
     wanted = needs(plan)
-    stats = calibration_stats(job, tokenizer, wanted) if wanted else None
+    stats = calibration_stats(base, job.baseline_dir, job_data(job), wanted) if wanted else None
     store = layer_store(job) if job.layer_store_bytes else None
     applied = compress(model, plan, stats=stats, store=store)
     return model.eval(), applied
@@ -427,12 +359,14 @@ def run_trial(job: TrialJob) -> TrialResult:
             reference, tokenizer = cached_baseline(job)
             context = EvalContext(
                 task=job.task.kind,  # type: ignore[arg-type]
-                batches=eval_batches(job, tokenizer),
+                batches=job_data(job).test_batches(),
                 vocab_size=len(tokenizer),
                 plan=plan,
                 latency=job.latency,
                 baseline=dict(job.baseline),
                 reference=reference,
+                tokenizer=tokenizer,
+                data=job_data(job),
             )
             context.records["realized"] = plan.realized()
             context.records |= built

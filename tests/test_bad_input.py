@@ -57,7 +57,7 @@ CASES = {
     ),
     "csv without a label column": (
         lambda p: {"task": _task(_csv(p / "d.csv", "text,sentiment\na,1\nb,0\n"))},
-        ["task.data", "columns ['text', 'sentiment']", "'label'"],
+        ["task.label_column", "columns are ['text', 'sentiment']", "no column 'label'"],
     ),
     "one-row csv": (
         lambda p: {"task": _task(_csv(p / "d.csv", "text,label\nonly one,1\n"))},
@@ -81,7 +81,7 @@ CASES = {
     ),
     "data that is not a csv": (
         lambda p: {"task": _task(_csv(p / "d.txt", "some text"))},
-        ["task.data", "is not a .csv file"],
+        ["task.data", "causal-lm text", "classifiers need labelled rows"],
     ),
     "output is a file": (
         lambda p: {"output": _csv(p / "a-file", "x")},

@@ -300,17 +300,18 @@ class _Chars:
 
 def test_lm_profile_is_measured_on_text_held_out_from_perplexity(tmp_path: Path) -> None:
     from slimsearch.search import tasks
+    from slimsearch.search.data import TaskData
     from slimsearch.search.study_file import TaskSpec
 
     scored = tasks.eval_chars(4, 2)  # the perplexity blocks come from this many characters
     task = TaskSpec(kind="causal-lm", data="", text="a" * scored + "b" * 40, block_size=4, eval_blocks=2)
-    batches = sensitivity.loss_batches(task, tmp_path, _Chars())
+    batches = sensitivity.loss_batches(TaskData(task, tmp_path, _Chars()))
     ids = torch.cat([b["input_ids"] for b in batches])
     assert ids.shape == (sensitivity.PROFILE_LM_BLOCKS, 4) and bool((ids == ord("b")).all())
     # Only when no block is left after the perplexity text does the profile fall back to it.
     short = replace(task, text="a" * scored + "b")
-    fallback = torch.cat([b["input_ids"] for b in sensitivity.loss_batches(short, tmp_path, _Chars())])
-    assert bool((fallback == ord("a")).all())
+    fallback = sensitivity.loss_batches(TaskData(short, tmp_path, _Chars()))
+    assert bool((torch.cat([b["input_ids"] for b in fallback]) == ord("a")).all())
 
 
 def test_benchmark_cache_is_reused_by_a_rerun(tmp_path: Path) -> None:
@@ -374,7 +375,7 @@ def test_profile_and_trials_read_the_same_calibration_statistics(
 
     spec = study_from_mapping(tiny_study(tmp_path, space={"structured": {"heads": [0.0, 0.5]}}))
     baseline_dir = models.prepare_baseline(spec)
-    model, tokenizer = models.load_baseline(baseline_dir, spec.task.kind)
+    model, _ = models.load_baseline(baseline_dir, spec.task.kind)
     sensitivity.load_or_compute_profile(spec, SearchSpace(model, spec.space), baseline_dir)
     (stored,) = list((tmp_path / "cache" / "calibration").glob("*.safetensors"))
     worker._STATS.clear()  # as in a fresh worker process: only the file is shared
@@ -385,6 +386,6 @@ def test_profile_and_trials_read_the_same_calibration_statistics(
     monkeypatch.setattr(worker, "capture", refuse)
     plan = SearchSpace(model, spec.space).decode({"bert.encoder.layer.0:heads": 0.5})
     job = Driver(spec).job(0, plan, baseline_dir, {})
-    stats = worker.calibration_stats(job, tokenizer, frozenset({"act_sq"}))
+    stats = worker.calibration_stats(model, job.baseline_dir, worker.job_data(job), frozenset({"act_sq"}))
     assert set(stats.act_sq) >= {"bert.encoder.layer.0.attention.output.dense"}
     assert list((tmp_path / "cache" / "calibration").glob("*.safetensors")) == [stored]

@@ -134,3 +134,46 @@ class RemovesRunFolder:
         if len(calls.read_text()) == 3:
             shutil.rmtree(self.folder)
         return 1.0
+
+
+class MacroF1:
+    """Macro-averaged F1 over the classes, in percent: a user's quality metric, usable as an
+    objective, as a metric and as a constraint."""
+
+    name = "macro_f1"
+    direction = "maximize"
+    compare = "difference"
+    tasks = ("classification",)
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        import torch
+
+        predicted, truth = [], []
+        with torch.no_grad():
+            for batch in context.batches:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                predicted.append(model(**inputs).logits.argmax(-1))
+                truth.append(batch["labels"])
+        p, t = torch.cat(predicted), torch.cat(truth)
+        scores = []
+        for c in torch.unique(torch.cat([p, t])).tolist():
+            tp = int(((p == c) & (t == c)).sum())
+            fp, fn = int(((p == c) & (t != c)).sum()), int(((p != c) & (t == c)).sum())
+            scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+        return 100.0 * sum(scores) / len(scores)
+
+
+class UsesTokenizer:
+    """Reads the context's tokenizer and data object: the vocabulary size seen by decoding
+    the first test batch back to text, and the number of test rows."""
+
+    name = "decoded_rows"
+    direction = "maximize"
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        if context.tokenizer is None or context.data is None:
+            raise RuntimeError("the context has no tokenizer or no data object")
+        texts = context.tokenizer.batch_decode(context.batches[0]["input_ids"], skip_special_tokens=True)
+        if not all(isinstance(t, str) for t in texts):
+            raise RuntimeError("the tokenizer did not decode")
+        return float(len(context.data.splits().test))

@@ -1,0 +1,113 @@
+"""One task's data, tokenized for one baseline: the single object that trials, screening,
+calibration, distillation, sensitivity and export read their batches from.
+
+Each kind of batch is built on first use and kept, so a worker that runs many trials reads
+and tokenizes its data once. Which rows each use takes is fixed by ``task.seed``: test rows
+score, training rows calibrate, distil and profile, so test data never steers compression.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from slimsearch.search import tasks
+from slimsearch.search.study_file import TaskSpec
+
+Batch = dict[str, Tensor]
+
+CALIBRATION_ROWS = 32
+CALIBRATION_BLOCKS = 2
+LM_DISTILL_BLOCKS = 64
+
+
+@dataclass
+class TaskData:
+    task: TaskSpec
+    cache: Path
+    tokenizer: Any
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def _kept(self, key: Any, build: Any) -> Any:
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    def splits(self) -> tasks.Splits:
+        return self._kept("splits", lambda: tasks.classification_splits(self.task, self.cache))  # type: ignore[no-any-return]
+
+    def text(self) -> str:
+        return self._kept("text", lambda: tasks.lm_text(self.task, self.cache))  # type: ignore[no-any-return]
+
+    def held_out_text(self) -> str:
+        """LM text after the perplexity text (training, calibration, profiling)."""
+        return self.text()[tasks.eval_chars(self.task.block_size, self.task.eval_blocks) :]
+
+    def rows_batches(self, rows: tasks.Rows, batch_size: int) -> list[Batch]:
+        return tasks.classification_batches(self.tokenizer, rows, self.task.max_length, batch_size)
+
+    def blocks(self, text: str, n_blocks: int, batch_size: int) -> list[Batch]:
+        return tasks.lm_blocks(self.tokenizer, text, self.task.block_size, n_blocks, batch_size)
+
+    def test_batches(self) -> list[Batch]:
+        """What a trial is scored on: the test split, or the first blocks of the LM text."""
+        task = self.task
+
+        def build() -> list[Batch]:
+            if task.kind == "classification":
+                return self.rows_batches(self.splits().test, task.eval_batch_size)
+            return self.blocks(self.text(), task.eval_blocks, task.eval_batch_size)
+
+        return self._kept("test", build)  # type: ignore[no-any-return]
+
+    def screen_batches(self, examples: int) -> list[Batch]:
+        """A fixed random subset of the test split (not the length-sorted head of it)."""
+
+        def build() -> list[Batch]:
+            test = self.splits().test
+            subset = random.Random(self.task.seed + 1).sample(test, min(examples, len(test)))
+            return self.rows_batches(subset, self.task.eval_batch_size)
+
+        return self._kept(("screen", examples), build)  # type: ignore[no-any-return]
+
+    def calibration_batch(self) -> Batch:
+        """Training examples (never test data) the calibration statistics are captured on:
+        ``task.calibration_rows`` sentences or blocks (default 32 sentences, 2 blocks)."""
+        task = self.task
+
+        def build() -> Batch:
+            if task.kind == "classification":
+                splits = self.splits()
+                train = splits.train or splits.test
+                wanted = task.calibration_rows or CALIBRATION_ROWS
+                rows = random.Random(task.seed + 2).sample(train, min(wanted, len(train)))
+                batch = self.rows_batches(rows, len(rows))[0]
+            else:
+                text = self.held_out_text() or self.text()
+                blocks = task.calibration_rows or CALIBRATION_BLOCKS
+                batch = self.blocks(text, blocks, blocks)[0]
+            return {k: v for k, v in batch.items() if k != "labels"}
+
+        return self._kept("calibration", build)  # type: ignore[no-any-return]
+
+    def train_batches(self, batch_size: int) -> list[Batch]:
+        """Training data for distillation: the train split, or LM text after the evaluation text."""
+
+        def build() -> list[Batch]:
+            if self.task.kind == "classification":
+                train = self.splits().train
+                if not train:
+                    raise ValueError("distillation needs training rows: set task.train_size above 0")
+                return self.rows_batches(train, batch_size)
+            return self.blocks(self.held_out_text(), LM_DISTILL_BLOCKS, batch_size)
+
+        return self._kept(("train", batch_size), build)  # type: ignore[no-any-return]
+
+    def profile_rows(self, n: int) -> tasks.Rows:
+        """A fixed random subset of the training split (the sensitivity profile's data)."""
+        train = self.splits().train
+        return random.Random(self.task.seed + 3).sample(train, min(n, len(train)))

@@ -1,0 +1,83 @@
+"""Every built-in evaluator and the plugin examples pass the evaluator conformance suite."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from slimsearch.evaluators import EvalContext, LatencySpec, evaluator_names, make_evaluator
+from slimsearch.evaluators.testing import EvaluatorConformance
+from slimsearch.spaces import CompressionPlan
+from tiny import tiny_bert, tiny_llama
+
+FAST = LatencySpec(
+    batch_size=1, seq_len=8, warmup=1, repeats=3, threads=1, precision=0, max_drift=0, decode_tokens=2
+)
+CAUSAL_ONLY = {"perplexity", "ttft_ms", "decode_tokens_per_s", "decode_speedup"}
+PLUGINS = ["tests.plugins.custom_eval:MacroF1", "tests.plugins.custom_eval:ParamCount"]
+
+
+def _kind(ref: str) -> str:
+    return "causal-lm" if ref in CAUSAL_ONLY else "classification"
+
+
+class TestEvaluators(EvaluatorConformance):
+    @pytest.fixture(params=[*evaluator_names(), *PLUGINS])
+    def ref(self, request: pytest.FixtureRequest) -> str:
+        return str(request.param)
+
+    @pytest.fixture
+    def evaluator(self, ref: str) -> Any:
+        return make_evaluator(ref)
+
+    @pytest.fixture
+    def model(self, ref: str) -> nn.Module:
+        return (tiny_llama() if _kind(ref) == "causal-lm" else tiny_bert()).eval()
+
+    @pytest.fixture
+    def context(self, ref: str, model: nn.Module) -> EvalContext:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 96, (4, 8), generator=g)
+        if _kind(ref) == "causal-lm":
+            batches = [{"input_ids": ids}]
+        else:
+            batches = [
+                {
+                    "input_ids": ids,
+                    "attention_mask": torch.ones_like(ids),
+                    "labels": torch.tensor([0, 1, 1, 0]),
+                }
+            ]
+        return EvalContext(
+            task=_kind(ref),  # type: ignore[arg-type]
+            batches=batches,
+            vocab_size=96,
+            plan=CompressionPlan(),
+            latency=FAST,
+            baseline={},
+            reference=copy.deepcopy(model),
+        )
+
+
+class ChangesTheModel:
+    name = "changes_the_model"
+    direction = "minimize"
+
+    def evaluate(self, model: nn.Module, context: EvalContext) -> float:
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        return 1.0
+
+
+def test_the_suite_catches_an_evaluator_that_changes_the_model() -> None:
+    model = tiny_bert().eval()
+    ids = torch.ones((1, 4), dtype=torch.long)
+    context = EvalContext(
+        task="classification", batches=[{"input_ids": ids}], vocab_size=96, plan=CompressionPlan()
+    )
+    with pytest.raises(AssertionError):
+        EvaluatorConformance().test_changes_neither_the_model_nor_the_data(ChangesTheModel(), model, context)
