@@ -24,7 +24,7 @@ from slimsearch.spaces.methods.registry import Method
 from slimsearch.spaces.plan import CompressionPlan, LayerSettings, MethodValues, StructuredSettings
 
 # Linears inside numbered Transformer blocks: bert.encoder.layer.3.*, model.layers.11.*, h.0.*
-DEFAULT_LAYERS = r"re:.*\b(layer|layers|h|block|blocks)\.\d+\..*"
+DEFAULT_LAYERS = r"re:.*\b(layer|layers|h|block|blocks|albert_layers)\.\d+\..*"
 
 
 def _matches(pattern: str, name: str) -> bool:

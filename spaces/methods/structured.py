@@ -160,12 +160,108 @@ def _bert_mlp(name: str, module: nn.Module) -> Unit | None:
     )
 
 
+# Separate query/key/value/output projections under other names, multi-head (one query
+# head per key/value head): OPT, DistilBERT.
+_SEPARATE_QKVO = (("q_proj", "k_proj", "v_proj", "out_proj"), ("q_lin", "k_lin", "v_lin", "out_lin"))
+
+
+def _is_linear(module: nn.Module, attr: str) -> bool:
+    return type(getattr(module, attr, None)) is nn.Linear  # a subclass may compute otherwise
+
+
+def _separate_attention(name: str, module: nn.Module) -> Unit | None:
+    for names in _SEPARATE_QKVO:
+        if not all(_is_linear(module, a) for a in names):
+            continue
+        heads = next(
+            (
+                getattr(module, a)
+                for a in ("num_heads", "n_heads")
+                if isinstance(getattr(module, a, None), int)
+            ),
+            None,
+        )
+        if heads is None:
+            return None
+        q, k, v, o = names
+        width = _width(module.get_submodule(q), "out_features")
+        if any(_width(module.get_submodule(p), "out_features") != width for p in (k, v)) or width % heads:
+            return None  # grouped key/value heads under these names: not a layout known here
+        head_dim = width // heads
+        return Unit(
+            kind="heads",
+            block=_parent(name),
+            owner=name,
+            producers=tuple((_join(name, p), head_dim) for p in (q, k, v)),
+            consumer=(_join(name, o), head_dim),
+            groups=heads,
+            head_dim=head_dim,
+        )
+    return None
+
+
+def _per_head_fused_attention(name: str, module: nn.Module) -> Unit | None:
+    """One ``query_key_value`` Linear whose rows are laid out head by head (each head's
+    query, key and value rows together) and whose forward views it by ``head_size`` alone:
+    GPT-NeoX. (BLOOM lays rows out the same way but its ALiBi slopes are per head of the
+    model, so its heads are not offered; Falcon and MPT put all queries first.)"""
+    if not (_is_linear(module, "query_key_value") and _is_linear(module, "dense")):
+        return None
+    head_size = getattr(module, "head_size", None)
+    if not isinstance(head_size, int) or not hasattr(module, "rotary_ndims"):
+        return None
+    rows = _width(module.get_submodule("query_key_value"), "out_features")
+    if rows % (3 * head_size):
+        return None
+    return Unit(
+        kind="heads",
+        block=_parent(name),
+        owner=name,
+        producers=((_join(name, "query_key_value"), 3 * head_size),),
+        consumer=(_join(name, "dense"), head_size),
+        groups=rows // (3 * head_size),
+        head_dim=head_size,
+    )
+
+
+# (up, down) Linear pairs with an elementwise activation between: OPT (on the block
+# itself), DistilBERT, GPT-NeoX / BLOOM / Falcon, GPT-2 (its Conv1D made Linear), MPT.
+_PLAIN_MLPS = (
+    ("fc1", "fc2"),
+    ("lin1", "lin2"),
+    ("dense_h_to_4h", "dense_4h_to_h"),
+    ("c_fc", "c_proj"),
+    ("up_proj", "down_proj"),
+)
+
+
+def _plain_mlp(name: str, module: nn.Module) -> Unit | None:
+    if hasattr(module, "gate_proj"):
+        return None  # gated: _gated_mlp's
+    for up, down in _PLAIN_MLPS:
+        if _is_linear(module, up) and _is_linear(module, down):
+            # OPT keeps fc1/fc2 on the numbered block itself; the others in a child of it.
+            block = name if name.rsplit(".", 1)[-1].isdigit() else _parent(name)
+            return Unit(
+                kind="neurons",
+                block=block,
+                owner=name,
+                producers=((_join(name, up), 1),),
+                consumer=(_join(name, down), 1),
+                groups=_width(module.get_submodule(up), "out_features"),
+            )
+    return None
+
+
 DETECTORS: tuple[Callable[[str, nn.Module], Unit | None], ...] = (
     _llama_attention,
     _bert_attention,
     _deberta_attention,
+    _separate_attention,
+    _per_head_fused_attention,
     _gated_mlp,
     _bert_mlp,
+    _plain_mlp,
 )
 
 
@@ -245,7 +341,7 @@ def _shrink(linear: nn.Linear, rows: Tensor | None, cols: Tensor | None) -> nn.L
     return out
 
 
-_HEAD_ATTRS = ("num_attention_heads", "num_heads")
+_HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
 _KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
 
 
