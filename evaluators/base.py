@@ -139,7 +139,10 @@ class Evaluator(Protocol):
     "difference" (the default) or "ratio": how a value is judged against the baseline's,
     which a constraint written as ``{metric: NAME, limit: x}`` reads (a difference on a
     maximized metric bounds the drop, a ratio on a minimized one bounds value / baseline).
-    evaluators/testing.py holds the conformance suite an evaluator's tests inherit.
+    ``check()``, when defined, validates the evaluator's own inputs (a data file it reads)
+    and is called when the study is read, before any model is loaded: raise ValueError
+    naming the value and the fix. evaluators/testing.py holds the conformance suite an
+    evaluator's tests inherit.
     """
 
     name: str

@@ -154,7 +154,6 @@ class TimeToFirstToken(_FromDecode):
     """Milliseconds from the prompt to the first generated token (median)."""
 
     name = "ttft_ms"
-
     compare = "ratio"
     direction: Direction = "minimize"
     field = "ttft_ms"
@@ -164,7 +163,6 @@ class DecodeTokensPerS(_FromDecode):
     """Generated tokens per second after the first, with the KV cache (median pass)."""
 
     name = "decode_tokens_per_s"
-
     compare = "ratio"
     direction: Direction = "maximize"
     field = "tokens_per_s"
@@ -175,7 +173,6 @@ class DecodeSpeedup(_FromDecode):
     process: robust to a machine that is uniformly slower or faster."""
 
     name = "decode_speedup"
-
     compare = "difference"
     direction: Direction = "maximize"
     field = "speedup"

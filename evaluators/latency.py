@@ -304,7 +304,6 @@ class LatencyMs:
     """Median forward time in ms (summed over the configured shapes)."""
 
     name = "latency_ms"
-
     compare = "ratio"
     direction: Direction = "minimize"
     exclusive = True  # needs the machine to itself while it measures
@@ -318,7 +317,6 @@ class LatencyRatio:
     (geometric mean over shapes). Robust to a machine that is uniformly slower or faster."""
 
     name = "latency_ratio"
-
     compare = "difference"
     direction: Direction = "minimize"
     exclusive = True

@@ -149,7 +149,6 @@ class ResidentBytes:
     process, minus the process before the model was loaded)."""
 
     name = "memory_bytes"
-
     compare = "ratio"
     direction: Direction = "minimize"
     repeatable = False  # the allocator's pages move by a few per cent from run to run

@@ -20,7 +20,6 @@ class Accuracy:
     """Percent of evaluation examples whose argmax logit is the label (0-100)."""
 
     name = "accuracy"
-
     compare = "difference"
     direction: Direction = "maximize"
 
@@ -39,7 +38,6 @@ class Perplexity:
     """exp of the mean next-token negative log-likelihood over the evaluation blocks."""
 
     name = "perplexity"
-
     compare = "ratio"
     direction: Direction = "minimize"
 

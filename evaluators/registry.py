@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from slimsearch.evaluators.base import Evaluator
+from slimsearch.evaluators.choice import ChoiceAccuracy
 from slimsearch.evaluators.decode import DecodeSpeedup, DecodeTokensPerS, TimeToFirstToken
 from slimsearch.evaluators.latency import LatencyMs, LatencyRatio
 from slimsearch.evaluators.memory import ResidentBytes
@@ -32,6 +33,7 @@ for _cls in (
     DecodeTokensPerS,
     DecodeSpeedup,
     ResidentBytes,
+    ChoiceAccuracy,
 ):
     register_evaluator(_cls.name, _cls)
 

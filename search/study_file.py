@@ -475,6 +475,9 @@ def _evaluator_specs(raw: Any, kind: str, section: str) -> tuple[ObjectiveSpec, 
         options = dict(item.get("options") or {})
         try:
             evaluator = make_evaluator(ref, options)
+            check = getattr(evaluator, "check", None)
+            if callable(check):
+                check()  # the evaluator's own inputs (a data file), before any model is loaded
         except (ValueError, TypeError) as exc:
             raise StudyError(f"{where}.name: {exc}") from None
         tasks = getattr(evaluator, "tasks", None)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,13 +13,15 @@ from torch import nn
 
 from slimsearch.evaluators import EvalContext, LatencySpec, evaluator_names, make_evaluator
 from slimsearch.evaluators.testing import EvaluatorConformance
+from slimsearch.search.models import _word_tokenizer
 from slimsearch.spaces import CompressionPlan
 from tiny import tiny_bert, tiny_llama
 
 FAST = LatencySpec(
     batch_size=1, seq_len=8, warmup=1, repeats=3, threads=1, precision=0, max_drift=0, decode_tokens=2
 )
-CAUSAL_ONLY = {"perplexity", "ttft_ms", "decode_tokens_per_s", "decode_speedup"}
+CAUSAL_ONLY = {"perplexity", "ttft_ms", "decode_tokens_per_s", "decode_speedup", "choice_accuracy"}
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away", "good", "bad", "film"]
 PLUGINS = ["tests.plugins.custom_eval:MacroF1", "tests.plugins.custom_eval:ParamCount"]
 
 
@@ -31,8 +35,15 @@ class TestEvaluators(EvaluatorConformance):
         return str(request.param)
 
     @pytest.fixture
-    def evaluator(self, ref: str) -> Any:
-        return make_evaluator(ref)
+    def evaluator(self, ref: str, tmp_path: Path) -> Any:
+        if ref != "choice_accuracy":
+            return make_evaluator(ref)
+        path = tmp_path / "mc.jsonl"
+        lines = [{"question": "the cat sat on", "choices": ["a mat", "far away", "the dog"], "answer": 0}] * 2
+        path.write_text("\n".join(json.dumps(line) for line in lines))
+        evaluator = make_evaluator(ref, {"data": str(path)})
+        evaluator.check()  # type: ignore[attr-defined]
+        return evaluator
 
     @pytest.fixture
     def model(self, ref: str) -> nn.Module:
@@ -60,6 +71,7 @@ class TestEvaluators(EvaluatorConformance):
             latency=FAST,
             baseline={},
             reference=copy.deepcopy(model),
+            tokenizer=_word_tokenizer(WORDS, 96),
         )
 
 
