@@ -108,11 +108,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 # What structured pruning offers each family: its attention heads, its MLP neurons.
 STRUCTURED: dict[str, tuple[str, ...]] = {name: ("heads", "neurons") for name in FAMILIES} | {
     "albert": (),  # one block shared by every layer, named unlike BERT's: not offered
-    "phi3": (),  # fused qkv_proj and gate_up_proj
+    "phi3": ("neurons",),  # heads not offered: its attention reads the head count from the shared config
     "falcon": (),  # queries first, then one key/value head; its MLP is FalconLinear, not nn.Linear
     "bloom": ("neurons",),  # ALiBi slopes belong to the model's heads
     "mpt": ("neurons",),  # Wqkv puts all queries first
-    "gpt2": ("neurons",),  # c_attn puts all queries first
 }
 
 

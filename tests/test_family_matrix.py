@@ -18,9 +18,10 @@ from slimsearch.search.data import TaskData
 from slimsearch.search.driver import run_study
 from slimsearch.search.results import open_run
 from slimsearch.search.study_file import study_from_mapping
-from slimsearch.spaces import CompressionPlan
+from slimsearch.spaces import CompressionPlan, LayerSettings, StructuredSettings, apply_plan
 from slimsearch.spaces.conv1d import as_linears
 from slimsearch.spaces.methods.structured import find_units, kept_indices, prune_structured
+from slimsearch.spaces.space import DEFAULT_LAYERS as BLOCK_LINEARS
 from tiny import sentiment_rows
 
 LM = " ".join(t for t, _ in sentiment_rows(200))
@@ -113,3 +114,25 @@ def test_gpt2_conv1d_becomes_an_equal_linear() -> None:
         assert as_linears(model) == 8  # c_attn, c_proj (attention), c_fc, c_proj (MLP) in 2 blocks
         torch.testing.assert_close(model(ids).logits, before, atol=1e-6, rtol=1e-6)
     assert as_linears(model) == 0
+
+
+@pytest.mark.parametrize("name", sorted(n for n in FAMILIES if STRUCTURED[n]))
+def test_a_structurally_pruned_model_exports_and_loads_back_equal(name: str, tmp_path: Path) -> None:
+    from slimsearch.search.export import write_export
+    from slimsearch.search.models import _word_tokenizer
+
+    model = build(name)
+    as_linears(model)
+    offered = {kind: 0.5 for kind in STRUCTURED[name]}
+    plan = CompressionPlan(
+        layers={BLOCK_LINEARS: LayerSettings(bits=8)}, structured={"re:.*": StructuredSettings(**offered)}
+    )
+    ids = torch.randint(4, 120, (2, 10), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    compressed = apply_plan(model, plan, calibration=batch).eval()
+    with torch.no_grad():
+        expected = compressed(**batch).logits
+    write_export(compressed, _word_tokenizer(LM.split(), 128), plan, tmp_path / "out")
+    loaded, _ = slimsearch.load(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)

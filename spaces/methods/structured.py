@@ -36,7 +36,9 @@ Kind = Literal["heads", "neurons"]
 @dataclass(frozen=True)
 class Unit:
     """One prunable structure. ``producers`` are (Linear name, output rows per group);
-    ``consumer`` is (Linear name, input columns per group)."""
+    ``consumer`` is (Linear name, input columns per group). ``sections`` are parts of a fused
+    Linear (name, output rows per group, first row of the part): a qkv projection that puts
+    all queries first, then keys, then values, is three sections of one Linear."""
 
     kind: Kind
     block: str
@@ -46,6 +48,19 @@ class Unit:
     groups: int
     heads_per_group: int = 1
     head_dim: int = 0
+    sections: tuple[tuple[str, int, int], ...] = ()
+
+    def row_parts(self) -> dict[str, list[tuple[int, int]]]:
+        """Each producing Linear's parts as (first row, rows per group), in row order."""
+        parts: dict[str, list[tuple[int, int]]] = {}
+        for name, rows in self.producers:
+            parts.setdefault(name, []).append((0, rows))
+        for name, rows, first in self.sections:
+            parts.setdefault(name, []).append((first, rows))
+        return {name: sorted(p) for name, p in parts.items()}
+
+    def linears(self) -> list[str]:
+        return [*self.row_parts(), self.consumer[0]]
 
 
 def _parent(name: str) -> str:
@@ -224,6 +239,47 @@ def _per_head_fused_attention(name: str, module: nn.Module) -> Unit | None:
     )
 
 
+def _gpt2_attention(name: str, module: nn.Module) -> Unit | None:
+    """GPT-2's c_attn (its Conv1D made Linear; queries, keys, values one after another, split
+    by ``split_size``) and c_proj. Cross-attention (``q_attn``) is not offered."""
+    if not (_is_linear(module, "c_attn") and _is_linear(module, "c_proj")) or hasattr(module, "q_attn"):
+        return None
+    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    if not isinstance(heads, int) or not isinstance(head_dim, int) or not hasattr(module, "split_size"):
+        return None
+    width = heads * head_dim
+    if _width(module.get_submodule("c_attn"), "out_features") != 3 * width:
+        return None
+    return Unit(
+        kind="heads",
+        block=_parent(name),
+        owner=name,
+        producers=(),
+        sections=tuple((_join(name, "c_attn"), head_dim, i * width) for i in range(3)),
+        consumer=(_join(name, "c_proj"), head_dim),
+        groups=heads,
+        head_dim=head_dim,
+    )
+
+
+def _fused_gated_mlp(name: str, module: nn.Module) -> Unit | None:
+    """Phi-3's gate_up_proj (gate rows, then up rows; chunked in two) and down_proj."""
+    if not (_is_linear(module, "gate_up_proj") and _is_linear(module, "down_proj")):
+        return None
+    rows = _width(module.get_submodule("gate_up_proj"), "out_features")
+    if rows % 2 or _width(module.get_submodule("down_proj"), "in_features") != rows // 2:
+        return None
+    return Unit(
+        kind="neurons",
+        block=_parent(name),
+        owner=name,
+        producers=(),
+        sections=((_join(name, "gate_up_proj"), 1, 0), (_join(name, "gate_up_proj"), 1, rows // 2)),
+        consumer=(_join(name, "down_proj"), 1),
+        groups=rows // 2,
+    )
+
+
 # (up, down) Linear pairs with an elementwise activation between: OPT (on the block
 # itself), DistilBERT, GPT-NeoX / BLOOM / Falcon, GPT-2 (its Conv1D made Linear), MPT.
 _PLAIN_MLPS = (
@@ -259,7 +315,9 @@ DETECTORS: tuple[Callable[[str, nn.Module], Unit | None], ...] = (
     _deberta_attention,
     _separate_attention,
     _per_head_fused_attention,
+    _gpt2_attention,
     _gated_mlp,
+    _fused_gated_mlp,
     _bert_mlp,
     _plain_mlp,
 )
@@ -288,9 +346,9 @@ def shrunk_shapes(
     out = dict(shapes)
     for unit in units:
         removed = removed_groups(fractions.get((unit.block, unit.kind), 0.0), unit.groups)
-        for name, rows in unit.producers:
+        for name, parts in unit.row_parts().items():
             n_in, n_out = out[name]
-            out[name] = (n_in, n_out - removed * rows)
+            out[name] = (n_in, n_out - removed * sum(rows for _, rows in parts))
         name, cols = unit.consumer
         n_in, n_out = out[name]
         out[name] = (n_in - removed * cols, n_out)
@@ -315,9 +373,11 @@ def _group_scores(model: nn.Module, unit: Unit, norms: Mapping[str, Tensor] | No
         return (col_norm * norms[name]).view(unit.groups, cols).sum(dim=1)
     score = weight.pow(2).sum(dim=0).view(unit.groups, cols).sum(dim=1).sqrt()
     rows_norm = torch.zeros(unit.groups)
-    for pname, rows in unit.producers:
+    for pname, parts in unit.row_parts().items():
         w = _linear(model, pname).weight.detach().float()
-        rows_norm += w.pow(2).sum(dim=1).view(unit.groups, rows).sum(dim=1).sqrt()
+        for first, rows in parts:
+            part = w[first : first + unit.groups * rows]
+            rows_norm += part.pow(2).sum(dim=1).view(unit.groups, rows).sum(dim=1).sqrt()
     return score * rows_norm
 
 
@@ -357,8 +417,9 @@ def _update_owner(owner: nn.Module, unit: Unit, kept: int) -> None:
     for attr in _KV_ATTRS:
         if isinstance(getattr(owner, attr, None), int):
             setattr(owner, attr, kept)
-    if isinstance(getattr(owner, "all_head_size", None), int):
-        setattr(owner, "all_head_size", kept * unit.heads_per_group * unit.head_dim)  # noqa: B010
+    for attr in ("all_head_size", "split_size"):  # split_size: where GPT-2 splits its c_attn output
+        if isinstance(getattr(owner, attr, None), int):
+            setattr(owner, attr, kept * unit.heads_per_group * unit.head_dim)
 
 
 def unit_key(unit: Unit) -> str:
@@ -405,8 +466,9 @@ def prune_unit(
         # Stable order: equal scores keep the lower index, so the same inputs give the same model.
         order = torch.sort(-scores, stable=True).indices
         kept = torch.sort(order[: unit.groups - removed]).values
-    for name, rows in unit.producers:
-        model.set_submodule(name, _shrink(_linear(model, name), _kept_index(kept, rows), None))
+    for name, parts in unit.row_parts().items():
+        rows = torch.cat([first + _kept_index(kept, per) for first, per in parts])
+        model.set_submodule(name, _shrink(_linear(model, name), rows, None))
     name, cols = unit.consumer
     model.set_submodule(name, _shrink(_linear(model, name), None, _kept_index(kept, cols)))
     _update_owner(model.get_submodule(unit.owner), unit, int(kept.numel()))
@@ -431,7 +493,7 @@ def prune_structured(
     units = [u for u in find_units(model) if fractions.get((u.block, u.kind), 0.0) > 0]
     active = [u for u in units if removed_groups(fractions[(u.block, u.kind)], u.groups) > 0]
     for unit in active:
-        for name, _ in (*unit.producers, unit.consumer):
+        for name in unit.linears():
             _linear(model, name)  # refuse before changing anything
     given = {
         unit_key(u): decode_kept(
