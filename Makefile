@@ -12,7 +12,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,lm,onnx]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,lm,onnx,lmeval]"
 	@touch $(STAMP)
 
 search: setup

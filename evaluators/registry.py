@@ -10,6 +10,7 @@ from slimsearch.evaluators.base import Evaluator
 from slimsearch.evaluators.choice import ChoiceAccuracy
 from slimsearch.evaluators.decode import DecodeSpeedup, DecodeTokensPerS, TimeToFirstToken
 from slimsearch.evaluators.latency import LatencyMs, LatencyRatio
+from slimsearch.evaluators.lm_eval_task import LmEvalTask
 from slimsearch.evaluators.memory import ResidentBytes
 from slimsearch.evaluators.quality import Accuracy, Perplexity
 from slimsearch.evaluators.size import SizeBytes
@@ -34,6 +35,7 @@ for _cls in (
     DecodeSpeedup,
     ResidentBytes,
     ChoiceAccuracy,
+    LmEvalTask,
 ):
     register_evaluator(_cls.name, _cls)
 

@@ -20,7 +20,7 @@ from tiny import tiny_bert, tiny_llama
 FAST = LatencySpec(
     batch_size=1, seq_len=8, warmup=1, repeats=3, threads=1, precision=0, max_drift=0, decode_tokens=2
 )
-CAUSAL_ONLY = {"perplexity", "ttft_ms", "decode_tokens_per_s", "decode_speedup", "choice_accuracy"}
+CAUSAL_ONLY = {"perplexity", "ttft_ms", "decode_tokens_per_s", "decode_speedup", "choice_accuracy", "lm_eval"}
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away", "good", "bad", "film"]
 PLUGINS = ["tests.plugins.custom_eval:MacroF1", "tests.plugins.custom_eval:ParamCount"]
 
@@ -36,6 +36,15 @@ class TestEvaluators(EvaluatorConformance):
 
     @pytest.fixture
     def evaluator(self, ref: str, tmp_path: Path) -> Any:
+        if ref == "lm_eval":
+            pytest.importorskip("lm_eval")
+            from test_lm_eval import write_task
+
+            evaluator = make_evaluator(
+                ref, {"task": "slim_choices", "include_path": str(write_task(tmp_path))}
+            )
+            evaluator.check()  # type: ignore[attr-defined]
+            return evaluator
         if ref != "choice_accuracy":
             return make_evaluator(ref)
         path = tmp_path / "mc.jsonl"
