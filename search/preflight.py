@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from slimsearch.search import storage, tasks
+from slimsearch.search import models, storage, tasks
 from slimsearch.search.log import say
 from slimsearch.search.study_file import StudyError, StudySpec
 
@@ -127,11 +127,34 @@ def check_weights(folder: Path, allow_pickle: bool) -> None:
     )
 
 
+def check_space(spec: StudySpec, config: Any) -> None:
+    """The search space against the model's layers, on a weightless (meta-device) copy built
+    from the config: a layer pattern that matches nothing fails before any fine-tune."""
+    import torch
+
+    from slimsearch.spaces import SearchSpace
+    from slimsearch.spaces.conv1d import as_linears
+
+    if spec.model.trust_remote_code and getattr(config, "auto_map", None):
+        return  # the model's own code may not build on the meta device; the trial checks it
+    try:
+        with torch.device("meta"):
+            model = models.model_class(spec.task.kind).from_config(config)
+    except Exception:  # a config transformers builds only with weights: the baseline checks it
+        return
+    as_linears(model)
+    try:
+        SearchSpace(model, spec.space)
+    except ValueError as exc:
+        raise StudyError(str(exc)) from None
+
+
 def check_model(spec: StudySpec) -> None:
     config = _config(spec)
     if config is None:
         return
     check_task_fits(config, spec.task.kind, spec.model.trust_remote_code)
+    check_space(spec, config)
     if spec.model.source != "config":
         check_weights(Path(spec.model.source), spec.model.allow_pickle)
     if spec.task.kind == "classification" and spec.model.source == "config":

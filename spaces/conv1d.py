@@ -23,8 +23,13 @@ def as_linears(model: nn.Module) -> int:
         if not isinstance(module, Conv1D):
             continue
         weight = module.weight  # (in_features, out_features)
-        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None)
-        linear = linear.to(device=weight.device, dtype=weight.dtype)
+        linear = nn.Linear(
+            weight.shape[0],
+            weight.shape[1],
+            bias=module.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         with torch.no_grad():
             linear.weight.copy_(weight.t())
             if module.bias is not None:

@@ -287,3 +287,11 @@ def test_the_driver_creates_its_study_in_any_storage_it_may_use(tmp_path: Path, 
         optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'run' / 'study.db'}")  # tables, no study
     assert run_study(study_from_mapping(data)).counts["complete"] == 2
     assert run_study(study_from_mapping(data), trials=3).counts["complete"] == 3  # and resumes
+
+
+def test_a_layer_pattern_matching_nothing_fails_before_the_fine_tune(tmp_path: Path) -> None:
+    data = tiny_study(tmp_path, space={"layers": ["re:.*\\bblocks\\.\\d+\\..*"], "default": {"bits": [32, 8]}})
+    assert data["model"]["finetune"]  # the baseline would be fine-tuned first
+    with pytest.raises(StudyError, match=r"space.layers .* match no Linear layer.*bert.encoder.layer.0"):
+        run_study(study_from_mapping(data))
+    assert not (tmp_path / "cache" / "baselines").exists()
