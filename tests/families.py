@@ -11,15 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 V = 128
-COMMON_DEC = dict(
-    vocab_size=V,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=128,
-)
-COMMON_ENC = dict(
+COMMON = dict(
     vocab_size=V,
     hidden_size=32,
     num_hidden_layers=2,
@@ -28,10 +20,10 @@ COMMON_ENC = dict(
     max_position_embeddings=128,
 )
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
-    "bert": ("classification", dict(model_type="bert", **COMMON_ENC)),
-    "roberta": ("classification", dict(model_type="roberta", **COMMON_ENC, pad_token_id=0)),
-    "electra": ("classification", dict(model_type="electra", **COMMON_ENC, embedding_size=32)),
-    "xlm-roberta": ("classification", dict(model_type="xlm-roberta", **COMMON_ENC, pad_token_id=0)),
+    "bert": ("classification", dict(model_type="bert", **COMMON)),
+    "roberta": ("classification", dict(model_type="roberta", **COMMON, pad_token_id=0)),
+    "electra": ("classification", dict(model_type="electra", **COMMON, embedding_size=32)),
+    "xlm-roberta": ("classification", dict(model_type="xlm-roberta", **COMMON, pad_token_id=0)),
     "distilbert": (
         "classification",
         dict(
@@ -44,29 +36,29 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
             max_position_embeddings=128,
         ),
     ),
-    "albert": ("classification", dict(model_type="albert", **COMMON_ENC, embedding_size=16)),
+    "albert": ("classification", dict(model_type="albert", **COMMON, embedding_size=16)),
     "deberta-v2": (
         "classification",
         dict(
             model_type="deberta-v2",
-            **COMMON_ENC,
+            **COMMON,
             relative_attention=True,
             position_buckets=16,
             max_relative_positions=32,
             pos_att_type=["p2c", "c2p"],
         ),
     ),
-    "llama": ("causal-lm", dict(model_type="llama", **COMMON_DEC, num_key_value_heads=2)),
-    "qwen2": ("causal-lm", dict(model_type="qwen2", **COMMON_DEC, num_key_value_heads=2)),
-    "qwen3": ("causal-lm", dict(model_type="qwen3", **COMMON_DEC, num_key_value_heads=2, head_dim=8)),
-    "mistral": ("causal-lm", dict(model_type="mistral", **COMMON_DEC, num_key_value_heads=2)),
-    "gemma": ("causal-lm", dict(model_type="gemma", **COMMON_DEC, num_key_value_heads=2, head_dim=8)),
-    "gemma2": ("causal-lm", dict(model_type="gemma2", **COMMON_DEC, num_key_value_heads=2, head_dim=8)),
+    "llama": ("causal-lm", dict(model_type="llama", **COMMON, num_key_value_heads=2)),
+    "qwen2": ("causal-lm", dict(model_type="qwen2", **COMMON, num_key_value_heads=2)),
+    "qwen3": ("causal-lm", dict(model_type="qwen3", **COMMON, num_key_value_heads=2, head_dim=8)),
+    "mistral": ("causal-lm", dict(model_type="mistral", **COMMON, num_key_value_heads=2)),
+    "gemma": ("causal-lm", dict(model_type="gemma", **COMMON, num_key_value_heads=2, head_dim=8)),
+    "gemma2": ("causal-lm", dict(model_type="gemma2", **COMMON, num_key_value_heads=2, head_dim=8)),
     "gemma3_text": (
         "causal-lm",
-        dict(model_type="gemma3_text", **COMMON_DEC, num_key_value_heads=2, head_dim=8),
+        dict(model_type="gemma3_text", **COMMON, num_key_value_heads=2, head_dim=8),
     ),
-    "stablelm": ("causal-lm", dict(model_type="stablelm", **COMMON_DEC, num_key_value_heads=2)),
+    "stablelm": ("causal-lm", dict(model_type="stablelm", **COMMON, num_key_value_heads=2)),
     "opt": (
         "causal-lm",
         dict(
@@ -80,8 +72,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
             word_embed_proj_dim=32,
         ),
     ),
-    "gpt_neox": ("causal-lm", dict(model_type="gpt_neox", **COMMON_DEC)),
-    "phi3": ("causal-lm", dict(model_type="phi3", **COMMON_DEC, num_key_value_heads=2, pad_token_id=0)),
+    "gpt_neox": ("causal-lm", dict(model_type="gpt_neox", **COMMON)),
+    "phi3": ("causal-lm", dict(model_type="phi3", **COMMON, num_key_value_heads=2, pad_token_id=0)),
     "falcon": (
         "causal-lm",
         dict(

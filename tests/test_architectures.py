@@ -34,8 +34,8 @@ from slimsearch.spaces import (
     space_config_from_mapping,
 )
 from slimsearch.spaces.methods import PackedEmbedding
-from slimsearch.spaces.methods.structured import find_units, kept_indices, prune_structured
-from tiny import LM_TEXT, tiny_bert
+from slimsearch.spaces.methods.structured import find_units, prune_structured
+from tiny import LM_TEXT, tiny_bert, zero_removed
 
 GEMMAS = [
     (GemmaConfig, GemmaForCausalLM),
@@ -131,12 +131,7 @@ def test_deberta_v2_heads_are_pruned_like_zeroed_heads(share_att_key: bool) -> N
     ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(2))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     kept = prune_structured(model, {(u.block, "heads"): 0.5 for u in heads}, batch)
-    for unit in heads:
-        name, cols = unit.consumer
-        weight = reference.get_submodule(name).weight
-        with torch.no_grad():
-            for g in set(range(unit.groups)) - set(kept_indices(kept[f"{unit.owner}:heads"])):
-                weight[:, g * cols : (g + 1) * cols] = 0
+    zero_removed(reference, heads, kept)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=1e-5)
     space = SearchSpace(_deberta(False), space_config_from_mapping({"structured": {"heads": [0.0, 0.5]}}))

@@ -290,7 +290,8 @@ def test_the_driver_creates_its_study_in_any_storage_it_may_use(tmp_path: Path, 
 
 
 def test_a_layer_pattern_matching_nothing_fails_before_the_fine_tune(tmp_path: Path) -> None:
-    data = tiny_study(tmp_path, space={"layers": ["re:.*\\bblocks\\.\\d+\\..*"], "default": {"bits": [32, 8]}})
+    space = {"layers": ["re:.*\\bblocks\\.\\d+\\..*"], "default": {"bits": [32, 8]}}
+    data = tiny_study(tmp_path, space=space)
     assert data["model"]["finetune"]  # the baseline would be fine-tuned first
     with pytest.raises(StudyError, match=r"space.layers .* match no Linear layer.*bert.encoder.layer.0"):
         run_study(study_from_mapping(data))

@@ -20,9 +20,9 @@ from slimsearch.search.results import open_run
 from slimsearch.search.study_file import study_from_mapping
 from slimsearch.spaces import CompressionPlan, LayerSettings, StructuredSettings, apply_plan
 from slimsearch.spaces.conv1d import as_linears
-from slimsearch.spaces.methods.structured import find_units, kept_indices, prune_structured
+from slimsearch.spaces.methods.structured import find_units, prune_structured
 from slimsearch.spaces.space import DEFAULT_LAYERS as BLOCK_LINEARS
-from tiny import sentiment_rows
+from tiny import sentiment_rows, zero_removed
 
 LM = " ".join(t for t, _ in sentiment_rows(200))
 
@@ -95,12 +95,7 @@ def test_structured_pruning_equals_the_model_with_the_removed_units_zeroed(name:
     ids = torch.randint(4, 120, (2, 10), generator=torch.Generator().manual_seed(2))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     kept = prune_structured(model, {(u.block, u.kind): 0.5 for u in units}, batch)
-    for unit in units:
-        name_, cols = unit.consumer
-        weight = reference.get_submodule(name_).weight
-        with torch.no_grad():
-            for g in set(range(unit.groups)) - set(kept_indices(kept[f"{unit.owner}:{unit.kind}"])):
-                weight[:, g * cols : (g + 1) * cols] = 0
+    zero_removed(reference, units, kept)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, atol=1e-4, rtol=1e-4)
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in reference.parameters())

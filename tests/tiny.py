@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -107,3 +108,16 @@ class OnTinyModels(MethodConformance):
         mask = torch.ones_like(ids)
         mask[1, 9:] = 0
         return {"input_ids": ids, "attention_mask": mask}
+
+
+def zero_removed(reference: nn.Module, units: list[Any], kept: dict[str, str]) -> None:
+    """Zero, in ``reference``, the consumer columns of every group structured pruning removed
+    (``kept``: prune_structured's selection), so the pruned model must compute the same."""
+    from slimsearch.spaces.methods.structured import kept_indices, unit_key
+
+    for unit in units:
+        name, cols = unit.consumer
+        weight = reference.get_submodule(name).weight
+        with torch.no_grad():
+            for g in set(range(unit.groups)) - set(kept_indices(kept[unit_key(unit)])):
+                weight[:, g * cols : (g + 1) * cols] = 0
