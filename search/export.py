@@ -41,7 +41,7 @@ from slimsearch.search.worker import (
     varying_objectives,
 )
 from slimsearch.spaces import CompressionPlan, apply_plan, save_compressed
-from slimsearch.spaces.conv1d import as_linears
+from slimsearch.spaces.linears import as_linears
 from slimsearch.spaces.methods import PackedEmbedding, PackedLinear, registry
 from slimsearch.spaces.methods.registry import BOTH, SIZE, SPEED
 

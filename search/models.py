@@ -24,7 +24,7 @@ from torch import nn
 from slimsearch.search import assets, tasks
 from slimsearch.search.log import fmt_seconds, quiet_libraries, say
 from slimsearch.search.study_file import FinetuneSpec, StudySpec
-from slimsearch.spaces.conv1d import as_linears
+from slimsearch.spaces.linears import as_linears
 
 # 2: the classifier head that from_pretrained adds is seeded (format 1 left it to chance, so
 # two clones of one study fine-tuned different baselines: MiniLM scored 80.1% and 79.6%).
@@ -64,7 +64,7 @@ def load_baseline(folder: Path, kind: str, trust_remote_code: bool = False) -> t
         str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
     )
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    as_linears(model)  # GPT-2's Conv1D layers: every method then sees one kind of layer
+    as_linears(model)  # GPT-2's Conv1D, Falcon's FalconLinear: every method sees one kind of layer
     return model.eval(), tokenizer
 
 

@@ -133,7 +133,7 @@ def check_space(spec: StudySpec, config: Any) -> None:
     import torch
 
     from slimsearch.spaces import SearchSpace
-    from slimsearch.spaces.conv1d import as_linears
+    from slimsearch.spaces.linears import as_linears
 
     if spec.model.trust_remote_code and getattr(config, "auto_map", None):
         return  # the model's own code may not build on the meta device; the trial checks it

@@ -101,7 +101,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 STRUCTURED: dict[str, tuple[str, ...]] = {name: ("heads", "neurons") for name in FAMILIES} | {
     "albert": (),  # one block shared by every layer, named unlike BERT's: not offered
     "phi3": ("neurons",),  # heads not offered: its attention reads the head count from the shared config
-    "falcon": (),  # queries first, then one key/value head; its MLP is FalconLinear, not nn.Linear
+    "falcon": ("neurons",),  # heads not offered: queries first, then one key/value head shared by all
     "bloom": ("neurons",),  # ALiBi slopes belong to the model's heads
     "mpt": ("neurons",),  # Wqkv puts all queries first
 }

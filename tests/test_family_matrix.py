@@ -19,7 +19,7 @@ from slimsearch.search.driver import run_study
 from slimsearch.search.results import open_run
 from slimsearch.search.study_file import study_from_mapping
 from slimsearch.spaces import CompressionPlan, LayerSettings, StructuredSettings, apply_plan
-from slimsearch.spaces.conv1d import as_linears
+from slimsearch.spaces.linears import as_linears
 from slimsearch.spaces.methods.structured import find_units, prune_structured
 from slimsearch.spaces.space import DEFAULT_LAYERS as BLOCK_LINEARS
 from tiny import sentiment_rows, zero_removed
@@ -101,14 +101,17 @@ def test_structured_pruning_equals_the_model_with_the_removed_units_zeroed(name:
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in reference.parameters())
 
 
-def test_gpt2_conv1d_becomes_an_equal_linear() -> None:
-    model = build("gpt2")
+@pytest.mark.parametrize(("name", "layers"), [("gpt2", 8), ("falcon", 8)])
+def test_linears_under_other_classes_become_equal_linears(name: str, layers: int) -> None:
+    model = build(name)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(ids).logits
-        assert as_linears(model) == 8  # c_attn, c_proj (attention), c_fc, c_proj (MLP) in 2 blocks
+        # GPT-2: c_attn, c_proj, c_fc, c_proj in each of 2 blocks; Falcon: qkv, dense, h_to_4h, 4h_to_h
+        assert as_linears(model) == layers
         torch.testing.assert_close(model(ids).logits, before, atol=1e-6, rtol=1e-6)
     assert as_linears(model) == 0
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 @pytest.mark.parametrize("name", sorted(n for n in FAMILIES if STRUCTURED[n]))
