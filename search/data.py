@@ -9,9 +9,10 @@ score, training rows calibrate, distil and profile, so test data never steers co
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import Tensor
 
@@ -19,6 +20,7 @@ from slimsearch.search import tasks
 from slimsearch.search.study_file import TaskSpec
 
 Batch = dict[str, Tensor]
+T = TypeVar("T")
 
 CALIBRATION_ROWS = 32
 CALIBRATION_BLOCKS = 2
@@ -32,20 +34,21 @@ class TaskData:
     tokenizer: Any
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
-    def _kept(self, key: Any, build: Any) -> Any:
+    def _kept(self, key: Any, build: Callable[[], T]) -> T:
         if key not in self._memo:
             self._memo[key] = build()
-        return self._memo[key]
+        value: T = self._memo[key]
+        return value
 
     def splits(self) -> tasks.Splits:
-        return self._kept("splits", lambda: tasks.classification_splits(self.task, self.cache))  # type: ignore[no-any-return]
+        return self._kept("splits", lambda: tasks.classification_splits(self.task, self.cache))
 
     def text(self) -> str:
-        return self._kept("text", lambda: tasks.lm_text(self.task, self.cache))  # type: ignore[no-any-return]
+        return self._kept("text", lambda: tasks.lm_text(self.task, self.cache))
 
     def held_out_text(self) -> str:
         """LM text after the perplexity text (training, calibration, profiling)."""
-        return self.text()[tasks.eval_chars(self.task.block_size, self.task.eval_blocks) :]
+        return tasks.held_out(self.task, self.text())
 
     def rows_batches(self, rows: tasks.Rows, batch_size: int) -> list[Batch]:
         return tasks.classification_batches(self.tokenizer, rows, self.task.max_length, batch_size)
@@ -62,7 +65,7 @@ class TaskData:
                 return self.rows_batches(self.splits().test, task.eval_batch_size)
             return self.blocks(self.text(), task.eval_blocks, task.eval_batch_size)
 
-        return self._kept("test", build)  # type: ignore[no-any-return]
+        return self._kept("test", build)
 
     def screen_batches(self, examples: int) -> list[Batch]:
         """A fixed random subset of the test split (not the length-sorted head of it)."""
@@ -72,7 +75,7 @@ class TaskData:
             subset = random.Random(self.task.seed + 1).sample(test, min(examples, len(test)))
             return self.rows_batches(subset, self.task.eval_batch_size)
 
-        return self._kept(("screen", examples), build)  # type: ignore[no-any-return]
+        return self._kept(("screen", examples), build)
 
     def calibration_batch(self) -> Batch:
         """Training examples (never test data) the calibration statistics are captured on:
@@ -92,7 +95,7 @@ class TaskData:
                 batch = self.blocks(text, blocks, blocks)[0]
             return {k: v for k, v in batch.items() if k != "labels"}
 
-        return self._kept("calibration", build)  # type: ignore[no-any-return]
+        return self._kept("calibration", build)
 
     def train_batches(self, batch_size: int) -> list[Batch]:
         """Training data for distillation: the train split, or LM text after the evaluation text."""
@@ -105,7 +108,7 @@ class TaskData:
                 return self.rows_batches(train, batch_size)
             return self.blocks(self.held_out_text(), LM_DISTILL_BLOCKS, batch_size)
 
-        return self._kept(("train", batch_size), build)  # type: ignore[no-any-return]
+        return self._kept(("train", batch_size), build)
 
     def profile_rows(self, n: int) -> tasks.Rows:
         """A fixed random subset of the training split (the sensitivity profile's data)."""

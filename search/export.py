@@ -524,7 +524,8 @@ def export_trial(
     base_model, tokenizer = cached_baseline(job)
     identical = check_rebuild(trial, digest, records.get("state_sha256"), allow_mismatch)
 
-    batches = job_data(job).test_batches()
+    data = job_data(job)
+    batches = data.test_batches()
     timing = replace(spec.latency, repeats=repeats or max(spec.latency.repeats, 20))
     context = EvalContext(
         task=spec.task.kind,  # type: ignore[arg-type]
@@ -535,7 +536,7 @@ def export_trial(
         baseline=dict(run.baseline),
         reference=base_model,  # latency evaluators time the candidate against it, interleaved
         tokenizer=tokenizer,
-        data=job_data(job),
+        data=data,
     )
     measured: dict[str, float] = {}
     for objective in spec.measured():

@@ -28,6 +28,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from slimsearch.search import models, pareto
+from slimsearch.search.constraints import resolve
 from slimsearch.search.study_file import StudyError, StudySpec, study_from_mapping
 from slimsearch.spaces import CompressionPlan
 from slimsearch.spaces.methods import registry
@@ -94,8 +95,6 @@ def make_axes(
     baseline: dict[str, float],
     constraints: dict[str, float],
 ) -> list[Axis]:
-    from slimsearch.search.constraints import resolve
-
     # A constraint bounds its axis's volume where it is in the axis's unit: points of accuracy
     # dropped, or a ratio to the baseline of a minimized objective.
     limits = {}

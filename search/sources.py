@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slimsearch.search.study_file import StudyError, TaskSpec
+from slimsearch.search.tasks import read_text_file
 
 # File suffix -> the `datasets` builder that reads it.
 FILE_FORMATS = {
@@ -81,8 +82,6 @@ def _load(source: str, cache: Path) -> Any:
         if builder is None:
             raise StudyError(f"task.data: {source} has an unknown suffix; give {describe_formats()}")
         if builder in ("csv", "json", "text"):
-            from slimsearch.search.tasks import read_text_file
-
             read_text_file(path)  # a file that is not UTF-8: its byte and offset, not a parser's trace
         kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         return datasets.load_dataset(builder, data_files=str(path), cache_dir=_cache_dir(cache), **kwargs)
@@ -187,7 +186,6 @@ class Read:
     class_names: tuple[str, ...] | None
 
 
-@lru_cache(maxsize=8)
 def read_rows(task: TaskSpec, cache: Path) -> Read:
     import datasets
 
@@ -208,8 +206,6 @@ def read_text(task: TaskSpec, cache: Path) -> str:
     joined by blank lines."""
     path = Path(task.data)
     if path.suffix.lower() == ".txt" and path.is_file():
-        from slimsearch.search.tasks import read_text_file
-
         return read_text_file(path)
     part = _split(_load(task.data, cache), task.split, task.data, "task.split")
     return "\n\n".join(_texts(part, task.text_column, "task.text_column", task.data))

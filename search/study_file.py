@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from slimsearch.evaluators import LatencySpec, evaluator_names
+from slimsearch.search.constraints import NAMED, parse_listed, resolve
 from slimsearch.spaces import SpaceConfig, space_config_from_mapping
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.store import DEFAULT_MAX_BYTES
@@ -25,13 +26,6 @@ BUILTIN_DATA = ("builtin:movie-reviews", "builtin:uncertainty", "builtin:oanc")
 SAMPLERS = ("tpe", "nsga2", "random")
 EXECUTORS = ("ray", "inprocess")
 STORAGES = ("sqlite", "journal")
-CONSTRAINTS = {
-    "max_accuracy_drop": "accuracy",
-    "max_perplexity_ratio": "perplexity",
-    "max_size_ratio": "size_bytes",
-    "max_latency_ratio": "latency_ms",
-    "max_memory_ratio": "memory_bytes",
-}
 
 
 class StudyError(ValueError):
@@ -106,20 +100,15 @@ class TaskSpec:
     def identity(self) -> dict[str, Any]:
         """The fields as a dict for cache keys, leaving out the `datasets` reading options
         at their defaults, so keys made before they existed still match."""
-        fields = asdict(self)
+        out = asdict(self)
         for name, default in _READING_DEFAULTS.items():
-            if fields[name] == default:
-                del fields[name]
-        return fields
+            if out[name] == default:
+                del out[name]
+        return out
 
 
-_READING_DEFAULTS = {
-    "text_column": "text",
-    "text_pair_column": None,
-    "label_column": "label",
-    "split": None,
-    "test_split": None,
-}
+_READING = ("text_column", "text_pair_column", "label_column", "split", "test_split")
+_READING_DEFAULTS = {f.name: f.default for f in fields(TaskSpec) if f.name in _READING}
 
 
 @dataclass(frozen=True)
@@ -380,8 +369,8 @@ def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
             raise _fail("task.data", source, "a .txt file is causal-lm text; classifiers need labelled rows")
         source = str(path)
     columns: dict[str, Any] = {}
-    for key, default in (("text_column", "text"), ("label_column", "label"), ("text_pair_column", None)):
-        value = raw.get(key, default)
+    for key in ("text_column", "label_column", "text_pair_column"):
+        value = raw.get(key, _READING_DEFAULTS[key])
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise _fail(f"task.{key}", value, "give a column name")
         columns[key] = value
@@ -497,15 +486,12 @@ def _evaluator_specs(raw: Any, kind: str, section: str) -> tuple[ObjectiveSpec, 
 
 def constraint_metric(key: str, objective_names: set[str] | list[str]) -> str | None:
     """The metric a constraint reads, when the study measures it."""
-    from slimsearch.search.constraints import resolve
-
     metric = resolve(key, objective_names).metric
     return metric if metric in objective_names else None
 
 
 def _constraints(data: Mapping[str, Any], measured: tuple[ObjectiveSpec, ...]) -> dict[str, float]:
     from slimsearch.evaluators import make_evaluator
-    from slimsearch.search.constraints import NAMED, parse_listed
 
     raw = data.get("constraints") or {}
     items: list[tuple[str, Any]] = []

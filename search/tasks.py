@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,10 @@ def _mapped(
     return Labelled([(t, ids[label]) for t, label in raw], [(t, ids[label]) for t, label in test], named)
 
 
+@lru_cache(maxsize=8)
 def labelled(task: TaskSpec, cache: Path) -> Labelled:
+    """The task's rows with class ids, read once per process (the baseline key, preflight,
+    the model's head and every split ask for them)."""
     if task.rows is not None:
         return _mapped(list(task.rows), [], "task.rows", None)
     if task.data == "builtin:movie-reviews":
@@ -192,9 +196,14 @@ def eval_chars(block_size: int, n_blocks: int) -> int:
     return block_size * n_blocks * 8
 
 
+def held_out(task: TaskSpec, text: str) -> str:
+    """The part of an LM text held apart from the perplexity text."""
+    return text[eval_chars(task.block_size, task.eval_blocks) :]
+
+
 def lm_train_text(task: TaskSpec, cache: Path) -> str:
     """The LM text held apart from the perplexity text."""
-    return lm_text(task, cache)[eval_chars(task.block_size, task.eval_blocks) :]
+    return held_out(task, lm_text(task, cache))
 
 
 def lm_blocks(

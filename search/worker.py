@@ -90,15 +90,13 @@ _DATA: dict[tuple[str, str, TaskSpec], TaskData] = {}
 _SCREEN_BASELINE: dict[tuple[str, TaskSpec, int], float] = {}
 
 
-def load_baseline(baseline_dir: str, kind: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
-    """The baseline model and tokenizer, loaded once per process."""
-    if baseline_dir not in _BASELINES:
-        _BASELINES[baseline_dir] = models.load_baseline(Path(baseline_dir), kind, trust_remote_code)
-    return _BASELINES[baseline_dir]
-
-
 def cached_baseline(job: TrialJob) -> tuple[nn.Module, Any]:
-    return load_baseline(job.baseline_dir, job.task.kind, job.trust_remote_code)
+    """The baseline model and tokenizer, loaded once per process."""
+    if job.baseline_dir not in _BASELINES:
+        _BASELINES[job.baseline_dir] = models.load_baseline(
+            Path(job.baseline_dir), job.task.kind, job.trust_remote_code
+        )
+    return _BASELINES[job.baseline_dir]
 
 
 def task_data(baseline_dir: str, cache_dir: str, task: TaskSpec, tokenizer: Any) -> TaskData:
@@ -123,7 +121,7 @@ def wilson_upper(correct: int, total: int, z: float) -> float:
     return 100.0 * (centre + spread) / (1 + z * z / total)
 
 
-def _screen(job: TrialJob, model: nn.Module, context: EvalContext, tokenizer: Any) -> dict[str, Any] | None:
+def _screen(job: TrialJob, model: nn.Module, context: EvalContext) -> dict[str, Any] | None:
     """Screening record when the trial is rejected, else None (and a record of the pass)."""
     if job.screen is None or job.task.kind != "classification":
         return None
@@ -357,20 +355,21 @@ def run_trial(job: TrialJob) -> TrialResult:
             remember_quiet(job.quiet_ms)
             model, plan, built = measured_model(job)
             reference, tokenizer = cached_baseline(job)
+            data = job_data(job)
             context = EvalContext(
                 task=job.task.kind,  # type: ignore[arg-type]
-                batches=job_data(job).test_batches(),
+                batches=data.test_batches(),
                 vocab_size=len(tokenizer),
                 plan=plan,
                 latency=job.latency,
                 baseline=dict(job.baseline),
                 reference=reference,
                 tokenizer=tokenizer,
-                data=job_data(job),
+                data=data,
             )
             context.records["realized"] = plan.realized()
             context.records |= built
-            rejected = _screen(job, model, context, tokenizer)
+            rejected = _screen(job, model, context)
             if rejected is not None:
                 context.records["fidelity"] = "screen"
                 return TrialResult(
