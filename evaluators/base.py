@@ -98,7 +98,9 @@ class EvalContext:
 
     - ``task``: "classification" or "causal-lm".
     - ``batches``: the test data as ready model inputs: for classification dicts of
-      input_ids / attention_mask / labels; for causal LMs dicts of input_ids blocks.
+      input_ids / attention_mask / labels, and token_type_ids for a text pair where the
+      tokenizer gives segment ids (pass ``spaces.inputs.model_inputs(batch)`` to the model);
+      for causal LMs dicts of input_ids blocks.
     - ``vocab_size``, ``plan`` (the trial's plan as applied), ``latency`` (how to time).
     - ``baseline``: the baseline's measured values by evaluator name (empty while the
       baseline itself is measured).

@@ -19,7 +19,7 @@ from torch import nn
 
 from slimsearch.evaluators.base import LatencySpec
 from slimsearch.evaluators.latency import latency_inputs, measure_timers, quiet_key, timed
-from slimsearch.spaces.onnx import export_onnx, session
+from slimsearch.spaces.onnx import export_onnx, feeds, session
 
 _BASELINES: weakref.WeakKeyDictionary[nn.Module, dict[int, Any]] = weakref.WeakKeyDictionary()
 
@@ -51,9 +51,11 @@ def time_sessions(
 ) -> dict[str, Any]:
     """Two ORT sessions timed in alternation at one (batch, sequence) shape, by the protocol."""
     batch, seq = shape
-    feeds = {k: v.numpy() for k, v in latency_inputs(batch, seq, vocab_size).items()}
-    run_base = timed(partial(base.run, None, feeds)) if base is not None else None
-    result = measure_timers(timed(partial(cand.run, None, feeds)), run_base, spec, key, deadline)
+    inputs = latency_inputs(batch, seq, vocab_size)
+    run_base = timed(partial(base.run, None, feeds(base, inputs))) if base is not None else None
+    result = measure_timers(
+        timed(partial(cand.run, None, feeds(cand, inputs))), run_base, spec, key, deadline
+    )
     return {"batch_size": batch, "seq_len": seq} | result
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimsearch.evaluators.base import Direction, EvalContext
+from slimsearch.spaces.inputs import model_inputs
 
 
 def _require(context: EvalContext, kind: str, name: str) -> None:
@@ -28,7 +29,7 @@ class Accuracy:
         _require(context, "classification", self.name)
         correct = total = 0
         for batch in context.batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**model_inputs(batch)).logits
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
             total += int(batch["labels"].numel())
         return 100.0 * correct / max(total, 1)

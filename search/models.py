@@ -68,17 +68,29 @@ def load_baseline(folder: Path, kind: str, trust_remote_code: bool = False) -> t
     return model.eval(), tokenizer
 
 
-def _word_tokenizer(texts: list[str], vocab_size: int) -> Any:
-    """A whitespace word-level tokenizer over ``texts`` for models built from a config."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def _word_tokenizer(texts: list[str], vocab_size: int, pairs: bool = False, segments: bool = False) -> Any:
+    """A whitespace word-level tokenizer over ``texts`` for models built from a config. For
+    text pairs it joins the two with ``[SEP]``, and gives segment ids where the model has
+    segment embeddings, as BERT's tokenizer does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]"])
-    tok.train_from_iterator(texts, trainer)
+    special = ["[PAD]", "[UNK]", "[CLS]"] + (["[SEP]"] if pairs else [])
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=special))
+    if pairs:
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A", pair="$A [SEP] $B:1 [SEP]:1", special_tokens=[("[SEP]", tok.token_to_id("[SEP]"))]
+        )
+    names = ["input_ids", "token_type_ids", "attention_mask"] if segments else ["input_ids", "attention_mask"]
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]"
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        model_input_names=names,
+        **({"sep_token": "[SEP]"} if pairs else {}),
     )
 
 
@@ -91,13 +103,15 @@ def _from_config(spec: StudySpec) -> tuple[Any, Any]:
         config.setdefault("num_labels", tasks.num_labels(spec.task, spec.cache))
     cfg = AutoConfig.for_model(model_type, **config)
     model = model_class(spec.task.kind).from_config(cfg)
+    pairs = False
     if spec.task.kind == "classification":
-        texts = [
-            part for t, _ in tasks.classification_rows(spec.task, spec.cache) for part in tasks.as_pair(t)
-        ]
+        rows = tasks.classification_rows(spec.task, spec.cache)
+        texts = [part for t, _ in rows for part in tasks.as_pair(t)]
+        pairs = any(isinstance(t, tuple) for t, _ in rows)
     else:
         texts = tasks.lm_text(spec.task, spec.cache).split("\n")
-    return model, _word_tokenizer(texts, cfg.vocab_size)
+    segments = pairs and getattr(cfg, "type_vocab_size", 0) > 1
+    return model, _word_tokenizer(texts, cfg.vocab_size, pairs, segments)
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

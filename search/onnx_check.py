@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from slimsearch.evaluators import LatencySpec
 from slimsearch.search.study_file import StudyError
+from slimsearch.spaces.onnx import feeds
 
 ONNX_FILE = "model.onnx"
 
@@ -27,8 +28,7 @@ def check_task(kind: str) -> None:
 def accuracy(sess: Any, batches: list[dict[str, Tensor]]) -> float:
     correct = total = 0
     for batch in batches:
-        feeds = {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()}
-        pred = np.asarray(sess.run(None, feeds)[0]).argmax(-1)
+        pred = np.asarray(sess.run(None, feeds(sess, batch))[0]).argmax(-1)
         correct += int((pred == batch["labels"].numpy()).sum())
         total += int(batch["labels"].numel())
     return 100.0 * correct / max(total, 1)

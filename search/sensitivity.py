@@ -41,6 +41,7 @@ from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.study_file import StudySpec, TaskSpec
 from slimsearch.spaces import CompressionPlan, SearchSpace, apply_plan, serialized_size
 from slimsearch.spaces.apply import compress_linear, layer_stats
+from slimsearch.spaces.inputs import model_inputs
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.calibration import CalibrationStats
 from slimsearch.spaces.methods.quantize import GROUPED_BITS
@@ -268,7 +269,7 @@ def task_loss(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], kind: s
     total, count = 0.0, 0
     for batch in batches:
         if kind == "classification":
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**model_inputs(batch)).logits
             total += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
             count += int(batch["labels"].numel())
         else:

@@ -173,7 +173,10 @@ def classification_batches(
     firsts = [t[0] if isinstance(t, tuple) else t for t, _ in rows]
     seconds = [t[1] for t, _ in rows if isinstance(t, tuple)]
     pairs = seconds if len(seconds) == len(rows) and rows else None
-    encoded = tokenizer(firsts, pairs, truncation=True, max_length=max_length)["input_ids"]
+    tokenized = tokenizer(firsts, pairs, truncation=True, max_length=max_length)
+    encoded = tokenized["input_ids"]
+    # Segment ids only for pairs: a single text's are all zero, the models' default.
+    types = tokenized.get("token_type_ids") if pairs is not None else None
     order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []
@@ -185,8 +188,12 @@ def classification_batches(
         for row, i in enumerate(idx):
             ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
             mask[row, : len(encoded[i])] = 1
-        labels = torch.tensor([rows[i][1] for i in idx])
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if types is not None:
+            batch["token_type_ids"] = torch.zeros_like(ids)
+            for row, i in enumerate(idx):
+                batch["token_type_ids"][row, : len(types[i])] = torch.tensor(types[i])
+        batches.append(batch | {"labels": torch.tensor([rows[i][1] for i in idx])})
     return batches
 
 

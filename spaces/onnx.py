@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -142,9 +143,27 @@ class _Logits(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        logits: Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, *types: Tensor) -> Tensor:
+        inputs = dict(zip(input_names(self.model), (input_ids, attention_mask, *types), strict=True))
+        logits: Tensor = self.model(**inputs).logits
         return logits
+
+
+def input_names(model: nn.Module) -> tuple[str, ...]:
+    """The graph's inputs: ``token_type_ids`` too where the model has segment embeddings (BERT,
+    ELECTRA: ``type_vocab_size`` > 1), as Hugging Face's own ONNX exports have it."""
+    base = ("input_ids", "attention_mask")
+    config = getattr(model, "config", None)
+    return (*base, "token_type_ids") if getattr(config, "type_vocab_size", 0) > 1 else base
+
+
+def feeds(sess: Any, batch: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    """A session's inputs from a batch; segment ids it lacks (single texts) are zeros."""
+    names = [i.name for i in sess.get_inputs()]
+    out = {n: batch[n].numpy() for n in names if n in batch}
+    if "token_type_ids" in names and "token_type_ids" not in out:
+        out["token_type_ids"] = np.zeros_like(out["input_ids"])
+    return out
 
 
 @contextlib.contextmanager
@@ -178,18 +197,21 @@ def _swapped(model: nn.Module) -> Iterator[dict[str, str]]:
 
 
 def export_onnx(model: nn.Module, path: Path, vocab_size: int, seq_len: int = 16) -> dict[str, str]:
-    """Write a classifier (``input_ids``, ``attention_mask`` -> ``logits``; batch and sequence
-    dynamic) to ``path``; returns the ONNX operator of each packed Linear by name."""
+    """Write a classifier (``input_ids``, ``attention_mask`` and, see ``input_names``,
+    ``token_type_ids`` -> ``logits``; batch and sequence dynamic) to ``path``; returns the ONNX
+    operator of each packed Linear by name."""
     ids = torch.randint(1, max(vocab_size, 2), (1, seq_len), generator=torch.Generator().manual_seed(0))
+    names = input_names(model)
+    example = (ids, torch.ones_like(ids)) + ((torch.zeros_like(ids),) if len(names) > 2 else ())
     with _swapped(model) as ops, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
             _Logits(model).eval(),
-            (ids, torch.ones_like(ids)),
+            example,
             str(path),
-            input_names=["input_ids", "attention_mask"],
+            input_names=list(names),
             output_names=["logits"],
-            dynamic_axes={n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask")},
+            dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names},
             opset_version=OPSET,
             custom_opsets={MS_DOMAIN: 1} if "MatMulNBits" in ops.values() else {},
             dynamo=False,

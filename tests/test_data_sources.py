@@ -4,6 +4,7 @@ the study's to name, labels of any kind map to ids, and bad data is one clear li
 from __future__ import annotations
 
 import json
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,14 @@ from typing import Any
 import datasets
 import pyarrow as pa
 import pytest
+import torch
 
 from conftest import tiny_study
-from slimsearch.search import preflight, tasks
+from slimsearch.evaluators import EvalContext, make_evaluator
+from slimsearch.search import preflight, sensitivity, tasks
 from slimsearch.search.driver import run_study
 from slimsearch.search.study_file import StudyError, study_from_mapping
+from slimsearch.spaces import CompressionPlan
 from tiny import sentiment_rows
 
 LABELS = ("neg", "neutral", "pos")
@@ -145,6 +149,38 @@ def test_text_pairs_are_tokenized_as_pairs(tmp_path: Path) -> None:
     pair = tokenizer([records[0]["premise"]], [records[0]["hypothesis"]])["input_ids"][0]
     assert len(pair) > len(single)  # the second text is in the input
     assert batch["input_ids"].shape[1] >= len(single)
+    # BERT's segment ids come with the pair: 1 over the second text, 0 over the first and padding.
+    segments = batch["token_type_ids"]
+    assert segments.shape == batch["input_ids"].shape and int(segments.max()) == 1
+    assert bool((segments * (1 - batch["attention_mask"])).eq(0).all())
+
+
+class _Spy(torch.nn.Module):
+    """Records the keyword arguments of each forward call; returns fixed logits."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.classes = classes
+        self.calls: list[set[str]] = []
+
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        self.calls.append(set(inputs))
+        rows = inputs["input_ids"].shape[0]
+        return types.SimpleNamespace(logits=torch.zeros(rows, self.classes))
+
+
+def test_accuracy_and_the_profile_loss_pass_segment_ids_to_the_model() -> None:
+    ids = torch.ones((2, 4), dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": ids, "token_type_ids": ids, "labels": torch.zeros(2).long()}
+    for score in (
+        lambda m: make_evaluator("accuracy").evaluate(
+            m, EvalContext(task="classification", batches=[batch], vocab_size=8, plan=CompressionPlan())
+        ),
+        lambda m: sensitivity.task_loss(m, [batch], "classification"),
+    ):
+        spy = _Spy(2)
+        score(spy)
+        assert spy.calls == [{"input_ids", "attention_mask", "token_type_ids"}]
 
 
 def test_causal_lm_text_from_a_jsonl_column(tmp_path: Path) -> None:

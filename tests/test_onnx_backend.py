@@ -17,8 +17,8 @@ from slimsearch.search.cli import main
 from slimsearch.search.driver import run_study
 from slimsearch.search.study_file import StudyError, study_from_mapping
 from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
-from slimsearch.spaces.onnx import export_onnx, session
-from tiny import LM_TEXT, tiny_bert, tiny_llama_config
+from slimsearch.spaces.onnx import export_onnx, feeds, session
+from tiny import LM_TEXT, sentiment_rows, tiny_bert, tiny_llama_config
 
 pytest.importorskip("onnxruntime")
 
@@ -50,7 +50,8 @@ def test_onnx_runtime_computes_what_the_packed_model_computes(
     ids = torch.randint(1, 96, (3, 10), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, 7:] = 0  # padding is handled as in torch
-    got = session(path, 1).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    sess = session(path, 1)
+    got = sess.run(None, feeds(sess, {"input_ids": ids, "attention_mask": mask}))[0]
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits.numpy()
     # W8A8: torch quantizes activations to 7 bits (fbgemm's reduce_range), ORT to 8.
@@ -117,6 +118,24 @@ def test_export_format_onnx_writes_a_model_checked_in_onnx_runtime(tmp_path: Pat
     assert "## ONNX (ONNX Runtime)" in (out / "README.md").read_text()
 
 
+def test_a_text_pair_study_exports_to_onnx_with_its_segment_ids(tmp_path: Path) -> None:
+    import datasets
+
+    rows = [{"a": t, "b": " ".join(t.split()[:2]), "label": y} for t, y in sentiment_rows(48)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "pairs.parquet"))
+    pairs = {"data": str(tmp_path / "pairs.parquet"), "text_column": "a", "text_pair_column": "b"}
+    data = tiny_study(tmp_path, budget={"trials": 2})
+    data["task"] = {k: v for k, v in data["task"].items() if k != "rows"} | pairs
+    result = run_study(study_from_mapping(data))
+    out = tmp_path / "out"
+    assert main(["export", str(result.run_dir), str(out), "--trial", "1", "--format", "onnx"]) == 0
+    info = json.loads((out / "slimsearch_export.json").read_text())["onnx"]
+    names = [i.name for i in session(out / "model.onnx", 1).get_inputs()]
+    assert names == ["input_ids", "attention_mask", "token_type_ids"]
+    searched = result.study.trials[1].user_attrs["metrics"]["accuracy"]
+    assert abs(info["accuracy"] - searched) <= 100.0 / 16 + 1e-9
+
+
 def test_export_format_onnx_refuses_a_causal_lm_before_any_work(tmp_path: Path) -> None:
     data = tiny_study(
         tmp_path,
@@ -131,3 +150,28 @@ def test_export_format_onnx_refuses_a_causal_lm_before_any_work(tmp_path: Path) 
     out = tmp_path / "out"
     assert main(["export", str(result.run_dir), str(out), "--trial", "0", "--format", "onnx"]) == 2
     assert not out.exists()
+
+
+def test_segment_ids_of_a_text_pair_reach_onnx_runtime(tmp_path: Path) -> None:
+    """A BERT-style model's graph takes token_type_ids; ORT given a pair's segment ids computes
+    what torch computes with them (and not what it computes without)."""
+    model = tiny_bert()
+    with torch.no_grad():
+        # LayerNorm follows the embeddings: a constant shift would vanish, a random one does not.
+        model.bert.embeddings.token_type_embeddings.weight[1] = torch.randn(
+            32, generator=torch.Generator().manual_seed(1)
+        )
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, vocab_size=96)
+    sess = session(path, 1)
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
+    ids = torch.randint(1, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    types = torch.zeros_like(ids)
+    types[:, 6:] = 1
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": types}
+    got = sess.run(None, feeds(sess, batch))[0]
+    with torch.no_grad():
+        want = model(**batch).logits.numpy()
+        single = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits.numpy()
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max() + 1e-6
+    assert np.abs(single - want).max() > 1e-2 * np.abs(want).max()

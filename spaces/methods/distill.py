@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from slimsearch.spaces.inputs import INPUT_KEYS, model_inputs
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.packed import PackedLinear
 from slimsearch.spaces.methods.quantize import unpack_bits
@@ -49,8 +50,6 @@ from slimsearch.spaces.methods.registry import LinearWork, Method
 
 DISTILL_KINDS = ("off", "logits", "logits+hidden", "logits+hidden+attention")
 TASK_KINDS = ("classification", "causal-lm")
-# Keys of a batch that are model inputs; everything else (labels) stays out of forward().
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 CACHE_FORMAT = 1
 
 Batch = Mapping[str, Tensor]
@@ -198,10 +197,6 @@ def batch_fingerprint(batch: Batch) -> str:
             digest.update(str(tuple(tensor.shape)).encode())
             digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()[:32]
-
-
-def model_inputs(batch: Batch) -> dict[str, Tensor]:
-    return {k: batch[k] for k in INPUT_KEYS if k in batch}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,17 @@
+"""The keys of a batch that are model inputs: everything else (labels) stays out of forward().
+
+``token_type_ids`` is present only where the tokenizer gives it for a text pair (BERT-style
+segment ids); leaving it out would score the pair as one segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: batch[k] for k in INPUT_KEYS if k in batch}
