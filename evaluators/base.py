@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from slimsearch.spaces.plan import CompressionPlan
 
 Direction = Literal["minimize", "maximize"]
-TaskKind = Literal["classification", "causal-lm"]
+TaskKind = Literal["classification", "token-classification", "causal-lm"]
 
 
 BACKENDS = ("torch", "onnxruntime")
@@ -96,10 +96,12 @@ class LatencySpec:
 class EvalContext:
     """What an evaluator may use.
 
-    - ``task``: "classification" or "causal-lm".
+    - ``task``: "classification", "token-classification" or "causal-lm".
     - ``batches``: the test data as ready model inputs: for classification dicts of
       input_ids / attention_mask / labels, and token_type_ids for a text pair where the
       tokenizer gives segment ids (pass ``spaces.inputs.model_inputs(batch)`` to the model);
+      for token classification the same with ``labels`` per position (the first sub-token
+      of each word its tag id, every other position -100, which nothing counts);
       for causal LMs dicts of input_ids blocks.
     - ``vocab_size``, ``plan`` (the trial's plan as applied), ``latency`` (how to time).
     - ``baseline``: the baseline's measured values by evaluator name (empty while the
@@ -109,7 +111,8 @@ class EvalContext:
       has it: to decode predictions, or to tokenize text of the evaluator's own.
     - ``data``: the task's data object (search/data.py ``TaskData``) when the caller has it:
       ``data.task`` (the study's task section), ``data.splits()`` (train/test rows as
-      ``(text, class id)``), ``data.text()`` (a causal LM's text), ``data.test_batches()``.
+      ``(text, class id)``, or ``(words, tag ids)``), ``data.class_names()``, ``data.text()``
+      (a causal LM's text), ``data.test_batches()``.
       Read it; never change it (every trial in the process shares it).
     - ``options``: the evaluator's options from the study file.
     - ``records``: details an evaluator wants kept with the trial (e.g. latency spread).

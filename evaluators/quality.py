@@ -1,4 +1,4 @@
-"""Task quality: accuracy for classifiers, perplexity for causal LMs."""
+"""Task quality: accuracy for classifiers and token taggers, perplexity for causal LMs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimsearch.evaluators.base import Direction, EvalContext
-from slimsearch.spaces.inputs import model_inputs
+from slimsearch.spaces.inputs import IGNORE, model_inputs
 
 
 def _require(context: EvalContext, kind: str, name: str) -> None:
@@ -18,20 +18,28 @@ def _require(context: EvalContext, kind: str, name: str) -> None:
 
 
 class Accuracy:
-    """Percent of evaluation examples whose argmax logit is the label (0-100)."""
+    """Percent of evaluation examples whose argmax logit is the label (0-100); for token
+    classification, of labelled tokens (the first sub-token of each word)."""
 
     name = "accuracy"
     compare = "difference"
     direction: Direction = "maximize"
+    tasks = ("classification", "token-classification")
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, context: EvalContext) -> float:
-        _require(context, "classification", self.name)
+        if context.task not in self.tasks:
+            raise ValueError(
+                "the accuracy evaluator needs a classification or token-classification task, "
+                f"not {context.task}"
+            )
         correct = total = 0
         for batch in context.batches:
             logits = model(**model_inputs(batch)).logits
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-            total += int(batch["labels"].numel())
+            labels = batch["labels"]
+            counted = labels != IGNORE
+            correct += int(((logits.argmax(-1) == labels) & counted).sum())
+            total += int(counted.sum())
         return 100.0 * correct / max(total, 1)
 
 

@@ -14,6 +14,7 @@ from slimsearch.evaluators.lm_eval_task import LmEvalTask
 from slimsearch.evaluators.memory import ResidentBytes
 from slimsearch.evaluators.quality import Accuracy, Perplexity
 from slimsearch.evaluators.size import SizeBytes
+from slimsearch.evaluators.token_f1 import TokenF1
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 
@@ -36,6 +37,7 @@ for _cls in (
     ResidentBytes,
     ChoiceAccuracy,
     LmEvalTask,
+    TokenF1,
 ):
     register_evaluator(_cls.name, _cls)
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from slimsearch.evaluators.base import EvalContext, Evaluator
 
-TASK_KINDS = ("classification", "causal-lm")
+TASK_KINDS = ("classification", "token-classification", "causal-lm")
 COMPARES = ("difference", "ratio")
 
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from torch import Tensor
 
 from slimsearch.search import tasks
-from slimsearch.search.study_file import TaskSpec
+from slimsearch.search.study_file import LABELLED_KINDS, TaskSpec
 
 Batch = dict[str, Tensor]
 T = TypeVar("T")
@@ -50,8 +50,12 @@ class TaskData:
         """LM text after the perplexity text (training, calibration, profiling)."""
         return tasks.held_out(self.task, self.text())
 
+    def class_names(self) -> tuple[str, ...]:
+        """A labelled task's class (or tag) names in id order."""
+        return tasks.labelled(self.task, self.cache).names
+
     def rows_batches(self, rows: tasks.Rows, batch_size: int) -> list[Batch]:
-        return tasks.classification_batches(self.tokenizer, rows, self.task.max_length, batch_size)
+        return tasks.labelled_batches(self.tokenizer, rows, self.task.max_length, batch_size, self.task.kind)
 
     def blocks(self, text: str, n_blocks: int, batch_size: int) -> list[Batch]:
         return tasks.lm_blocks(self.tokenizer, text, self.task.block_size, n_blocks, batch_size)
@@ -61,7 +65,7 @@ class TaskData:
         task = self.task
 
         def build() -> list[Batch]:
-            if task.kind == "classification":
+            if task.kind in LABELLED_KINDS:
                 return self.rows_batches(self.splits().test, task.eval_batch_size)
             return self.blocks(self.text(), task.eval_blocks, task.eval_batch_size)
 
@@ -83,7 +87,7 @@ class TaskData:
         task = self.task
 
         def build() -> Batch:
-            if task.kind == "classification":
+            if task.kind in LABELLED_KINDS:
                 splits = self.splits()
                 train = splits.train or splits.test
                 wanted = task.calibration_rows or CALIBRATION_ROWS
@@ -101,7 +105,7 @@ class TaskData:
         """Training data for distillation: the train split, or LM text after the evaluation text."""
 
         def build() -> list[Batch]:
-            if self.task.kind == "classification":
+            if self.task.kind in LABELLED_KINDS:
                 train = self.splits().train
                 if not train:
                     raise ValueError("distillation needs training rows: set task.train_size above 0")

@@ -32,7 +32,7 @@ from slimsearch.evaluators import EvalContext, LatencySpec, make_evaluator
 from slimsearch.evaluators.latency import measure_all
 from slimsearch.search import gguf_export, models, onnx_check
 from slimsearch.search.log import quiet_libraries, say
-from slimsearch.search.study_file import StudyError
+from slimsearch.search.study_file import LABELLED_KINDS, StudyError
 from slimsearch.search.worker import (
     TrialJob,
     cached_baseline,
@@ -41,6 +41,7 @@ from slimsearch.search.worker import (
     varying_objectives,
 )
 from slimsearch.spaces import CompressionPlan, apply_plan, save_compressed
+from slimsearch.spaces.inputs import IGNORE
 from slimsearch.spaces.linears import as_linears
 from slimsearch.spaces.methods import PackedEmbedding, PackedLinear, registry
 from slimsearch.spaces.methods.registry import BOTH, SIZE, SPEED
@@ -229,7 +230,7 @@ def assign_state(model: nn.Module, tensors: Mapping[str, Tensor], aliases: Mappi
 
 def load(folder: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """A ready (eval-mode) transformers model and its tokenizer from an export folder."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     folder = Path(folder)
     for name in (WEIGHTS, "config.json", PLAN_FILE):
@@ -253,7 +254,7 @@ def load(folder: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Mod
     model = _skeleton(config, info.get("task"), trust_remote_code)
     apply_plan(model, plan, skeleton=True)
     assign_state(model, tensors, aliases)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    tokenizer = models.load_tokenizer(folder, trust_remote_code)
     return model.eval(), tokenizer
 
 
@@ -453,8 +454,8 @@ class ExportReport:
 
 
 def _eval_sizes(batches: list[dict[str, Tensor]], task: str) -> tuple[int, int]:
-    if task == "classification":
-        return sum(int(b["labels"].numel()) for b in batches), 0
+    if task in LABELLED_KINDS:  # what accuracy counts: examples, or a token task's labelled tokens
+        return sum(int((b["labels"] != IGNORE).sum()) for b in batches), 0
     return sum(int(b["input_ids"].shape[0]) for b in batches), sum(
         int(b["input_ids"].numel()) for b in batches
     )

@@ -23,12 +23,21 @@ from torch import nn
 
 from slimsearch.search import assets, tasks
 from slimsearch.search.log import fmt_seconds, quiet_libraries, say
-from slimsearch.search.study_file import FinetuneSpec, StudySpec
+from slimsearch.search.study_file import LABELLED_KINDS, FinetuneSpec, StudySpec
 from slimsearch.spaces.linears import as_linears
 
 # 2: the classifier head that from_pretrained adds is seeded (format 1 left it to chance, so
 # two clones of one study fine-tuned different baselines: MiniLM scored 80.1% and 79.6%).
 BASELINE_FORMAT = 2
+
+# tokenizer_config classes that mean "just the tokenizer.json" (transformers 5 and 4 names).
+BARE_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+AUTO_CLASSES = {
+    "classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "causal-lm": "AutoModelForCausalLM",
+}
 
 
 def baseline_key(spec: StudySpec) -> str:
@@ -44,26 +53,39 @@ def baseline_key(spec: StudySpec) -> str:
         task.pop("eval_batch_size")
         task.pop("calibration_rows")  # what the methods calibrate on, not what the baseline trains on
         parts["task"] = task
-    if spec.task.kind == "classification" and (classes := tasks.num_labels(spec.task, spec.cache)) != 2:
+    if spec.task.kind == "token-classification":
+        parts["kind"] = spec.task.kind  # the same model and data make another head
+    if spec.task.kind in LABELLED_KINDS and (classes := tasks.num_labels(spec.task, spec.cache)) != 2:
         parts["num_labels"] = classes  # only when not 2, so the two-class keys stay as they were
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def model_class(kind: str) -> Any:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
-    return AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+    return getattr(transformers, AUTO_CLASSES[kind])
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
+    """The folder's tokenizer. One saved as a bare ``tokenizers`` object (as a config model's
+    word tokenizer is) loads as exactly that: AutoTokenizer would pick the model type's own
+    class (Qwen2's rebuilds a BPE from a vocabulary the file lacks, and tokenizes to nothing)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = folder / "tokenizer_config.json"
+    saved = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if saved in BARE_TOKENIZERS and (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
 
 
 def load_baseline(folder: Path, kind: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
-    from transformers import AutoTokenizer
-
     quiet_libraries()
     model = model_class(kind).from_pretrained(
         str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(folder, trust_remote_code)
     as_linears(model)  # GPT-2's Conv1D, Falcon's FalconLinear: every method sees one kind of layer
     return model.eval(), tokenizer
 
@@ -99,15 +121,15 @@ def _from_config(spec: StudySpec) -> tuple[Any, Any]:
 
     config = dict(spec.model.config or {})
     model_type = config.pop("model_type")
-    if spec.task.kind == "classification":
+    if spec.task.kind in LABELLED_KINDS:
         config.setdefault("num_labels", tasks.num_labels(spec.task, spec.cache))
     cfg = AutoConfig.for_model(model_type, **config)
     model = model_class(spec.task.kind).from_config(cfg)
     pairs = False
-    if spec.task.kind == "classification":
+    if spec.task.kind in LABELLED_KINDS:
         rows = tasks.classification_rows(spec.task, spec.cache)
-        texts = [part for t, _ in rows for part in tasks.as_pair(t)]
-        pairs = any(isinstance(t, tuple) for t, _ in rows)
+        texts = [part for t, _ in rows for part in tasks.words_of(t)]
+        pairs = spec.task.kind == "classification" and any(isinstance(t, tuple) for t, _ in rows)
     else:
         texts = tasks.lm_text(spec.task, spec.cache).split("\n")
     segments = pairs and getattr(cfg, "type_vocab_size", 0) > 1
@@ -153,7 +175,6 @@ def _load_smollm2(cache: Path) -> tuple[Any, Any]:
 
 
 def _load_source(spec: StudySpec) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
 
     source = spec.model.source
     # Weights the source lacks (a new classifier head, a config's whole model) start from
@@ -167,28 +188,34 @@ def _load_source(spec: StudySpec) -> tuple[Any, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": spec.model.trust_remote_code, "dtype": torch.float32}
     if not spec.model.allow_pickle:
         kwargs["use_safetensors"] = True  # transformers then refuses pickle weights itself
-    if spec.task.kind == "classification":
+    if spec.task.kind in LABELLED_KINDS:
         kwargs["num_labels"] = tasks.num_labels(spec.task, spec.cache)
     model = model_class(spec.task.kind).from_pretrained(str(folder), **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=spec.model.trust_remote_code)
+    tokenizer = load_tokenizer(folder, spec.model.trust_remote_code)
     return model, tokenizer
 
 
 def _name_classes(model: Any, spec: StudySpec) -> None:
     """The data's class names on the config, so an exported classifier reports them."""
-    if spec.task.kind == "classification" and spec.task.data not in tasks.BUILTIN_ROWS:
+    if spec.task.kind in LABELLED_KINDS and spec.task.data not in tasks.BUILTIN_ROWS:
         names = tasks.labelled(spec.task, spec.cache).names
         model.config.id2label = dict(enumerate(names))
         model.config.label2id = {name: i for i, name in enumerate(names)}
 
 
 def finetune_classifier(
-    model: nn.Module, tokenizer: Any, rows: tasks.Rows, ft: FinetuneSpec, max_length: int, seed: int
+    model: nn.Module,
+    tokenizer: Any,
+    rows: tasks.Rows,
+    ft: FinetuneSpec,
+    max_length: int,
+    seed: int,
+    kind: str = "classification",
 ) -> None:
     """Plain AdamW fine-tuning with linear warm-up/decay; shows progress with an ETA."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    batches = tasks.classification_batches(tokenizer, rows, max_length, ft.batch_size)
+    batches = tasks.labelled_batches(tokenizer, rows, max_length, ft.batch_size, kind)
     steps = max(1, math.ceil(len(batches) * ft.epochs))
     opt = torch.optim.AdamW(model.parameters(), lr=ft.learning_rate, weight_decay=0.01)
     warm = max(1, steps // 10)
@@ -228,12 +255,18 @@ def prepare_baseline(spec: StudySpec) -> Path:
     _name_classes(model, spec)
     info: dict[str, Any] = {"source": spec.model.source, "format": BASELINE_FORMAT}
     if spec.model.finetune is not None:
-        if spec.task.kind != "classification":
+        if spec.task.kind not in LABELLED_KINDS:
             raise ValueError("model.finetune is for classification tasks; remove it for causal-lm")
         splits = tasks.classification_splits(spec.task, spec.cache)
         started = time.monotonic()
         finetune_classifier(
-            model, tokenizer, splits.train, spec.model.finetune, spec.task.max_length, spec.task.seed
+            model,
+            tokenizer,
+            splits.train,
+            spec.model.finetune,
+            spec.task.max_length,
+            spec.task.seed,
+            spec.task.kind,
         )
         info["finetune"] = asdict(spec.model.finetune) | {
             "train_rows": len(splits.train),

@@ -20,8 +20,8 @@ ONNX_FILE = "model.onnx"
 def check_task(kind: str) -> None:
     if kind != "classification":
         raise StudyError(
-            f"--format onnx writes classifiers (encoders) here; this study's task is {kind!r}: "
-            "export a causal LM with --format gguf"
+            f"--format onnx writes sequence classifiers (encoders) here; this study's task is {kind!r}: "
+            "export a causal LM with --format gguf, a token-classification model with --format hf"
         )
 
 

@@ -17,13 +17,20 @@ from typing import Any
 
 from slimsearch.search import models, storage, tasks
 from slimsearch.search.log import say
-from slimsearch.search.study_file import StudyError, StudySpec
+from slimsearch.search.study_file import LABELLED_KINDS, StudyError, StudySpec
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Shown when a model type does not fit the task (the full lists are transformers' own).
 EXAMPLES = {
     "causal-lm": "llama, mistral, qwen2, qwen3, gemma, gemma2, phi3, gpt2, gpt_neox, opt",
     "classification": "bert, roberta, electra, xlm-roberta, deberta-v2, distilbert, albert, llama, qwen2",
+    "token-classification": "bert, roberta, electra, xlm-roberta, deberta-v2, distilbert, albert, llama",
+}
+# transformers' table of the model types each task's auto class builds.
+SUPPORTED = {
+    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "token-classification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
 }
 
 
@@ -89,18 +96,15 @@ def check_task_fits(config: Any, kind: str, remote: bool) -> None:
     model_type = str(getattr(config, "model_type", ""))
     if remote and getattr(config, "auto_map", None):
         return  # the model's own code says what it is
-    if kind == "causal-lm":
-        supported = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        if getattr(config, "is_encoder_decoder", False):
-            raise StudyError(
-                f"model.source: {model_type!r} is an encoder-decoder model; task.kind causal-lm drives "
-                f"decoder-only models (e.g. {EXAMPLES[kind]}), and would drop the encoder. Use a "
-                "decoder-only model, or task.kind classification with this one"
-            )
-    else:
-        supported = modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    supported = getattr(modeling_auto, SUPPORTED[kind])
+    if kind == "causal-lm" and getattr(config, "is_encoder_decoder", False):
+        raise StudyError(
+            f"model.source: {model_type!r} is an encoder-decoder model; task.kind causal-lm drives "
+            f"decoder-only models (e.g. {EXAMPLES[kind]}), and would drop the encoder. Use a "
+            "decoder-only model, or task.kind classification with this one"
+        )
     if model_type not in supported:
-        auto = "AutoModelForCausalLM" if kind == "causal-lm" else "AutoModelForSequenceClassification"
+        auto = models.AUTO_CLASSES[kind]
         raise StudyError(
             f"model.source: model type {model_type!r} has no {auto} class in transformers, so task.kind "
             f"{kind} cannot drive it; supported types include {EXAMPLES[kind]} ({len(supported)} in all)"
@@ -157,7 +161,7 @@ def check_model(spec: StudySpec) -> None:
     check_space(spec, config)
     if spec.model.source != "config":
         check_weights(Path(spec.model.source), spec.model.allow_pickle)
-    if spec.task.kind == "classification" and spec.model.source == "config":
+    if spec.task.kind in LABELLED_KINDS and spec.model.source == "config":
         given = (spec.model.config or {}).get("num_labels")
         classes = tasks.num_labels(spec.task, spec.cache)
         if given is not None and given != classes:
@@ -170,7 +174,7 @@ def check_model(spec: StudySpec) -> None:
 def check_data(spec: StudySpec) -> None:
     """Reads the task's data (columns, labels, splits, sizes) before any model is loaded."""
     task = spec.task
-    if task.kind == "classification":
+    if task.kind in LABELLED_KINDS:
         if task.data in tasks.BUILTIN_ROWS:
             tasks.check_sizes(task, tasks.BUILTIN_ROWS[task.data])
             return

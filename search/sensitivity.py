@@ -38,10 +38,10 @@ from torch import Tensor, nn
 from slimsearch.search import models
 from slimsearch.search.data import TaskData
 from slimsearch.search.log import fmt_seconds, say
-from slimsearch.search.study_file import StudySpec, TaskSpec
+from slimsearch.search.study_file import LABELLED_KINDS, StudySpec, TaskSpec
 from slimsearch.spaces import CompressionPlan, SearchSpace, apply_plan, serialized_size
 from slimsearch.spaces.apply import compress_linear, layer_stats
-from slimsearch.spaces.inputs import model_inputs
+from slimsearch.spaces.inputs import IGNORE, model_inputs
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.calibration import CalibrationStats
 from slimsearch.spaces.methods.quantize import GROUPED_BITS
@@ -50,7 +50,7 @@ from slimsearch.spaces.plan import LayerSettings
 from slimsearch.spaces.space import Knob
 
 PROFILE_FORMAT = 2
-PROFILE_ROWS = 128  # classification rows of the TRAINING split the loss is measured on
+PROFILE_ROWS = 128  # labelled rows of the TRAINING split the loss is measured on
 # Causal-LM blocks of task.block_size tokens (held out from the perplexity text). A profile
 # is ~5 forward passes per searched Linear: SmolLM2 takes 0.4 s per 128-token block on one
 # thread, so 4 blocks cost ~30 min once. With 2, seeds fitted to 256 tokens did worse on
@@ -181,7 +181,7 @@ def profile_key(baseline_dir: Path, task: TaskSpec, space: SearchSpace | str) ->
         "space": space if isinstance(space, str) else space.fingerprint(),
         "rows": PROFILE_ROWS,
     }
-    if task.kind != "classification":
+    if task.kind == "causal-lm":
         parts["lm_blocks"] = PROFILE_LM_BLOCKS
         parts["lm_text"] = "held-out"  # earlier LM profiles were measured on the perplexity blocks
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -251,7 +251,7 @@ def loss_batches(data: TaskData) -> list[dict[str, Tensor]]:
     after the perplexity blocks (causal LM; the perplexity text itself only when nothing
     else is left, with a warning)."""
     task = data.task
-    if task.kind == "classification":
+    if task.kind in LABELLED_KINDS:
         return data.rows_batches(data.profile_rows(PROFILE_ROWS), task.eval_batch_size)
     try:
         return data.blocks(data.held_out_text(), PROFILE_LM_BLOCKS, task.eval_batch_size)
@@ -265,13 +265,16 @@ def loss_batches(data: TaskData) -> list[dict[str, Tensor]]:
 
 @torch.no_grad()
 def task_loss(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], kind: str) -> float:
-    """Mean cross-entropy per example (classification) or per predicted token (causal LM)."""
+    """Mean cross-entropy per example (classification), per labelled token (token
+    classification) or per predicted token (causal LM)."""
     total, count = 0.0, 0
     for batch in batches:
-        if kind == "classification":
-            logits = model(**model_inputs(batch)).logits
-            total += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
-            count += int(batch["labels"].numel())
+        if kind in LABELLED_KINDS:
+            logits = model(**model_inputs(batch)).logits.float()
+            labels = batch["labels"].reshape(-1)
+            flat = logits.reshape(-1, logits.shape[-1])
+            total += float(F.cross_entropy(flat, labels, ignore_index=IGNORE, reduction="sum"))
+            count += int((labels != IGNORE).sum())
         else:
             ids = batch["input_ids"]
             logits = model(input_ids=ids).logits[:, :-1].float()
@@ -456,7 +459,7 @@ def compute_profile(
             say(f"sensitivity: {i + 1}/{len(units)} layers, {done}/{total} choices, ETA {eta}")
     return Profile(
         key=key,
-        metric="cross-entropy" if kind == "classification" else "next-token nll",
+        metric="cross-entropy" if kind in LABELLED_KINDS else "next-token nll",
         rows=sum(int(b["input_ids"].shape[0]) for b in batches),
         baseline_loss=base_loss,
         loss=loss,

@@ -1,7 +1,8 @@
 """A task's data source read through `datasets`: files, `save_to_disk` folders, hub names.
 
 Everything a source gives comes out as plain rows ``(text, label)`` (``text`` a pair of
-strings when ``task.text_pair_column`` is set) or, for a causal LM, one text. Column and
+strings when ``task.text_pair_column`` is set), ``(words, tags)`` for token classification,
+or, for a causal LM, one text. Column and
 label problems are one StudyError line naming the column, what the source has, and the fix.
 """
 
@@ -175,14 +176,44 @@ def labelled(part: Any, task: TaskSpec, source: str) -> list[tuple[Any, int | st
     return list(zip(texts, _labels(part, task, source), strict=True))
 
 
+def _class_feature(feature: Any) -> Any:
+    """The ClassLabel a label column declares: itself, or the element of a list of them."""
+    import datasets
+
+    inner = getattr(feature, "feature", feature)  # datasets' List / Sequence hold their element
+    return inner if isinstance(inner, datasets.ClassLabel) else None
+
+
+def tagged(part: Any, task: TaskSpec, source: str) -> list[tuple[list[str], list[int | str]]]:
+    """Token rows ``(words, tags)``: the text column a list of words, the label column a
+    list of tags (ClassLabel ids become their names, so the declared order maps them)."""
+    words = _column(part, task.text_column, "task.text_column", source)
+    tags = _column(part, task.label_column, "task.label_column", source)
+    classes = _class_feature(part.features[task.label_column])
+    rows: list[tuple[list[str], list[int | str]]] = []
+    for number, (w, t) in enumerate(zip(words, tags, strict=True)):
+        if not isinstance(w, list) or not all(isinstance(x, str) for x in w):
+            raise StudyError(
+                f"task.text_column: row {number} of {source} holds {type(w).__name__} {str(w)[:60]!r}, not a "
+                "list of words; token-classification reads pre-split words (e.g. a 'tokens' column)"
+            )
+        if not isinstance(t, list) or any(x is None or isinstance(x, (bool, float)) for x in t):
+            raise StudyError(
+                f"task.label_column: row {number} of {source} holds {str(t)[:60]!r}, not a list of tags "
+                "(whole numbers or names, one per word)"
+            )
+        rows.append((w, [classes.int2str(int(x)) if classes is not None else x for x in t]))
+    return rows
+
+
 @dataclass(frozen=True)
 class Read:
     """A classification source as read: the rows of ``task.split``, those of
     ``task.test_split`` (empty when it is not set), and the declared class names in id order
     (a ClassLabel column; None when the labels are plain values)."""
 
-    rows: list[tuple[Any, int | str]]
-    test_rows: list[tuple[Any, int | str]]
+    rows: list[tuple[Any, Any]]  # (text, label), or (words, tags) for token classification
+    test_rows: list[tuple[Any, Any]]
     class_names: tuple[str, ...] | None
 
 
@@ -191,12 +222,15 @@ def read_rows(task: TaskSpec, cache: Path) -> Read:
 
     whole = _load(task.data, cache)
     part = _split(whole, task.split, task.data, "task.split")
-    rows = labelled(part, task, task.data)
+    read: Any = tagged if task.kind == "token-classification" else labelled
+    rows = read(part, task, task.data)
     feature = part.features.get(task.label_column)
+    if task.kind == "token-classification":
+        feature = _class_feature(feature)
     names = tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     if task.test_split is None:
         return Read(rows, [], names)
-    test = labelled(_split(whole, task.test_split, task.data, "task.test_split"), task, task.data)
+    test = read(_split(whole, task.test_split, task.data, "task.test_split"), task, task.data)
     return Read(rows, test, names)
 
 

@@ -20,7 +20,11 @@ from slimsearch.spaces import SpaceConfig, space_config_from_mapping
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.store import DEFAULT_MAX_BYTES
 
-TASK_KINDS = ("classification", "causal-lm")
+TASK_KINDS = ("classification", "token-classification", "causal-lm")
+# Kinds whose data are labelled rows (a class per text, or a tag per word).
+LABELLED_KINDS = ("classification", "token-classification")
+# A token task's columns by default: the names the `datasets` NER sets use.
+TOKEN_COLUMNS = {"text_column": "tokens", "label_column": "ner_tags"}
 BUILTIN_MODELS = ("builtin:all-minilm-l6-v2", "builtin:smollm2-135m")
 BUILTIN_DATA = ("builtin:movie-reviews", "builtin:uncertainty", "builtin:oanc")
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -76,7 +80,8 @@ class ModelSpec:
 class TaskSpec:
     kind: str
     data: str
-    rows: tuple[tuple[str, int | str], ...] | None = None  # inline data (tests, notebooks)
+    # Inline data (tests, notebooks): (text, label) rows, or (words, tags) for token tasks.
+    rows: tuple[tuple[Any, Any], ...] | None = None
     text: str | None = None  # inline LM text
     train_size: int = 3000
     test_size: int = 1000
@@ -342,14 +347,7 @@ def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
     text = raw.get("text")
     source = raw.get("data")
     if rows is not None:
-        if not isinstance(rows, (list, tuple)) or not rows:
-            raise _fail("task.rows", rows, "give a list of [text, label] pairs")
-        for i, row in enumerate(rows):
-            if not isinstance(row, (list, tuple)) or len(row) != 2 or isinstance(row[1], (bool, float)):
-                raise _fail(
-                    f"task.rows[{i}]", row, "give a [text, label] pair (label: a whole number or a name)"
-                )
-        rows = tuple((str(t), label if isinstance(label, int) else str(label)) for t, label in rows)
+        rows = _tagged_rows(rows) if kind == "token-classification" else _labelled_rows(rows)
         source = source or "inline"
     elif text is not None:
         source = source or "inline"
@@ -357,6 +355,13 @@ def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
         raise StudyError(f"task.data: missing; give one of {list(BUILTIN_DATA)} or {describe_formats()}")
     elif str(source).startswith("builtin:"):
         _choice(source, "task.data", BUILTIN_DATA)
+        if kind == "token-classification":
+            raise _fail(
+                "task.data",
+                source,
+                "no built-in data is tagged per word for token-classification; "
+                "give a file or folder with word and tag columns (tokens / ner_tags)",
+            )
     elif not str(source).startswith(HUB):
         path = _path(base_dir, source)
         if not path.exists():
@@ -365,17 +370,20 @@ def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
             raise _fail(
                 "task.data", source, f"unknown file suffix {path.suffix!r}; give {describe_formats()}"
             )
-        if kind == "classification" and path.suffix.lower() == ".txt":
+        if kind in LABELLED_KINDS and path.suffix.lower() == ".txt":
             raise _fail("task.data", source, "a .txt file is causal-lm text; classifiers need labelled rows")
         source = str(path)
     columns: dict[str, Any] = {}
     for key in ("text_column", "label_column", "text_pair_column"):
-        value = raw.get(key, _READING_DEFAULTS[key])
+        default = TOKEN_COLUMNS.get(key) if kind == "token-classification" else None
+        value = raw.get(key, default or _READING_DEFAULTS[key])
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise _fail(f"task.{key}", value, "give a column name")
         columns[key] = value
-    if kind == "causal-lm" and columns["text_pair_column"] is not None:
-        raise StudyError("task.text_pair_column: pairs of texts are for classification; remove it")
+    if kind != "classification" and columns["text_pair_column"] is not None:
+        raise StudyError(
+            f"task.text_pair_column: pairs of texts are for classification, not {kind}; remove it"
+        )
     splits = {}
     for key in ("split", "test_split"):
         value = raw.get(key)
@@ -417,6 +425,39 @@ def _task(data: Mapping[str, Any], base_dir: Path) -> TaskSpec:
     return spec
 
 
+def _labelled_rows(rows: Any) -> tuple[tuple[str, int | str], ...]:
+    if not isinstance(rows, (list, tuple)) or not rows:
+        raise _fail("task.rows", rows, "give a list of [text, label] pairs")
+    for i, row in enumerate(rows):
+        if not isinstance(row, (list, tuple)) or len(row) != 2 or isinstance(row[1], (bool, float)):
+            raise _fail(f"task.rows[{i}]", row, "give a [text, label] pair (label: a whole number or a name)")
+    return tuple((str(t), label if isinstance(label, int) else str(label)) for t, label in rows)
+
+
+def _tagged_rows(rows: Any) -> tuple[tuple[tuple[str, ...], tuple[int | str, ...]], ...]:
+    """Inline token-classification rows: ``[[words...], [tags...]]``, one tag per word."""
+    if not isinstance(rows, (list, tuple)) or not rows:
+        raise _fail("task.rows", rows, "give a list of [[words...], [tags...]] pairs")
+    out = []
+    for i, row in enumerate(rows):
+        ok = isinstance(row, (list, tuple)) and len(row) == 2
+        words, tags = (row[0], row[1]) if ok else (None, None)
+        if not ok or not isinstance(words, (list, tuple)) or not isinstance(tags, (list, tuple)):
+            raise _fail(f"task.rows[{i}]", row, "give a [list of words, list of tags] pair")
+        if not words or not all(isinstance(w, str) for w in words):
+            raise _fail(f"task.rows[{i}]", row, "its first item must be a non-empty list of words (strings)")
+        if any(isinstance(t, (bool, float)) or not isinstance(t, (int, str)) for t in tags):
+            raise _fail(f"task.rows[{i}]", row, "each tag must be a whole number or a name")
+        if len(words) != len(tags):
+            raise _fail(
+                f"task.rows[{i}]",
+                row,
+                f"it has {len(words)} words and {len(tags)} tags; give one tag per word",
+            )
+        out.append((tuple(words), tuple(tags)))
+    return tuple(out)
+
+
 def _metrics(
     data: Mapping[str, Any], kind: str, objectives: tuple[ObjectiveSpec, ...]
 ) -> tuple[ObjectiveSpec, ...]:
@@ -435,13 +476,16 @@ def _metrics(
 def _objectives(data: Mapping[str, Any], kind: str) -> tuple[ObjectiveSpec, ...]:
     raw = data.get("objectives")
     if raw is None:
-        raw = ["accuracy" if kind == "classification" else "perplexity", "size_bytes", "latency_ms"]
+        raw = ["accuracy" if kind in LABELLED_KINDS else "perplexity", "size_bytes", "latency_ms"]
     out = _evaluator_specs(raw, kind, "objectives")
     names = [o.name for o in out]
-    if kind == "classification" and "perplexity" in names:
-        raise StudyError("objectives: perplexity needs task.kind causal-lm; use accuracy for classification")
+    if kind in LABELLED_KINDS and "perplexity" in names:
+        raise StudyError(f"objectives: perplexity needs task.kind causal-lm; use accuracy for {kind}")
     if kind == "causal-lm" and "accuracy" in names:
-        raise StudyError("objectives: accuracy needs task.kind classification; use perplexity for causal-lm")
+        raise StudyError(
+            "objectives: accuracy needs task.kind classification or token-classification; "
+            "use perplexity for causal-lm"
+        )
     return out
 
 

@@ -13,10 +13,13 @@ from torch import Tensor
 
 from slimsearch.search import assets
 from slimsearch.search.study_file import StudyError, TaskSpec
+from slimsearch.spaces.inputs import IGNORE
 
-# A row's text is one string, or a pair of them (task.text_pair_column).
-Text = str | tuple[str, str]
-Rows = list[tuple[Text, int]]
+# A row's text is one string, or a pair of them (task.text_pair_column); a token task's row
+# is its words, labelled with one tag id per word.
+Text = str | tuple[str, ...]
+Label = int | tuple[int, ...]
+Rows = list[tuple[Text, Label]]
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,42 @@ def _mapped(
     return Labelled([(t, ids[label]) for t, label in raw], [(t, ids[label]) for t, label in test], named)
 
 
+def _tagged(
+    raw: list[tuple[Any, Any]], test: list[tuple[Any, Any]], where: str, names: tuple[str, ...] | None
+) -> Labelled:
+    """Token rows ``(words, tags)`` with each tag as a class id; StudyError naming the row
+    whose tags do not match its words, or when fewer than two tags occur."""
+    for part, rows in (("", raw), ("the test split's ", test)):
+        for number, (words, tags) in enumerate(rows):
+            if len(words) != len(tags):
+                raise StudyError(
+                    f"{where}: {part}row {number} has {len(words)} words and {len(tags)} tags; "
+                    "give one tag per word"
+                )
+    if len(raw) < 2:
+        raise StudyError(f"{where} has {len(raw)} row(s); a token-classification task needs at least 2")
+    ids = label_ids([t for _, tags in raw + test for t in tags], names)
+    if len(ids) < 2:
+        raise StudyError(f"{where}: every word has the tag {next(iter(ids), None)!r}; give at least two tags")
+    for _, tags in test:
+        for tag in tags:
+            if tag not in ids:
+                raise StudyError(f"{where}: the test split has the tag {tag!r}, which {names} lacks")
+    named = tuple(str(label) for label in sorted(ids, key=ids.__getitem__))
+
+    def mapped(rows: list[tuple[Any, Any]]) -> Rows:
+        return [(tuple(words), tuple(ids[t] for t in tags)) for words, tags in rows]
+
+    return Labelled(mapped(raw), mapped(test), named)
+
+
 @lru_cache(maxsize=8)
 def labelled(task: TaskSpec, cache: Path) -> Labelled:
     """The task's rows with class ids, read once per process (the baseline key, preflight,
     the model's head and every split ask for them)."""
+    mapped = _tagged if task.kind == "token-classification" else _mapped
     if task.rows is not None:
-        return _mapped(list(task.rows), [], "task.rows", None)
+        return mapped(list(task.rows), [], "task.rows", None)
     if task.data == "builtin:movie-reviews":
         return Labelled(list(assets.movie_review_rows(cache)), [], ("0", "1"))
     if task.data == "builtin:uncertainty":
@@ -95,7 +128,12 @@ def labelled(task: TaskSpec, cache: Path) -> Labelled:
     from slimsearch.search import sources
 
     read = sources.read_rows(task, cache)
-    return _mapped(read.rows, read.test_rows, f"task.data: {task.data}", read.class_names)
+    return mapped(read.rows, read.test_rows, f"task.data: {task.data}", read.class_names)
+
+
+def words_of(text: Text) -> tuple[str, ...]:
+    """The strings a row's text holds: one text, a pair, or a token row's words."""
+    return text if isinstance(text, tuple) else (text,)
 
 
 def classification_rows(task: TaskSpec, cache: Path) -> Rows:
@@ -161,10 +199,6 @@ def lm_text(task: TaskSpec, cache: Path) -> str:
     return sources.read_text(task, cache)
 
 
-def as_pair(text: Text) -> tuple[str, ...]:
-    return text if isinstance(text, tuple) else (text,)
-
-
 def classification_batches(
     tokenizer: Any, rows: Rows, max_length: int, batch_size: int
 ) -> list[dict[str, Tensor]]:
@@ -195,6 +229,54 @@ def classification_batches(
                 batch["token_type_ids"][row, : len(types[i])] = torch.tensor(types[i])
         batches.append(batch | {"labels": torch.tensor([rows[i][1] for i in idx])})
     return batches
+
+
+def token_batches(tokenizer: Any, rows: Rows, max_length: int, batch_size: int) -> list[dict[str, Tensor]]:
+    """Batches of words tokenized as pre-split words: the first sub-token of each word
+    carries its tag, later sub-tokens, special tokens and padding ``IGNORE`` (the
+    transformers token-classification convention). Sorted by length like classification
+    batches; a row cut by ``max_length`` keeps the tags of the words that fit."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"token classification needs a fast tokenizer (it maps sub-tokens to words), and "
+            f"{type(tokenizer).__name__} is not one; save the model with its tokenizer.json"
+        )
+    words = [list(text) for text, _ in rows]
+    tokenized = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    encoded = tokenized["input_ids"]
+    labels: list[list[int]] = []
+    for i, (_, tags) in enumerate(rows):
+        assert isinstance(tags, tuple)
+        previous = None
+        row = []
+        for word in tokenized.word_ids(i):
+            row.append(IGNORE if word is None or word == previous else tags[word])
+            previous = word
+        labels.append(row)
+    order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        tagged = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+        for row_number, i in enumerate(idx):
+            n = len(encoded[i])
+            ids[row_number, :n] = torch.tensor(encoded[i])
+            mask[row_number, :n] = 1
+            tagged[row_number, :n] = torch.tensor(labels[i])
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": tagged})
+    return batches
+
+
+def labelled_batches(
+    tokenizer: Any, rows: Rows, max_length: int, batch_size: int, kind: str
+) -> list[dict[str, Tensor]]:
+    """Batches of labelled rows for the task's kind."""
+    build = token_batches if kind == "token-classification" else classification_batches
+    return build(tokenizer, rows, max_length, batch_size)
 
 
 def eval_chars(block_size: int, n_blocks: int) -> int:

@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from torch import Tensor
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+# A label no loss or metric counts: special tokens, padding and a word's later sub-tokens in
+# token classification (the transformers convention, which its losses already ignore).
+IGNORE = -100
 
 
 def model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import types
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,24 @@ FAST = LatencySpec(
 )
 CAUSAL_ONLY = {"perplexity", "ttft_ms", "decode_tokens_per_s", "decode_speedup", "choice_accuracy", "lm_eval"}
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away", "good", "bad", "film"]
+TOKEN_ONLY = {"token_f1"}
 PLUGINS = ["tests.plugins.custom_eval:MacroF1", "tests.plugins.custom_eval:ParamCount"]
 
 
 def _kind(ref: str) -> str:
+    if ref in TOKEN_ONLY:
+        return "token-classification"
     return "causal-lm" if ref in CAUSAL_ONLY else "classification"
+
+
+def _tagger() -> nn.Module:
+    from transformers import BertConfig, BertForTokenClassification
+
+    from tiny import tiny_bert_config
+
+    config = {k: v for k, v in tiny_bert_config().items() if k != "model_type"} | {"num_labels": 3}
+    torch.manual_seed(0)
+    return BertForTokenClassification(BertConfig(**config))
 
 
 class TestEvaluators(EvaluatorConformance):
@@ -56,14 +70,21 @@ class TestEvaluators(EvaluatorConformance):
 
     @pytest.fixture
     def model(self, ref: str) -> nn.Module:
-        return (tiny_llama() if _kind(ref) == "causal-lm" else tiny_bert()).eval()
+        makers = {"causal-lm": tiny_llama, "classification": tiny_bert, "token-classification": _tagger}
+        return makers[_kind(ref)]().eval()
 
     @pytest.fixture
     def context(self, ref: str, model: nn.Module) -> EvalContext:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, 96, (4, 8), generator=g)
+        data = None
         if _kind(ref) == "causal-lm":
             batches = [{"input_ids": ids}]
+        elif _kind(ref) == "token-classification":
+            tags = torch.randint(0, 3, ids.shape, generator=g)
+            tags[:, 0] = -100
+            batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": tags}]
+            data = types.SimpleNamespace(class_names=lambda: ("O", "B-PER", "B-LOC"))
         else:
             batches = [
                 {
@@ -81,6 +102,7 @@ class TestEvaluators(EvaluatorConformance):
             baseline={},
             reference=copy.deepcopy(model),
             tokenizer=_word_tokenizer(WORDS, 96),
+            data=data,
         )
 
 

@@ -52,7 +52,7 @@ def test_perplexity_matches_cross_entropy() -> None:
 
 def test_quality_evaluators_refuse_the_wrong_task() -> None:
     ctx = EvalContext(task="causal-lm", batches=[], vocab_size=8, plan=CompressionPlan())
-    with pytest.raises(ValueError, match="needs a classification task"):
+    with pytest.raises(ValueError, match="needs a classification or token-classification task"):
         Accuracy().evaluate(FixedLogits(), ctx)
 
 

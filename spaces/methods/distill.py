@@ -42,14 +42,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from slimsearch.spaces.inputs import INPUT_KEYS, model_inputs
+from slimsearch.spaces.inputs import IGNORE, INPUT_KEYS, model_inputs
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.packed import PackedLinear
 from slimsearch.spaces.methods.quantize import unpack_bits
 from slimsearch.spaces.methods.registry import LinearWork, Method
 
 DISTILL_KINDS = ("off", "logits", "logits+hidden", "logits+hidden+attention")
-TASK_KINDS = ("classification", "causal-lm")
+TASK_KINDS = ("classification", "token-classification", "causal-lm")
 CACHE_FORMAT = 1
 
 Batch = Mapping[str, Tensor]
@@ -510,10 +510,14 @@ def logit_loss(
 ) -> Tensor:
     """Soft-target KL, mixed with cross-entropy on the batch's labels when it has any.
 
-    Causal LMs are compared on next-token logits: position p predicts token p+1, and only
-    positions where both tokens are real count.
+    Token classification is compared at the labelled positions (the first sub-token of
+    each word; every real token when the batch has no labels). Causal LMs are compared on
+    next-token logits: position p predicts token p+1, and only positions where both tokens
+    are real count.
     """
     labels = batch.get("labels")
+    if task_kind == "token-classification":
+        return _token_logit_loss(student_logits, teacher.logits, batch, recipe)
     if task_kind == "classification":
         soft = _kl(student_logits, teacher.logits, recipe.temperature).mean()
         if labels is None:
@@ -532,6 +536,20 @@ def logit_loss(
     hard_rows = F.cross_entropy(s.float(), targets.clamp_min(0), reduction="none")
     valid = pairs * (targets != -100).float()
     hard = (hard_rows * valid).sum() / valid.sum().clamp_min(1)
+    return recipe.alpha * soft + (1 - recipe.alpha) * hard
+
+
+def _token_logit_loss(student: Tensor, teacher: Tensor, batch: Batch, recipe: DistillRecipe) -> Tensor:
+    labels = batch.get("labels")
+    rows, seq = student.shape[:2]
+    counted = (labels != IGNORE).float() if labels is not None else _token_mask(batch, rows, seq)
+    counted = counted.reshape(-1)
+    s = student.reshape(-1, student.shape[-1])
+    t = teacher.reshape(-1, teacher.shape[-1])
+    soft = (_kl(s, t, recipe.temperature) * counted).sum() / counted.sum().clamp_min(1)
+    if labels is None:
+        return soft
+    hard = F.cross_entropy(s.float(), labels.reshape(-1), ignore_index=IGNORE)
     return recipe.alpha * soft + (1 - recipe.alpha) * hard
 
 
