@@ -1,5 +1,6 @@
-"""Tiny random-weight models of 22 transformers families, built and saved as a user would
-(`save_pretrained` plus a tokenizer), for the architecture matrix."""
+"""Tiny random-weight models of 22 transformers families (and two more Falcon attention
+layouts), built and saved as a user would (`save_pretrained` plus a tokenizer), for the
+architecture matrix."""
 
 from __future__ import annotations
 
@@ -86,6 +87,31 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
             multi_query=True,
         ),
     ),
+    # Falcon's two other attention layouts: grouped key/value heads, and head by head.
+    "falcon-gqa": (
+        "causal-lm",
+        dict(
+            model_type="falcon",
+            vocab_size=V,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+        ),
+    ),
+    "falcon-mha": (
+        "causal-lm",
+        dict(
+            model_type="falcon",
+            vocab_size=V,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            new_decoder_architecture=False,
+            multi_query=False,
+        ),
+    ),
     "bloom": ("causal-lm", dict(model_type="bloom", vocab_size=V, hidden_size=32, n_layer=2, n_head=4)),
     "mpt": (
         "causal-lm",
@@ -100,8 +126,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 # What structured pruning offers each family: its attention heads, its MLP neurons.
 STRUCTURED: dict[str, tuple[str, ...]] = {name: ("heads", "neurons") for name in FAMILIES} | {
     "albert": (),  # one block shared by every layer, named unlike BERT's: not offered
-    "phi3": ("neurons",),  # heads not offered: its attention reads the head count from the shared config
-    "falcon": ("neurons",),  # heads not offered: queries first, then one key/value head shared by all
+    "phi3": ("heads", "neurons"),
+    "falcon": ("heads", "neurons"),
+    "falcon-gqa": ("heads", "neurons"),
+    "falcon-mha": ("heads", "neurons"),
     "bloom": ("neurons",),  # ALiBi slopes belong to the model's heads
     "mpt": ("neurons",),  # Wqkv puts all queries first
 }

@@ -19,6 +19,7 @@ of its producer rows.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,13 @@ class Unit:
     heads_per_group: int = 1
     head_dim: int = 0
     sections: tuple[tuple[str, int, int], ...] = ()
+    # The owner's forward reads its head counts from ``owner.config`` (Phi-3): a pruned layer
+    # gets its own copy of the config with its own counts.
+    config_heads: bool = False
+    # Only query heads are groups; the one key/value head all of them read stays (Falcon MQA):
+    # its rows, (name, first row, count), are kept whatever is pruned.
+    shared_kv: bool = False
+    kept_rows: tuple[tuple[str, int, int], ...] = ()
 
     def row_parts(self) -> dict[str, list[tuple[int, int]]]:
         """Each producing Linear's parts as (first row, rows per group), in row order."""
@@ -239,6 +247,52 @@ def _per_head_fused_attention(name: str, module: nn.Module) -> Unit | None:
     )
 
 
+def _falcon_attention(name: str, module: nn.Module) -> Unit | None:
+    """Falcon's query_key_value in its three layouts, and dense. New decoder architecture:
+    per key/value group its query heads, then its key, then its value. Multi-query: all
+    queries, then the one key and value every head reads (only queries are pruned). Else
+    head by head, query, key and value together. ALiBi variants are not offered (their
+    slopes belong to the model's heads)."""
+    if not (_is_linear(module, "query_key_value") and _is_linear(module, "dense")):
+        return None
+    config = getattr(module, "config", None)
+    if not hasattr(module, "new_decoder_architecture") or getattr(config, "alibi", True):
+        return None
+    heads, kv, head_dim = (getattr(module, a, None) for a in ("num_heads", "num_kv_heads", "head_dim"))
+    if not all(isinstance(v, int) and v > 0 for v in (heads, kv, head_dim)):
+        return None
+    assert isinstance(heads, int) and isinstance(kv, int) and isinstance(head_dim, int)
+    qkv, dense = _join(name, "query_key_value"), _join(name, "dense")
+    rows = _width(module.get_submodule("query_key_value"), "out_features")
+    common: dict[str, Any] = {"kind": "heads", "block": _parent(name), "owner": name, "head_dim": head_dim}
+    if module.new_decoder_architecture:
+        if heads % kv or rows != (heads + 2 * kv) * head_dim:
+            return None
+        per_group = heads // kv
+        return Unit(
+            producers=((qkv, (per_group + 2) * head_dim),),
+            consumer=(dense, per_group * head_dim),
+            groups=kv,
+            heads_per_group=per_group,
+            **common,
+        )
+    if getattr(module, "multi_query", False):
+        if rows != (heads + 2) * head_dim:
+            return None
+        return Unit(
+            producers=(),
+            sections=((qkv, head_dim, 0),),
+            consumer=(dense, head_dim),
+            groups=heads,
+            shared_kv=True,
+            kept_rows=((qkv, heads * head_dim, 2 * head_dim),),
+            **common,
+        )
+    if rows != 3 * heads * head_dim:
+        return None
+    return Unit(producers=((qkv, 3 * head_dim),), consumer=(dense, head_dim), groups=heads, **common)
+
+
 def _gpt2_attention(name: str, module: nn.Module) -> Unit | None:
     """GPT-2's c_attn (its Conv1D made Linear; queries, keys, values one after another, split
     by ``split_size``) and c_proj. Cross-attention (``q_attn``) is not offered."""
@@ -259,6 +313,36 @@ def _gpt2_attention(name: str, module: nn.Module) -> Unit | None:
         consumer=(_join(name, "c_proj"), head_dim),
         groups=heads,
         head_dim=head_dim,
+    )
+
+
+def _fused_qkv_attention(name: str, module: nn.Module) -> Unit | None:
+    """Phi-3's qkv_proj (all query rows, then the key rows, then the value rows; grouped key/
+    value heads) and o_proj. Its forward finds the query rows from the config's
+    ``num_attention_heads``, which every layer shares, so ``config_heads`` is set."""
+    if not (_is_linear(module, "qkv_proj") and _is_linear(module, "o_proj")):
+        return None
+    config = getattr(module, "config", None)
+    head_dim, kv = getattr(module, "head_dim", None), getattr(module, "num_key_value_heads", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not all(isinstance(v, int) and v > 0 for v in (head_dim, kv, heads)):
+        return None
+    assert isinstance(head_dim, int) and isinstance(kv, int) and isinstance(heads, int)
+    if heads % kv or _width(module.get_submodule("qkv_proj"), "out_features") != (heads + 2 * kv) * head_dim:
+        return None
+    per_group = heads // kv
+    qkv, queries, keys = _join(name, "qkv_proj"), heads * head_dim, kv * head_dim
+    return Unit(
+        kind="heads",
+        block=_parent(name),
+        owner=name,
+        producers=(),
+        sections=((qkv, per_group * head_dim, 0), (qkv, head_dim, queries), (qkv, head_dim, queries + keys)),
+        consumer=(_join(name, "o_proj"), per_group * head_dim),
+        groups=kv,
+        heads_per_group=per_group,
+        head_dim=head_dim,
+        config_heads=True,
     )
 
 
@@ -316,6 +400,8 @@ DETECTORS: tuple[Callable[[str, nn.Module], Unit | None], ...] = (
     _separate_attention,
     _per_head_fused_attention,
     _gpt2_attention,
+    _falcon_attention,
+    _fused_qkv_attention,
     _gated_mlp,
     _fused_gated_mlp,
     _bert_mlp,
@@ -414,12 +500,17 @@ def _update_owner(owner: nn.Module, unit: Unit, kept: int) -> None:
     for attr in _HEAD_ATTRS:
         if isinstance(getattr(owner, attr, None), int):
             setattr(owner, attr, kept * unit.heads_per_group)
-    for attr in _KV_ATTRS:
+    for attr in () if unit.shared_kv else _KV_ATTRS:
         if isinstance(getattr(owner, attr, None), int):
             setattr(owner, attr, kept)
     for attr in ("all_head_size", "split_size"):  # split_size: where GPT-2 splits its c_attn output
         if isinstance(getattr(owner, attr, None), int):
             setattr(owner, attr, kept * unit.heads_per_group * unit.head_dim)
+    if unit.config_heads:
+        config: Any = copy.copy(owner.config)  # shallow: only the counts differ
+        config.num_attention_heads = kept * unit.heads_per_group
+        config.num_key_value_heads = kept
+        owner.config = config
 
 
 def unit_key(unit: Unit) -> str:
@@ -467,7 +558,9 @@ def prune_unit(
         order = torch.sort(-scores, stable=True).indices
         kept = torch.sort(order[: unit.groups - removed]).values
     for name, parts in unit.row_parts().items():
-        rows = torch.cat([first + _kept_index(kept, per) for first, per in parts])
+        pieces = [(first, first + _kept_index(kept, per)) for first, per in parts]
+        pieces += [(first, torch.arange(first, first + n)) for at, first, n in unit.kept_rows if at == name]
+        rows = torch.cat([rows for _, rows in sorted(pieces, key=lambda piece: piece[0])])
         model.set_submodule(name, _shrink(_linear(model, name), rows, None))
     name, cols = unit.consumer
     model.set_submodule(name, _shrink(_linear(model, name), None, _kept_index(kept, cols)))
