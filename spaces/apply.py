@@ -219,6 +219,10 @@ def compress(
     for method, values in _block_order(per_block):
         selection.update(method.apply_blocks(model, values, stats, plan.selection))
         columns.update(method.kept_columns(layouts[method.name], values, selection))
+    if skeleton:
+        from slimsearch.spaces.methods.structured import check_rebuilt
+
+        check_rebuilt(model, selection, plan.selection)
     if stats is not None:
         stats = stats.narrowed(columns)  # the statistics follow the columns structured pruning cut
     modules = compressible_modules(model)  # after pruning: shapes (and objects) changed

@@ -125,13 +125,13 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 
 # What structured pruning offers each family: its attention heads, its MLP neurons.
 STRUCTURED: dict[str, tuple[str, ...]] = {name: ("heads", "neurons") for name in FAMILIES} | {
-    "albert": (),  # one block shared by every layer, named unlike BERT's: not offered
+    "albert": ("heads", "neurons"),  # its one shared block, which every layer runs
     "phi3": ("heads", "neurons"),
     "falcon": ("heads", "neurons"),
     "falcon-gqa": ("heads", "neurons"),
     "falcon-mha": ("heads", "neurons"),
-    "bloom": ("neurons",),  # ALiBi slopes belong to the model's heads
-    "mpt": ("neurons",),  # Wqkv puts all queries first
+    "bloom": ("heads", "neurons"),  # heads: the ALiBi bias picked for the kept ones
+    "mpt": ("heads", "neurons"),  # heads: the ALiBi bias picked for the kept ones
 }
 
 

@@ -19,6 +19,7 @@ from slimsearch.search.driver import run_study
 from slimsearch.search.results import open_run
 from slimsearch.search.study_file import study_from_mapping
 from slimsearch.spaces import CompressionPlan, LayerSettings, StructuredSettings, apply_plan
+from slimsearch.spaces.apply import compress
 from slimsearch.spaces.linears import as_linears
 from slimsearch.spaces.methods.structured import find_units, prune_structured
 from slimsearch.spaces.space import DEFAULT_LAYERS as BLOCK_LINEARS
@@ -127,10 +128,24 @@ def test_a_structurally_pruned_model_exports_and_loads_back_equal(name: str, tmp
     )
     ids = torch.randint(4, 120, (2, 10), generator=torch.Generator().manual_seed(3))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    compressed = apply_plan(model, plan, calibration=batch).eval()
+    plan = compress(model, plan, calibration=batch)  # with the kept heads and neurons recorded
+    compressed = model.eval()
     with torch.no_grad():
         expected = compressed(**batch).logits
     write_export(compressed, _word_tokenizer(LM.split(), 128), plan, tmp_path / "out")
     loaded, _ = slimsearch.load(tmp_path / "out")
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, expected)
+
+
+def test_a_rebuild_without_the_kept_alibi_heads_is_refused(tmp_path: Path) -> None:
+    from slimsearch.search.export import write_export
+    from slimsearch.search.models import _word_tokenizer
+
+    model = build("bloom")
+    as_linears(model)
+    plan = CompressionPlan(structured={"re:.*": StructuredSettings(heads=0.5)})
+    apply_plan(model, plan)  # the plan as written, without the kept heads compress() records
+    write_export(model, _word_tokenizer(LM.split(), 128), plan, tmp_path / "out")
+    with pytest.raises(ValueError, match="records no kept heads for this ALiBi attention"):
+        slimsearch.load(tmp_path / "out")

@@ -57,6 +57,10 @@ class Unit:
     # its rows, (name, first row, count), are kept whatever is pruned.
     shared_kv: bool = False
     kept_rows: tuple[tuple[str, int, int], ...] = ()
+    # The keyword the owner's forward takes its ALiBi bias by ("alibi": BLOOM's, batch by
+    # head; "position_bias": MPT's, head first). The model builds it for all its heads, so a
+    # pruned layer picks its kept heads' rows (``_alibi_of_kept_heads``).
+    alibi: str = ""
 
     def row_parts(self) -> dict[str, list[tuple[int, int]]]:
         """Each producing Linear's parts as (first row, rows per group), in row order."""
@@ -185,7 +189,11 @@ def _bert_mlp(name: str, module: nn.Module) -> Unit | None:
 
 # Separate query/key/value/output projections under other names, multi-head (one query
 # head per key/value head): OPT, DistilBERT.
-_SEPARATE_QKVO = (("q_proj", "k_proj", "v_proj", "out_proj"), ("q_lin", "k_lin", "v_lin", "out_lin"))
+_SEPARATE_QKVO = (
+    ("q_proj", "k_proj", "v_proj", "out_proj"),
+    ("q_lin", "k_lin", "v_lin", "out_lin"),
+    ("query", "key", "value", "dense"),  # ALBERT: its projections and output on one module
+)
 
 
 def _is_linear(module: nn.Module, attr: str) -> bool:
@@ -199,7 +207,7 @@ def _separate_attention(name: str, module: nn.Module) -> Unit | None:
         heads = next(
             (
                 getattr(module, a)
-                for a in ("num_heads", "n_heads")
+                for a in ("num_heads", "n_heads", "num_attention_heads")
                 if isinstance(getattr(module, a, None), int)
             ),
             None,
@@ -293,6 +301,71 @@ def _falcon_attention(name: str, module: nn.Module) -> Unit | None:
     return Unit(producers=((qkv, 3 * head_dim),), consumer=(dense, head_dim), groups=heads, **common)
 
 
+def _bloom_attention(name: str, module: nn.Module) -> Unit | None:
+    """BLOOM's query_key_value (head by head: each head's query, key and value rows
+    together) and dense, with the ALiBi bias picked for the kept heads."""
+    if not (_is_linear(module, "query_key_value") and _is_linear(module, "dense")):
+        return None
+    if not all(hasattr(module, a) for a in ("beta", "inv_norm_factor", "num_heads", "head_dim")):
+        return None
+    if hasattr(module, "new_decoder_architecture"):
+        return None  # Falcon's
+    if getattr(module, "pretraining_tp", 1) > 1 and getattr(module, "slow_but_exact", False):
+        return None  # its dense is applied in slices of the hidden size
+    heads, head_dim = _width(module, "num_heads"), _width(module, "head_dim")
+    if _width(module.get_submodule("query_key_value"), "out_features") != 3 * heads * head_dim:
+        return None
+    return Unit(
+        kind="heads",
+        block=_parent(name),
+        owner=name,
+        producers=((_join(name, "query_key_value"), 3 * head_dim),),
+        consumer=(_join(name, "dense"), head_dim),
+        groups=heads,
+        head_dim=head_dim,
+        alibi="alibi",
+    )
+
+
+def _mpt_attention(name: str, module: nn.Module) -> Unit | None:
+    """MPT's Wqkv (all queries, then keys, then values) and out_proj, with its ALiBi
+    position bias picked for the kept heads."""
+    if not (_is_linear(module, "Wqkv") and _is_linear(module, "out_proj")):
+        return None
+    heads, head_dim = getattr(module, "n_heads", None), getattr(module, "head_dim", None)
+    if not isinstance(heads, int) or not isinstance(head_dim, int):
+        return None
+    width = heads * head_dim
+    if _width(module.get_submodule("Wqkv"), "out_features") != 3 * width:
+        return None
+    return Unit(
+        kind="heads",
+        block=_parent(name),
+        owner=name,
+        producers=(),
+        sections=tuple((_join(name, "Wqkv"), head_dim, i * width) for i in range(3)),
+        consumer=(_join(name, "out_proj"), head_dim),
+        groups=heads,
+        head_dim=head_dim,
+        alibi="position_bias",
+    )
+
+
+def _alibi_of_kept_heads(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Forward pre-hook of a pruned ALiBi attention: its kept heads' rows of the bias."""
+    key, total, kept = module.alibi_heads  # type: ignore[misc]
+    bias = kwargs.get(key)
+    if bias is None:
+        return None
+    index = torch.tensor(kept, device=bias.device)
+    # BLOOM's is (batch * heads, 1, keys), MPT's (heads, 1, keys).
+    batched = key == "alibi"
+    bias = bias.view(-1, total, *bias.shape[1:])[:, index].flatten(0, 1) if batched else bias[index]
+    return args, {**kwargs, key: bias}
+
+
 def _gpt2_attention(name: str, module: nn.Module) -> Unit | None:
     """GPT-2's c_attn (its Conv1D made Linear; queries, keys, values one after another, split
     by ``split_size``) and c_proj. Cross-attention (``q_attn``) is not offered."""
@@ -365,13 +438,14 @@ def _fused_gated_mlp(name: str, module: nn.Module) -> Unit | None:
 
 
 # (up, down) Linear pairs with an elementwise activation between: OPT (on the block
-# itself), DistilBERT, GPT-NeoX / BLOOM / Falcon, GPT-2 (its Conv1D made Linear), MPT.
+# itself), DistilBERT, GPT-NeoX / BLOOM / Falcon, GPT-2 (its Conv1D made Linear), MPT, ALBERT.
 _PLAIN_MLPS = (
     ("fc1", "fc2"),
     ("lin1", "lin2"),
     ("dense_h_to_4h", "dense_4h_to_h"),
     ("c_fc", "c_proj"),
     ("up_proj", "down_proj"),
+    ("ffn", "ffn_output"),  # ALBERT
 )
 
 
@@ -401,6 +475,8 @@ DETECTORS: tuple[Callable[[str, nn.Module], Unit | None], ...] = (
     _per_head_fused_attention,
     _gpt2_attention,
     _falcon_attention,
+    _bloom_attention,
+    _mpt_attention,
     _fused_qkv_attention,
     _gated_mlp,
     _fused_gated_mlp,
@@ -491,8 +567,14 @@ _HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
 _KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
 
 
-def _update_owner(owner: nn.Module, unit: Unit, kept: int) -> None:
+def _update_owner(owner: nn.Module, unit: Unit, kept_groups: Tensor) -> None:
     """Keep the module's own size attributes true (its forward reads some of them)."""
+    kept = int(kept_groups.numel())
+    if unit.alibi:
+        if hasattr(owner, "alibi_heads"):
+            raise ValueError(f"{unit.owner}: its heads were pruned already; prune the unpruned model once")
+        setattr(owner, "alibi_heads", (unit.alibi, unit.groups, tuple(int(i) for i in kept_groups)))  # noqa: B010
+        owner.register_forward_pre_hook(_alibi_of_kept_heads, with_kwargs=True)
     if unit.kind == "neurons":
         if isinstance(getattr(owner, "intermediate_size", None), int):
             setattr(owner, "intermediate_size", kept)  # noqa: B010 (typed as a Module attribute)
@@ -515,6 +597,19 @@ def _update_owner(owner: nn.Module, unit: Unit, kept: int) -> None:
 
 def unit_key(unit: Unit) -> str:
     return f"{unit.owner}:{unit.kind}"
+
+
+def check_rebuilt(model: nn.Module, applied: Mapping[str, str], recorded: Mapping[str, str]) -> None:
+    """A skeleton's pruned ALiBi heads must be the recorded ones: their weights are loaded
+    over it, but which heads they were decides their ALiBi slopes."""
+    for key in applied:
+        owner = key.rsplit(":", 1)[0]
+        if key not in recorded and hasattr(model.get_submodule(owner), "alibi_heads"):
+            raise ValueError(
+                f"{owner}: the plan records no kept heads for this ALiBi attention, so the rebuilt "
+                "model cannot know their slopes; export the trial with `slimsearch export` (its plan "
+                "records them), or save the plan that apply_plan's compress() returns"
+            )
 
 
 def encode_kept(kept: Tensor) -> str:
@@ -564,7 +659,7 @@ def prune_unit(
         model.set_submodule(name, _shrink(_linear(model, name), rows, None))
     name, cols = unit.consumer
     model.set_submodule(name, _shrink(_linear(model, name), None, _kept_index(kept, cols)))
-    _update_owner(model.get_submodule(unit.owner), unit, int(kept.numel()))
+    _update_owner(model.get_submodule(unit.owner), unit, kept)
     return kept
 
 
