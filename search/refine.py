@@ -10,7 +10,9 @@ successive children take successively longer steps (then shorter ones, below whe
 started); a child that stays feasible joins the front and is refined in turn, starting at
 twice the step that made it, so the front walks down in size while the constraint holds.
 A step that broke the constraint rules out the longer ones from the same parent (they hold
-its moves), and screening rejects an overlong step in seconds.
+its moves), and screening rejects an overlong step in seconds. When a parent's prefixes
+are spent, each lower-ranked move is tried by itself (a ranking is an estimate: the second
+move alone may keep the constraint where the first broke it).
 
     proposal = propose(study, space, profile)   # params of one new plan, or None
     if proposal is not None:
@@ -32,6 +34,7 @@ from slimsearch.search.sensitivity import Profile, cost_floor, matching_option, 
 from slimsearch.spaces import SearchSpace
 
 ATTR = "refined_from"  # user attribute a refinement trial carries: its parent's number
+ALONE = "refine_alone"  # set on a child that took one lower-ranked move by itself
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,11 @@ class Proposal:
     params: dict[str, Any]
     parent: int
     moves: int
+    alone: bool = False  # one lower-ranked move by itself, not a prefix of the ranking
 
     def user_attrs(self) -> dict[str, Any]:
-        return {"seed": "refine", ATTR: self.parent, "refine_moves": self.moves}
+        attrs = {"seed": "refine", ATTR: self.parent, "refine_moves": self.moves}
+        return attrs | ({ALONE: True} if self.alone else {})
 
 
 def moves(profile: Profile, params: Mapping[str, Any], off: Mapping[str, Any]) -> list[Move]:
@@ -103,7 +108,7 @@ def propose(study: optuna.Study, space: SearchSpace, profile: Profile) -> Propos
             continue
         parent_number = int(t.user_attrs[ATTR])
         children[parent_number] = children.get(parent_number, 0) + 1
-        if _infeasible(t):
+        if _infeasible(t) and not t.user_attrs.get(ALONE):
             size = int(t.user_attrs.get("refine_moves", 1))
             broke[parent_number] = min(size, broke.get(parent_number, size))
     front: list[FrozenTrial] = [
@@ -117,14 +122,16 @@ def propose(study: optuna.Study, space: SearchSpace, profile: Profile) -> Propos
         # front grows geometrically instead of one knob per trial.
         start = 2 * int(parent.user_attrs.get("refine_moves", 0)) or 1
         limit = broke.get(parent.number, len(ranked) + 1)
-        for count in step_sizes(start, len(ranked)):
-            if count >= limit:
-                continue
+        # The ranking's prefixes first; then each lower-ranked move by itself, so every ranked
+        # move is reachable even when the prefixes holding it broke the constraint.
+        steps = [(ranked[:count], False) for count in step_sizes(start, len(ranked)) if count < limit]
+        steps += [([move], True) for move in ranked[1:]]
+        for chosen, alone in steps:
             child = dict(params)
-            for move in ranked[:count]:
+            for move in chosen:
                 child[move.param] = move.value
             if _key(child) not in tried:
-                return Proposal(child, parent.number, count)
+                return Proposal(child, parent.number, len(chosen), alone)
     return None
 
 

@@ -117,8 +117,47 @@ def test_a_step_that_broke_the_constraint_rules_out_longer_ones() -> None:
         user_attrs=refine.Proposal(one, 0, 1).user_attrs(),
     )
     study.add_trial(broken)
-    # Every longer step from trial 0 holds that move; no shorter one is left.
-    assert refine.propose(study, FakeSpace(), profile()) is None  # type: ignore[arg-type]
+    # Every longer step from trial 0 holds that move; each lower-ranked move is still tried by
+    # itself, in rank order, and one of those breaking rules nothing else out.
+    space, prof = FakeSpace(), profile()
+    alone = []
+    for _ in range(2):
+        proposal = refine.propose(study, space, prof)  # type: ignore[arg-type]
+        assert proposal is not None and proposal.parent == 0 and proposal.moves == 1 and proposal.alone
+        alone.append({k: v for k, v in proposal.params.items() if v != 32})
+        attrs = proposal.user_attrs()
+        assert attrs[refine.ALONE] is True
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=proposal.params,
+                distributions=dists,
+                values=[60.0, 3500.0],
+                constraints={"d": 1.0},
+                user_attrs=attrs,
+            )
+        )
+    assert alone == [{"b:bits": 8}, {"a:bits": 8}]
+    assert refine.propose(study, space, prof) is None  # type: ignore[arg-type]
+
+
+def test_every_ranked_move_is_reachable_from_a_parent() -> None:
+    study = study_with([{f"{u}:bits": 32 for u in UNITS}])
+    space, prof = FakeSpace(), profile()
+    proposed = []
+    while (proposal := refine.propose(study, space, prof)) is not None:  # type: ignore[arg-type]
+        if proposal.parent == 0:
+            proposed.append({k: v for k, v in proposal.params.items() if v != 32})
+        study.enqueue_trial(proposal.params, user_attrs=proposal.user_attrs())
+        study.ask()
+        assert len(proposed) < 20
+    # The prefixes (1, 2, 3 moves), then the 2nd- and 3rd-ranked moves alone.
+    assert proposed[:5] == [
+        {"c:bits": 8},
+        {"b:bits": 8, "c:bits": 8},
+        {"a:bits": 8, "b:bits": 8, "c:bits": 8},
+        {"b:bits": 8},
+        {"a:bits": 8},
+    ]
 
 
 def test_parents_come_from_the_feasible_front_fewest_children_first() -> None:
