@@ -199,36 +199,46 @@ def lm_text(task: TaskSpec, cache: Path) -> str:
     return sources.read_text(task, cache)
 
 
+def _padded(seqs: list[list[int]], idx: list[int], fill: int) -> Tensor:
+    """Rows ``idx`` of ``seqs`` as one tensor, each padded with ``fill`` to the longest."""
+    out = torch.full((len(idx), max(len(seqs[i]) for i in idx)), fill, dtype=torch.long)
+    for row, i in enumerate(idx):
+        out[row, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+    return out
+
+
+def _by_length(
+    encoded: list[list[int]], tokenizer: Any, batch_size: int, extra: dict[str, tuple[list[list[int]], int]]
+) -> list[tuple[list[int], dict[str, Tensor]]]:
+    """Batches of the encoded rows sorted by length, padded only to each batch's longest
+    (cheaper than padding everything to max_length; results do not depend on the order),
+    with ``extra`` per-token keys padded with their own fill; each with its row indices."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    mask = [[1] * len(e) for e in encoded]
+    out = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = {"input_ids": _padded(encoded, idx, pad), "attention_mask": _padded(mask, idx, 0)}
+        out.append((idx, batch | {k: _padded(seqs, idx, fill) for k, (seqs, fill) in extra.items()}))
+    return out
+
+
 def classification_batches(
     tokenizer: Any, rows: Rows, max_length: int, batch_size: int
 ) -> list[dict[str, Tensor]]:
-    """Batches sorted by length with padding only to each batch's longest row (cheaper than
-    padding everything to max_length; results do not depend on the order)."""
+    """A text (or text pair) and its class id per row, batched by length."""
     firsts = [t[0] if isinstance(t, tuple) else t for t, _ in rows]
     seconds = [t[1] for t, _ in rows if isinstance(t, tuple)]
     pairs = seconds if len(seconds) == len(rows) and rows else None
     tokenized = tokenizer(firsts, pairs, truncation=True, max_length=max_length)
-    encoded = tokenized["input_ids"]
     # Segment ids only for pairs: a single text's are all zero, the models' default.
     types = tokenized.get("token_type_ids") if pairs is not None else None
-    order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-            mask[row, : len(encoded[i])] = 1
-        batch = {"input_ids": ids, "attention_mask": mask}
-        if types is not None:
-            batch["token_type_ids"] = torch.zeros_like(ids)
-            for row, i in enumerate(idx):
-                batch["token_type_ids"][row, : len(types[i])] = torch.tensor(types[i])
-        batches.append(batch | {"labels": torch.tensor([rows[i][1] for i in idx])})
-    return batches
+    extra = {"token_type_ids": (types, 0)} if types is not None else {}
+    return [
+        batch | {"labels": torch.tensor([rows[i][1] for i in idx])}
+        for idx, batch in _by_length(tokenized["input_ids"], tokenizer, batch_size, extra)
+    ]
 
 
 def token_batches(tokenizer: Any, rows: Rows, max_length: int, batch_size: int) -> list[dict[str, Tensor]]:
@@ -243,7 +253,6 @@ def token_batches(tokenizer: Any, rows: Rows, max_length: int, batch_size: int) 
         )
     words = [list(text) for text, _ in rows]
     tokenized = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-    encoded = tokenized["input_ids"]
     labels: list[list[int]] = []
     for i, (_, tags) in enumerate(rows):
         assert isinstance(tags, tuple)
@@ -253,22 +262,8 @@ def token_batches(tokenizer: Any, rows: Rows, max_length: int, batch_size: int) 
             row.append(IGNORE if word is None or word == previous else tags[word])
             previous = word
         labels.append(row)
-    order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        tagged = torch.full((len(idx), width), IGNORE, dtype=torch.long)
-        for row_number, i in enumerate(idx):
-            n = len(encoded[i])
-            ids[row_number, :n] = torch.tensor(encoded[i])
-            mask[row_number, :n] = 1
-            tagged[row_number, :n] = torch.tensor(labels[i])
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": tagged})
-    return batches
+    extra = {"labels": (labels, IGNORE)}
+    return [batch for _, batch in _by_length(tokenized["input_ids"], tokenizer, batch_size, extra)]
 
 
 def labelled_batches(

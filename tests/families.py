@@ -20,6 +20,7 @@ COMMON = dict(
     intermediate_size=64,
     max_position_embeddings=128,
 )
+FALCON = dict(model_type="falcon", vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "bert": ("classification", dict(model_type="bert", **COMMON)),
     "roberta": ("classification", dict(model_type="roberta", **COMMON, pad_token_id=0)),
@@ -75,43 +76,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "gpt_neox": ("causal-lm", dict(model_type="gpt_neox", **COMMON)),
     "phi3": ("causal-lm", dict(model_type="phi3", **COMMON, num_key_value_heads=2, pad_token_id=0)),
-    "falcon": (
-        "causal-lm",
-        dict(
-            model_type="falcon",
-            vocab_size=V,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            new_decoder_architecture=False,
-            multi_query=True,
-        ),
-    ),
+    "falcon": ("causal-lm", dict(FALCON, new_decoder_architecture=False, multi_query=True)),
     # Falcon's two other attention layouts: grouped key/value heads, and head by head.
-    "falcon-gqa": (
-        "causal-lm",
-        dict(
-            model_type="falcon",
-            vocab_size=V,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_kv_heads=2,
-            new_decoder_architecture=True,
-        ),
-    ),
-    "falcon-mha": (
-        "causal-lm",
-        dict(
-            model_type="falcon",
-            vocab_size=V,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            new_decoder_architecture=False,
-            multi_query=False,
-        ),
-    ),
+    "falcon-gqa": ("causal-lm", dict(FALCON, num_kv_heads=2, new_decoder_architecture=True)),
+    "falcon-mha": ("causal-lm", dict(FALCON, new_decoder_architecture=False, multi_query=False)),
     "bloom": ("causal-lm", dict(model_type="bloom", vocab_size=V, hidden_size=32, n_layer=2, n_head=4)),
     "mpt": (
         "causal-lm",

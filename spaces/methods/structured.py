@@ -332,22 +332,31 @@ def _mpt_attention(name: str, module: nn.Module) -> Unit | None:
     position bias picked for the kept heads."""
     if not (_is_linear(module, "Wqkv") and _is_linear(module, "out_proj")):
         return None
-    heads, head_dim = getattr(module, "n_heads", None), getattr(module, "head_dim", None)
+    return _three_sections(
+        name, module, "Wqkv", "out_proj", getattr(module, "n_heads", None), "position_bias"
+    )
+
+
+def _three_sections(
+    name: str, module: nn.Module, fused: str, out: str, heads: Any, alibi: str = ""
+) -> Unit | None:
+    """A fused Linear of all queries, then all keys, then all values (one head_dim each)."""
+    head_dim = getattr(module, "head_dim", None)
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         return None
     width = heads * head_dim
-    if _width(module.get_submodule("Wqkv"), "out_features") != 3 * width:
+    if _width(module.get_submodule(fused), "out_features") != 3 * width:
         return None
     return Unit(
         kind="heads",
         block=_parent(name),
         owner=name,
         producers=(),
-        sections=tuple((_join(name, "Wqkv"), head_dim, i * width) for i in range(3)),
-        consumer=(_join(name, "out_proj"), head_dim),
+        sections=tuple((_join(name, fused), head_dim, i * width) for i in range(3)),
+        consumer=(_join(name, out), head_dim),
         groups=heads,
         head_dim=head_dim,
-        alibi="position_bias",
+        alibi=alibi,
     )
 
 
@@ -371,22 +380,9 @@ def _gpt2_attention(name: str, module: nn.Module) -> Unit | None:
     by ``split_size``) and c_proj. Cross-attention (``q_attn``) is not offered."""
     if not (_is_linear(module, "c_attn") and _is_linear(module, "c_proj")) or hasattr(module, "q_attn"):
         return None
-    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
-    if not isinstance(heads, int) or not isinstance(head_dim, int) or not hasattr(module, "split_size"):
+    if not hasattr(module, "split_size"):
         return None
-    width = heads * head_dim
-    if _width(module.get_submodule("c_attn"), "out_features") != 3 * width:
-        return None
-    return Unit(
-        kind="heads",
-        block=_parent(name),
-        owner=name,
-        producers=(),
-        sections=tuple((_join(name, "c_attn"), head_dim, i * width) for i in range(3)),
-        consumer=(_join(name, "c_proj"), head_dim),
-        groups=heads,
-        head_dim=head_dim,
-    )
+    return _three_sections(name, module, "c_attn", "c_proj", getattr(module, "num_heads", None))
 
 
 def _fused_qkv_attention(name: str, module: nn.Module) -> Unit | None:
