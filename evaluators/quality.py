@@ -12,9 +12,11 @@ from slimsearch.evaluators.base import Direction, EvalContext
 from slimsearch.spaces.inputs import IGNORE, model_inputs
 
 
-def _require(context: EvalContext, kind: str, name: str) -> None:
-    if context.task != kind:
-        raise ValueError(f"the {name} evaluator needs a {kind} task, but this study's task is {context.task}")
+def require_task(context: EvalContext, kinds: tuple[str, ...], name: str) -> None:
+    if context.task not in kinds:
+        raise ValueError(
+            f"the {name} evaluator needs a {' or '.join(kinds)} task, but this study's task is {context.task}"
+        )
 
 
 class Accuracy:
@@ -28,11 +30,7 @@ class Accuracy:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, context: EvalContext) -> float:
-        if context.task not in self.tasks:
-            raise ValueError(
-                "the accuracy evaluator needs a classification or token-classification task, "
-                f"not {context.task}"
-            )
+        require_task(context, self.tasks, self.name)
         correct = total = 0
         for batch in context.batches:
             logits = model(**model_inputs(batch)).logits
@@ -52,7 +50,7 @@ class Perplexity:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, context: EvalContext) -> float:
-        _require(context, "causal-lm", self.name)
+        require_task(context, ("causal-lm",), self.name)
         nll = 0.0
         count = 0
         for batch in context.batches:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from slimsearch.evaluators.base import Direction, EvalContext
+from slimsearch.evaluators.quality import require_task
 from slimsearch.spaces.inputs import IGNORE, model_inputs
 
 
@@ -35,8 +36,7 @@ class TokenF1:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, context: EvalContext) -> float:
-        if context.task != "token-classification":
-            raise ValueError(f"token_f1 needs a token-classification task, not {context.task}")
+        require_task(context, self.tasks, self.name)
         outside = self._outside_id(context)
         hits = predicted = gold = 0
         for batch in context.batches:

@@ -175,7 +175,6 @@ def _load_smollm2(cache: Path) -> tuple[Any, Any]:
 
 
 def _load_source(spec: StudySpec) -> tuple[Any, Any]:
-
     source = spec.model.source
     # Weights the source lacks (a new classifier head, a config's whole model) start from
     # the task's seed, so the same study file gives the same baseline on every machine run.

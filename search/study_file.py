@@ -481,11 +481,6 @@ def _objectives(data: Mapping[str, Any], kind: str) -> tuple[ObjectiveSpec, ...]
     names = [o.name for o in out]
     if kind in LABELLED_KINDS and "perplexity" in names:
         raise StudyError(f"objectives: perplexity needs task.kind causal-lm; use accuracy for {kind}")
-    if kind == "causal-lm" and "accuracy" in names:
-        raise StudyError(
-            "objectives: accuracy needs task.kind classification or token-classification; "
-            "use perplexity for causal-lm"
-        )
     return out
 
 
