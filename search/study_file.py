@@ -512,7 +512,8 @@ def _evaluator_specs(raw: Any, kind: str, section: str) -> tuple[ObjectiveSpec, 
         if tasks is not None and kind not in tasks:
             raise StudyError(
                 f"{where}.name: {ref!r} measures task kind(s) {list(tasks)}, and this study's "
-                f"task.kind is {kind!r}; use latency_ms or latency_ratio for its speed"
+                f"task.kind is {kind!r}; use {'perplexity' if kind == 'causal-lm' else 'accuracy'} for its "
+                "quality, latency_ms or latency_ratio for its speed"
             )
         direction = item.get("direction", evaluator.direction)
         _choice(direction, f"{where}.direction", ("minimize", "maximize"))
