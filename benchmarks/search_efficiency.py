@@ -49,8 +49,8 @@ import itertools
 import json
 import os
 import platform
+import re
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -58,15 +58,17 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import TrialState
 
-from slimsearch.search import models, sensitivity
-from slimsearch.search.driver import Driver, constraint_values, queue_refinement
+from slimsearch.search import models, retry, sensitivity
+from slimsearch.search.driver import default_proposers
+from slimsearch.search.jobs import Jobs
 from slimsearch.search.log import fmt_seconds, say
+from slimsearch.search.loop import SearchLoop, constraint_values
+from slimsearch.search.proposers import Proposer, Sampler, Seeds, make_sampler
 from slimsearch.search.report import hypervolume
 from slimsearch.search.results import knob_order
-from slimsearch.search.study_file import StudySpec, load_study
-from slimsearch.search.worker import TrialResult, run_trial
+from slimsearch.search.study_file import SamplerSpec, StudySpec, load_study
+from slimsearch.search.worker import TrialJob, TrialResult, run_trial
 from slimsearch.spaces import CompressionPlan, SearchSpace
 from slimsearch.spaces.methods import registry
 from slimsearch.spaces.methods.quantize import QUANTIZER_VERSION
@@ -155,13 +157,14 @@ class Bench:
     baseline_dir: Path
     baseline: dict[str, float]
     cache: EvalCache
-    driver: Driver
+    jobs: Jobs
 
     def evaluate(self, plan: CompressionPlan) -> Entry:
         hit = self.cache.get(plan)
         if hit is not None:
             return hit
-        result = run_trial(self.driver.job(0, plan, self.baseline_dir, self.baseline))
+        self.jobs.baseline = self.baseline
+        result = run_trial(self.jobs.job(0, plan))
         entry = _entry(result, plan)
         self.cache.put(plan, entry)
         return entry
@@ -190,10 +193,15 @@ class Bench:
         return 100.0 * ((1.1 if ratio is None else float(ratio)) - 1.0)
 
     @property
-    def reference(self) -> tuple[float, float, float]:
-        return (REFERENCE_LIMITS * self.quality_limit, 1.0, 1.0)
+    def timed(self) -> bool:
+        """Whether the study has a latency axis (latency_ratio): hypervolume is 3-D, else 2-D."""
+        return "latency_ratio" in [o.name for o in self.spec.objectives]
 
-    def losses(self, entry: Entry) -> tuple[float, float, float] | None:
+    @property
+    def reference(self) -> tuple[float, ...]:
+        return (REFERENCE_LIMITS * self.quality_limit, 1.0, 1.0)[: 3 if self.timed else 2]
+
+    def losses(self, entry: Entry) -> tuple[float, ...] | None:
         """(quality loss, size ratio, latency ratio) of a feasible trial, else None. Feasible
         as the driver judges it: every constraint of the study satisfied. A quality GAIN
         counts as no loss: on 1,000 test rows +-1.3 points is noise, and crediting lucky
@@ -203,7 +211,8 @@ class Bench:
         if any(v > 0 for v in constraint_values(self.spec, entry.values, self.baseline).values()):
             return None
         size = entry.values["size_bytes"] / self.baseline["size_bytes"]
-        return (max(0.0, self.quality_loss(entry.values)), size, entry.values["latency_ratio"])
+        loss = max(0.0, self.quality_loss(entry.values))
+        return (loss, size, entry.values["latency_ratio"]) if self.timed else (loss, size)
 
     def hypervolume(self, entries: Sequence[Entry]) -> float:
         return normalized_hypervolume([x for e in entries if (x := self.losses(e))], self.reference)
@@ -239,47 +248,74 @@ def run_grid(bench: Bench, grid: list[dict[str, Any]]) -> MethodRun:
     return run
 
 
-def run_sampler(
+class BenchExecutor:
+    """An in-process executor over the evaluation cache: the search loop runs unchanged, and
+    a plan any method measured before is read back instead of measured again."""
+
+    capacity = 1
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.queue: list[TrialJob] = []
+        self.entries: dict[int, Entry] = {}  # trial number -> its measurement
+        self.eval_wall = 0.0  # seconds spent evaluating (cache misses) in this run
+
+    def submit(self, job: TrialJob, fresh_process: bool = False) -> None:
+        self.queue.append(job)
+
+    def poll(self, timeout: float) -> list[TrialResult]:
+        if not self.queue:
+            return []
+        job = self.queue.pop(0)
+        started = time.monotonic()
+        entry = self.bench.evaluate(CompressionPlan.from_json(job.plan_json))
+        self.eval_wall += time.monotonic() - started
+        self.entries[job.number] = entry
+        if entry.status == "screened":
+            return [TrialResult(job.number, None, {}, seconds=entry.seconds, pruned=True)]
+        values = dict(entry.values) if entry.values is not None else None
+        return [TrialResult(job.number, values, {}, seconds=entry.seconds, error=entry.error)]
+
+    def cancel(self, number: int, reason: str) -> TrialResult | None:
+        return None
+
+    def in_flight(self) -> int:
+        return len(self.queue)
+
+    def shutdown(self) -> None:
+        self.queue.clear()
+
+
+def run_loop(
     bench: Bench,
     name: str,
     sampler: optuna.samplers.BaseSampler,
     trials: int,
-    seeds: Sequence[Mapping[str, Any]] = (),
-    profile: sensitivity.Profile | None = None,
+    proposers: Sequence[Proposer] = (Sampler(),),
 ) -> MethodRun:
-    """Ask/tell like the driver: constraints set on complete trials, screened ones PRUNED;
-    with a ``profile``, half of the trials after the seeds refine the front, as the driver's."""
+    """The driver's own search loop (search/loop.py) on an in-memory study, over the cache:
+    a trial is a plan that spent the budget (repeats are answered from earlier trials)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=[o.direction for o in bench.spec.objectives], sampler=sampler)
-    for params in seeds:
-        study.enqueue_trial(dict(params), skip_if_exists=True)
+    study.set_user_attr("baseline", bench.baseline)
+    executor = BenchExecutor(bench)
     distributions = bench.space.distributions()
-    objectives = [o.name for o in bench.spec.objectives]
+    bench.jobs.baseline = bench.baseline
+    loop = SearchLoop(bench.spec, study, bench.space, distributions, executor, bench.jobs)
+    started = time.monotonic()
+    loop.run(proposers, deadline=None, budget=trials)
+    spent = [t for t in study.get_trials(deepcopy=False) if retry.counts_toward_budget(t)]
+    overhead = max(0.0, time.monotonic() - started - executor.eval_wall) / max(1, len(spent))
     run = MethodRun(name)
     seen: set[str] = set()
-    for i in range(trials):
-        started = time.monotonic()
-        if profile is not None:
-            queue_refinement(study, bench.space, profile)
-        trial = study.ask(fixed_distributions=distributions)
-        plan = bench.space.decode(trial.params)
-        overhead = time.monotonic() - started
-        entry = bench.evaluate(plan)
-        started = time.monotonic()
-        if entry.values is None:
-            study.tell(trial, state=TrialState.PRUNED if entry.status == "screened" else TrialState.FAIL)
-        else:
-            for key, value in constraint_values(bench.spec, entry.values, bench.baseline).items():
-                trial.set_constraint(key, value)
-            study.tell(trial, [entry.values[n] for n in objectives])
-        overhead += time.monotonic() - started
-        key = EvalCache.key(plan)
+    for t in spent:
+        entry = executor.entries[t.number]
+        key = json.dumps(t.user_attrs.get("plan"), sort_keys=True)
         run.entries.append(entry)
         run.costs.append(overhead + (0.0 if key in seen else entry.seconds))
         seen.add(key)
-        if (i + 1) % 5 == 0 or i + 1 == trials:
-            hv = bench.hypervolume(run.entries)
-            say(f"{name} {i + 1}/{trials}: {_show(bench, entry)} | HV {hv:.4f}")
+    hv = bench.hypervolume(run.entries)
+    say(f"{name}: {len(spent)} trials, {len(study.trials) - len(spent)} repeats answered, HV {hv:.4f}")
     return run
 
 
@@ -289,8 +325,9 @@ def _show(bench: Bench, entry: Entry) -> str:
     v = entry.values
     quality = f"acc {v['accuracy']:.1f}" if bench.quality == "accuracy" else f"ppl {v['perplexity']:.2f}"
     return (
-        f"{quality}, size {v['size_bytes'] / bench.baseline['size_bytes']:.3f}x, "
-        f"lat {v['latency_ratio']:.2f}x ({entry.summary})"
+        f"{quality}, size {v['size_bytes'] / bench.baseline['size_bytes']:.3f}x"
+        + (f", lat {v['latency_ratio']:.2f}x" if "latency_ratio" in v else "")
+        + f" ({entry.summary})"
     )
 
 
@@ -343,7 +380,7 @@ def summarize(bench: Bench, run: MethodRun, n: int | None = None) -> dict[str, A
         "failed": sum(e.status == "failed" for e in entries),
         "hypervolume": normalized_hypervolume(feasible, bench.reference),
         "best_size_ratio": min((x[1] for x in feasible), default=None),
-        "best_latency_ratio": min((x[2] for x in feasible), default=None),
+        "best_latency_ratio": min((x[2] for x in feasible if len(x) > 2), default=None),
         "seconds": round(seconds, 1),
         "trials_per_hour": round(3600 * len(entries) / seconds, 1) if seconds else None,
     }
@@ -416,14 +453,18 @@ def _load() -> str:
         return "unknown"
 
 
-def setup(study: Path, cache_file: Path | None, threads: int = BENCH_THREADS) -> Bench:
-    spec = load_study(study)
+def setup(
+    study: Path,
+    cache_file: Path | None,
+    threads: int = BENCH_THREADS,
+    overrides: Mapping[str, Any] | None = None,
+) -> Bench:
+    spec = load_study(study, overrides)
     spec = replace(spec, latency=replace(spec.latency, **BENCH_LATENCY, threads=threads))
     baseline_dir = models.prepare_baseline(spec)
     model, _ = models.load_baseline(baseline_dir, spec.task.kind, spec.model.trust_remote_code)
     space = SearchSpace(model, spec.space)
     del model
-    driver = Driver(spec)
     meta = {
         "format": CACHE_FORMAT,
         "quantizer": QUANTIZER_VERSION,
@@ -437,7 +478,7 @@ def setup(study: Path, cache_file: Path | None, threads: int = BENCH_THREADS) ->
     }
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:10]
     cache = EvalCache(cache_file or RESULTS / f"search_efficiency_cache_{digest}.json", meta)
-    bench = Bench(spec, space, baseline_dir, {}, cache, driver)
+    bench = Bench(spec, space, baseline_dir, {}, cache, Jobs(spec, baseline_dir))
     base = bench.evaluate(CompressionPlan())  # no screening for the baseline: it is trial 0 here
     if base.values is None:
         raise RuntimeError(f"the baseline could not be evaluated: {base.error}")
@@ -446,9 +487,137 @@ def setup(study: Path, cache_file: Path | None, threads: int = BENCH_THREADS) ->
 
 
 def tpe_sampler(seed: int) -> optuna.samplers.BaseSampler:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    """The driver's default sampler (multivariate TPE), seeded."""
+    return make_sampler(SamplerSpec("tpe", seed))
+
+
+# -- ground truth -----------------------------------------------------------------------------
+GT_BUDGETS = (10, 20, 40, 80)
+GT_SEEDS = (0, 1, 2)
+GT_BITS = [32, 8, 4]
+
+
+def ground_truth_overrides(study: Path) -> dict[str, Any]:
+    """The study with a small space: bits 32/8/4 on three of its Linears (the first block's
+    first, a middle block's, the last block's last) and on the embedding table (3^4 = 81
+    plans); accuracy (or perplexity) and size only, so every plan's values are exact."""
+    spec = load_study(study)
+    baseline_dir = models.prepare_baseline(spec)
+    model, _ = models.load_baseline(baseline_dir, spec.task.kind, spec.model.trust_remote_code)
+    names = list(SearchSpace(model, spec.space).shapes)
+    del model
+    picked = [names[0], names[len(names) // 2], names[-1]]
+    quality = "perplexity" if spec.task.kind == "causal-lm" else "accuracy"
+    pattern = "re:(" + "|".join(re.escape(n) for n in picked) + ")"
+    return {
+        "space": {"layers": pattern, "default": {"bits": GT_BITS}, "embeddings": GT_BITS},
+        "objectives": [quality, "size_bytes"],
+    }
+
+
+def all_params(space: SearchSpace) -> list[dict[str, Any]]:
+    dists = space.distributions()
+    names = sorted(dists)
+    choices = [list(dists[n].choices) for n in names]  # type: ignore[attr-defined]
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*choices)]
+
+
+def front_of(points: Sequence[tuple[float, ...]]) -> set[tuple[float, ...]]:
+    """The non-dominated points (all axes minimized)."""
+    unique = set(points)
+    return {
+        p
+        for p in unique
+        if not any(all(a <= b for a, b in zip(o, p, strict=True)) and o != p for o in unique)
+    }
+
+
+GT_METHODS = ("slimsearch", "tpe", "nsga2", "random")
+
+
+def gt_method(bench: Bench, name: str, seed: int, budget: int) -> MethodRun:
+    distributions = bench.space.distributions()
+    if name == "slimsearch":
+        proposers = default_proposers(bench.spec, bench.space, distributions, bench.baseline_dir)
+        return run_loop(bench, f"{name} seed {seed}", tpe_sampler(seed), budget, proposers)
+    sampler = make_sampler(SamplerSpec(name, seed, population_size=10))
+    return run_loop(bench, f"{name} seed {seed}", sampler, budget)
+
+
+def run_ground_truth(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    bench = setup(args.study, args.cache_file, args.threads, ground_truth_overrides(args.study))
+    plans = all_params(bench.space)
+    say(f"ground truth: {len(plans)} plans over {bench.space.describe()}")
+    truth: list[Entry] = []
+    for i, params in enumerate(plans):
+        truth.append(bench.evaluate(bench.space.decode(params)))
+        if (i + 1) % 10 == 0 or i + 1 == len(plans):
+            say(f"enumerated {i + 1}/{len(plans)}: {_show(bench, truth[-1])}")
+    true_front = front_of([x for e in truth if (x := bench.losses(e))])
+    true_hv = normalized_hypervolume(sorted(true_front), bench.reference)
+    enumerated = time.monotonic() - started
+    rows = []
+    for name in GT_METHODS:
+        for seed in GT_SEEDS:
+            run = gt_method(bench, name, seed, max(GT_BUDGETS))
+            for budget in GT_BUDGETS:
+                feasible = {x for e in run.entries[:budget] if (x := bench.losses(e))}
+                rows.append(
+                    {
+                        "method": name,
+                        "seed": seed,
+                        "budget": budget,
+                        "trials": min(budget, len(run.entries)),
+                        "found": len(true_front & feasible) / len(true_front),
+                        "hv_fraction": normalized_hypervolume(sorted(feasible), bench.reference) / true_hv
+                        if true_hv
+                        else 0.0,
+                    }
+                )
+    table = ground_truth_table(rows)
+    wall = time.monotonic() - started
+    print(f"true front: {len(true_front)} of {len(plans)} plans; hypervolume {true_hv:.4f}")
+    print(table)
+    print(f"wall time {fmt_seconds(wall)} (enumeration {fmt_seconds(enumerated)}); load average {_load()}")
+    out = args.out if args.out != RESULTS / "search_efficiency.json" else RESULTS / "ground_truth.json"
+    report = {
+        "benchmark": "search_efficiency --ground-truth",
+        "study": str(args.study),
+        "space": bench.space.describe(),
+        "plans": len(plans),
+        "true_front": sorted(true_front),
+        "true_hypervolume": true_hv,
+        "reference": list(bench.reference),
+        "baseline": bench.baseline,
+        "rows": rows,
+        "wall_s": round(wall, 1),
+        "new_evaluations": bench.cache.new,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=_json_default))
+    print(f"wrote {out}")
+    return 0
+
+
+def ground_truth_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Per method and budget: mean fraction of the true front found (min over seeds), mean
+    hypervolume fraction, and how many seeds found all of it."""
+    head = f"{'method':<12}{'budget':>7}{'trials':>7}{'front found':>13}{'(worst)':>9}"
+    head += f"{'HV frac':>9}{'all found':>11}"
+    lines = [head, "-" * len(head)]
+    for name in dict.fromkeys(r["method"] for r in rows):
+        for budget in dict.fromkeys(r["budget"] for r in rows):
+            picks = [r for r in rows if r["method"] == name and r["budget"] == budget]
+            found = [r["found"] for r in picks]
+            hv = [r["hv_fraction"] for r in picks]
+            trials = min(r["trials"] for r in picks)
+            full = sum(f >= 1.0 for f in found)
+            lines.append(
+                f"{name:<12}{budget:>7}{trials:>7}{np.mean(found):>13.0%}{min(found):>9.0%}"
+                f"{np.mean(hv):>9.3f}{f'{full}/{len(picks)}':>11}"
+            )
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -475,7 +644,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="front refinement as the study file says (default), or forced on/off (on needs the profile)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "search_efficiency.json")
+    parser.add_argument(
+        "--ground-truth",
+        action="store_true",
+        help="enumerate an 81-plan space of the study and score each method against its true front",
+    )
     args = parser.parse_args(argv)
+    if args.ground_truth:
+        return run_ground_truth(args)
     if args.quick and args.full:
         parser.error("--quick and --full exclude each other; give one")
     checkpoints = [10, 25] if args.quick else [25, 50, 100, 200] if args.full else [25, 50, 100]
@@ -497,19 +673,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"baseline: {bench.baseline}; {len(bench.cache.entries)} cached evaluations")
     grid = run_grid(bench, uniform_grid(bench.space))
 
-    # Seeded as the study file says, as the driver would.
-    seeds = [*bench.space.uniform_params()] if bench.spec.seed_uniform else []
-    profile, profile_wall = None, 0.0
-    if bench.spec.seed_sensitivity:
-        t0 = time.monotonic()
+    # The driver's proposers, seeded as the study file says.
+    t0 = time.monotonic()
+    proposers = default_proposers(bench.spec, bench.space, bench.space.distributions(), bench.baseline_dir)
+    profile_wall = time.monotonic() - t0
+    profile = None
+    if bench.spec.seed_sensitivity or bench.spec.refine_front:
         profile = sensitivity.load_or_compute_profile(bench.spec, bench.space, bench.baseline_dir)
-        profile_wall = time.monotonic() - t0
-        seeds += sensitivity.sensitivity_seeds(bench.space, profile, bench.spec.seed_budgets)
-    refiner = profile if bench.spec.refine_front else None
-    ours = run_sampler(bench, "slimsearch", tpe_sampler(args.seed), max(checkpoints), seeds, refiner)
+    seeds = sum(len(p.plans()) for p in proposers if isinstance(p, Seeds))
+    ours = run_loop(bench, "slimsearch", tpe_sampler(args.seed), max(checkpoints), proposers)
     # What computing the profile cost, even when read from the cache.
     ours.extra_seconds = profile.seconds if profile else 0.0
-    rnd = run_sampler(bench, "random", optuna.samplers.RandomSampler(seed=args.seed), n_random)
+    rnd = run_loop(bench, "random", optuna.samplers.RandomSampler(seed=args.seed), n_random)
 
     rows = [summarize(bench, grid)]
     rows += [summarize(bench, rnd, n) for n in random_checkpoints]
@@ -536,14 +711,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reference": {
             "accuracy_drop" if bench.quality == "accuracy" else "perplexity_increase_pct": bench.reference[0],
             "size_ratio": bench.reference[1],
-            "latency_ratio": bench.reference[2],
+            "latency_ratio": bench.reference[2] if bench.timed else None,
         },
         "latency": asdict(bench.spec.latency),
         "baseline": bench.baseline,
         "rows": rows,
         "targets": goals,
         "profile": {"key": profile.key, "seconds": profile.seconds} if profile else None,
-        "seeds": len(seeds),
+        "seeds": seeds,
         "seed_uniform": bench.spec.seed_uniform,
         "seed_sensitivity": bench.spec.seed_sensitivity,
         "refine_front": bench.spec.refine_front,

@@ -14,9 +14,8 @@ its moves), and screening rejects an overlong step in seconds. When a parent's p
 are spent, each lower-ranked move is tried by itself (a ranking is an estimate: the second
 move alone may keep the constraint where the first broke it).
 
-    proposal = propose(study, space, profile)   # params of one new plan, or None
-    if proposal is not None:
-        study.enqueue_trial(proposal.params, user_attrs=proposal.user_attrs())
+    step = propose(study, space, profile)   # params of one new plan, or None
+    # the Refinement proposer (search/proposers/refinement.py) hands it to the loop
 """
 
 from __future__ import annotations

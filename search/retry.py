@@ -3,14 +3,14 @@
 A trial left RUNNING by a killed driver (``kill -9``, a closed laptop) and a trial cancelled
 by Ctrl-C or SIGTERM are both marked FAILED and queued again with their whole plan and the
 attributes that say who proposed them (a seed, a refinement step, a stage-two
-distillation), ahead of the seeds still waiting. A killed driver's trial may have been the
-cause, so it is retried once (``MAX_RETRIES``); an interrupted one is not counted. Neither
-counts toward the trial budget: its retry does.
+distillation); the ``Retries`` proposer (``search/proposers/retries.py``) runs them ahead of
+every other proposal. A killed driver's trial may have been the cause, so it is retried once
+(``MAX_RETRIES``); an interrupted one is not counted. Neither counts toward the trial
+budget: its retry does.
 
 A trial killed while its parameters were being written has only some of them. When it was
-queued (a seed, a retry, a refinement step) the full plan is still known and is queued
-again; a sampler's half-drawn proposal is not, and the trial is marked plainly as not
-retried.
+queued (a seed, a retry, a refinement step) the full plan is still known and is retried; a
+sampler's half-drawn proposal is not, and the trial is marked plainly as not retried.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ def full_params(trial: FrozenTrial, distributions: Mapping[str, Any]) -> dict[st
     return None
 
 
-def fail_and_requeue(
+def fail_for_retry(
     study: optuna.Study, trial: FrozenTrial, distributions: Mapping[str, Any], reason: str, *, counted: bool
 ) -> str:
-    """Mark an unfinished (RUNNING) trial FAILED, not counted toward the budget, and queue it
-    again with its whole plan; returns what was done, for the log."""
+    """Mark an unfinished (RUNNING) trial FAILED, not counted toward the budget, and due for a
+    retry with its whole plan (``retry_due``); returns what was done, for the log."""
     params = full_params(trial, distributions)
     retries = int(trial.user_attrs.get("retries", 0)) + (1 if counted else 0)
     live = optuna.trial.Trial(study, trial._trial_id)
@@ -60,18 +60,33 @@ def fail_and_requeue(
         why_not = "retry cap reached"
     if why_not is not None:
         live.set_user_attr("not_retried", why_not)
+    if retries:
+        live.set_user_attr("retries", retries)
     study.tell(trial.number, state=TrialState.FAIL)
     if params is None or why_not is not None:
         return f"not retried: {why_not}"
+    return "to be retried first"
+
+
+def retry_due(trial: FrozenTrial, distributions: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The params of a trial cut short by a stopped run and not yet retried, else None."""
+    if trial.state != TrialState.FAIL or not any(trial.user_attrs.get(key) for key in NOT_COUNTED):
+        return None
+    if "not_retried" in trial.user_attrs:
+        return None
+    return full_params(trial, distributions)
+
+
+def retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
+    """A retry's user attributes: who proposed the original, and which trial it retries."""
     attrs = {k: v for k, v in trial.user_attrs.items() if k not in RESULT_ATTRS}
-    study.enqueue_trial(params, user_attrs=attrs | {"retries": retries, "retry_of": trial.number})
-    return "re-queued"
+    return attrs | {"retries": int(trial.user_attrs.get("retries", 0)), "retry_of": trial.number}
 
 
 def recover(study: optuna.Study, distributions: Mapping[str, Any]) -> None:
-    """Trials an earlier driver left RUNNING (it was killed): FAILED, and queued again once."""
+    """Trials an earlier driver left RUNNING (it was killed): FAILED, and retried once."""
     for t in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
-        done = fail_and_requeue(
+        done = fail_for_retry(
             study, t, distributions, "left running by a driver that was killed", counted=True
         )
         say(f"trial {t.number} was left running by an earlier driver: marked failed, {done}")

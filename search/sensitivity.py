@@ -14,8 +14,7 @@ least: the "fast" family keeps Linears on bf16/int8 kernels, "low-bit" mixes onl
 space's widths of 4 bits and under (a ladder down from all-4-bit), "any" may use every value.
 
     profile = load_or_compute_profile(spec, space, baseline_dir)
-    for params in sensitivity_seeds(space, profile):
-        study.enqueue_trial(params, user_attrs={"seed": "sensitivity"}, skip_if_exists=True)
+    proposer = Seeds("sensitivity", sensitivity_seeds(space, profile))  # search/proposers
 """
 
 from __future__ import annotations

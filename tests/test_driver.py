@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import optuna
@@ -11,7 +12,8 @@ from optuna.trial import TrialState
 
 from conftest import tiny_study
 from slimsearch.search.cli import main
-from slimsearch.search.driver import Driver, run_study
+from slimsearch.search.driver import run_study
+from slimsearch.search.jobs import Jobs
 from slimsearch.search.study_file import StudyError, study_from_mapping
 from slimsearch.spaces import CompressionPlan
 from slimsearch.spaces.methods import registry
@@ -48,10 +50,10 @@ def test_tiny_study_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_jobs_carry_the_quietest_baseline_time_seen(tmp_path: Path) -> None:
-    driver = Driver(study_from_mapping(tiny_study(tmp_path)))
+    jobs = Jobs(study_from_mapping(tiny_study(tmp_path)), tmp_path, {"accuracy": 50.0})
     for ms in (9.0, 7.0, 8.0):
-        driver.note_quiet({"latency": {"shapes": [{"quiet_key": "k", "baseline_median_ms": ms}]}})
-    assert driver.job(3, CompressionPlan(), tmp_path, {"accuracy": 50.0}).quiet_ms == {"k": 7.0}
+        jobs.note_quiet({"latency": {"shapes": [{"quiet_key": "k", "baseline_median_ms": ms}]}})
+    assert jobs.job(3, CompressionPlan()).quiet_ms == {"k": 7.0}
 
 
 def test_failing_plugin_fails_trials_not_the_study(tmp_path: Path) -> None:
@@ -98,31 +100,29 @@ def test_resume_warns_when_a_method_version_changed(
     )
 
 
-def test_stale_running_trials_are_failed_and_requeued_ahead_of_waiting_seeds(tmp_path: Path) -> None:
+def test_stale_running_trials_are_failed_and_retried_ahead_of_the_seeds(tmp_path: Path) -> None:
     data = tiny_study(tmp_path, budget={"trials": 3})
     run_study(study_from_mapping(data))
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
-    waiting = study.get_trials(deepcopy=False, states=[TrialState.WAITING])
-    assert len(waiting) >= 2  # uniform seeds the budget did not reach
-    dists = {
-        "bert.encoder.layer.0.attention.self.query:bits": optuna.distributions.CategoricalDistribution(
-            [32, 8, 4]
-        )
-    }
-    orphan = study.ask(fixed_distributions=dists)  # the driver died mid-seed: it took the oldest
-    assert orphan.number == waiting[0].number
-    waiting = waiting[1:]
-    # Budget for one more finished trial: the orphan's retry, which must jump the queue of
-    # waiting seeds (Optuna alone would run the oldest seed instead). The orphan itself, cut
-    # short by the driver's death, is failed but spends no budget.
+    assert not study.get_trials(deepcopy=False, states=[TrialState.WAITING])  # seeds are not queued ahead
+    name = "bert.encoder.layer.0.attention.self.query:bits"
+    dists = {name: optuna.distributions.CategoricalDistribution([32, 8, 4])}
+    # The driver died inside a seed it had queued and claimed (a later seed than the next one).
+    seed = dict(study.trials[0].params) | {name: 4}
+    study.enqueue_trial(seed, user_attrs={"seed": "uniform"})
+    orphan = study.ask(fixed_distributions=dists)
+    # Budget for one more finished trial: the orphan's retry, which goes before the seeds
+    # not yet run. The orphan itself, cut short by the driver's death, spends no budget.
     result = run_study(study_from_mapping(data), trials=4)
     trials = _trials(result.run_dir)
     failed = next(t for t in trials if t.number == orphan.number)
     assert failed.state == TrialState.FAIL and failed.user_attrs["orphaned"]
     retried = [t for t in trials if t.user_attrs.get("retry_of") == orphan.number]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
-    still = study.get_trials(deepcopy=False, states=[TrialState.WAITING])
-    assert [t.number for t in still] == [t.number for t in waiting]
+    assert retried[0].user_attrs["seed"] == "uniform" and retried[0].user_attrs["retries"] == 1
+    assert retried[0].params == seed
+    assert [t.number for t in trials if t.number > orphan.number] == [retried[0].number]
+    assert result.counts["complete"] == 4
 
 
 def test_cli_run_and_pareto(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -167,9 +167,9 @@ def test_identical_plans_are_answered_without_spending_the_budget(
     # A one-knob space with two values: after both are measured, every proposal is a repeat.
     # Repeats spend no budget, so the run must end because the space is exhausted, not
     # because 6 trials ran; the front shows each plan once.
-    from slimsearch.search import driver
+    from slimsearch.search import loop
 
-    monkeypatch.setattr(driver, "MAX_REPEATS_IN_A_ROW", 5)
+    monkeypatch.setattr(loop, "MAX_REPEATS_IN_A_ROW", 5)
     data = tiny_study(
         tmp_path,
         space={"layers": "bert.encoder.layer.0.output.dense", "default": {"bits": [32, 8]}},
@@ -192,23 +192,24 @@ def test_identical_plans_are_answered_without_spending_the_budget(
 def test_screening_rejects_trials_below_the_threshold_early(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from slimsearch.search.driver import Driver
     from slimsearch.search.worker import ScreenSpec
 
     # The tiny model keeps its accuracy under any plan, so demand the impossible (101 points
     # above the baseline) from odd trials and nothing from even ones; screening must reject
     # exactly the odd ones.
-    def screen_spec(self: Driver, baseline: dict[str, float]) -> ScreenSpec:
-        return ScreenSpec(max_drop=-101.0 if self._next_odd else 100.0, examples=8)
+    odd = {"next": False}
 
-    original_job = Driver.job
+    def screen_spec(self: Jobs) -> ScreenSpec:
+        return ScreenSpec(max_drop=-101.0 if odd["next"] else 100.0, examples=8)
 
-    def job(self: Driver, number: int, *args: object) -> object:
-        self._next_odd = number % 2 == 1
+    original_job = Jobs.job
+
+    def job(self: Jobs, number: int, *args: object) -> object:
+        odd["next"] = number % 2 == 1
         return original_job(self, number, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Driver, "screen_spec", screen_spec)
-    monkeypatch.setattr(Driver, "job", job)
+    monkeypatch.setattr(Jobs, "screen_spec", screen_spec)
+    monkeypatch.setattr(Jobs, "job", job)
     data = tiny_study(tmp_path, screening={"examples": 8})
     result = run_study(study_from_mapping(data))
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{result.run_dir / 'study.db'}")
@@ -234,7 +235,7 @@ def test_screening_compares_with_the_baseline_on_the_same_rows(tmp_path: Path) -
     baseline_dir = models.prepare_baseline(spec)
     # Say the full test split scored 50% while the screening rows are easy for this model:
     # the screen must ask for the baseline's score on those rows less 10 points, not 40%.
-    result = run_trial(Driver(spec).job(1, CompressionPlan(), baseline_dir, {"accuracy": 50.0}))
+    result = run_trial(Jobs(spec, baseline_dir, {"accuracy": 50.0}).job(1, CompressionPlan()))
     screen = result.records["screen"]
     assert screen["baseline_accuracy"] > 60.0
     assert screen["threshold"] == screen["baseline_accuracy"] - 10.0
@@ -250,12 +251,12 @@ def test_wilson_upper_bound() -> None:
     assert wilson_upper(0, 10, 2.0) > 0 and wilson_upper(10, 10, 2.0) == pytest.approx(100.0)
 
 
-def test_sensitivity_seeds_are_queued_once(tmp_path: Path) -> None:
+def test_sensitivity_seeds_run_once_each(tmp_path: Path) -> None:
     data = tiny_study(tmp_path, seed_sensitivity=True, budget={"trials": 12})
     result = run_study(study_from_mapping(data))
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{result.run_dir / 'study.db'}")
     seeded = [t for t in study.get_trials() if t.user_attrs.get("seed") == "sensitivity"]
-    assert seeded and study.user_attrs["seeded_sensitivity"] is True
+    assert seeded and len({json.dumps(t.params, sort_keys=True) for t in seeded}) == len(seeded)
     assert list((tmp_path / "cache" / "sensitivity").glob("*.json"))  # the profile is cached
 
 

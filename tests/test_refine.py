@@ -12,7 +12,8 @@ from optuna.distributions import CategoricalDistribution
 
 from conftest import tiny_study
 from slimsearch.search import refine
-from slimsearch.search.driver import queue_refinement, run_study
+from slimsearch.search.driver import run_study
+from slimsearch.search.proposers import Refinement
 from slimsearch.search.results import open_run
 from slimsearch.search.sensitivity import Option, Profile
 from slimsearch.search.study_file import StudyError, study_from_mapping
@@ -186,18 +187,18 @@ def test_refinement_stops_when_no_new_step_is_left() -> None:
 
 def test_refinement_takes_every_other_trial_after_the_seeds() -> None:
     study = study_with([{f"{u}:bits": 32 for u in UNITS}])
-    space, prof = FakeSpace(), profile()
+    refiner = Refinement(FakeSpace(), profile())  # type: ignore[arg-type]
     kinds = []
     for _ in range(6):
-        queued = queue_refinement(study, space, prof)  # type: ignore[arg-type]
-        if not queued:  # the sampler's turn: a plan refinement never proposes, so none collide
-            study.enqueue_trial({f"{u}:bits": 4 for u in UNITS})
+        proposal = refiner.propose(study)
+        # the sampler's turn: a plan refinement never proposes, so none collide
+        params = proposal.params if proposal is not None else {f"{u}:bits": 4 for u in UNITS}
+        assert params is not None
+        study.enqueue_trial(params, user_attrs=proposal.attrs if proposal is not None else {})
         trial = study.ask({f"{u}:bits": CategoricalDistribution([32, 8, 4]) for u in UNITS})
-        kinds.append("refine" if queued else "sampler")
+        kinds.append("refine" if proposal is not None else "sampler")
         study.tell(trial, [70.0, 5000.0])  # dominated: the front does not change
     assert kinds == ["refine", "sampler", "refine", "sampler", "refine", "sampler"]
-    study.enqueue_trial({f"{u}:bits": 8 for u in UNITS})
-    assert not queue_refinement(study, space, prof)  # type: ignore[arg-type]  # a seed waits: it goes first
 
 
 def test_stage_two_trials_do_not_count_as_the_samplers() -> None:

@@ -371,7 +371,7 @@ def test_profile_and_trials_read_the_same_calibration_statistics(
     """A space with structured pruning: the profile captures the statistics once, of this
     baseline, and a trial of the study reads that very file instead of capturing again."""
     from slimsearch.search import worker
-    from slimsearch.search.driver import Driver
+    from slimsearch.search.jobs import Jobs
 
     spec = study_from_mapping(tiny_study(tmp_path, space={"structured": {"heads": [0.0, 0.5]}}))
     baseline_dir = models.prepare_baseline(spec)
@@ -385,7 +385,7 @@ def test_profile_and_trials_read_the_same_calibration_statistics(
 
     monkeypatch.setattr(worker, "capture", refuse)
     plan = SearchSpace(model, spec.space).decode({"bert.encoder.layer.0:heads": 0.5})
-    job = Driver(spec).job(0, plan, baseline_dir, {})
+    job = Jobs(spec, baseline_dir).job(0, plan)
     stats = worker.calibration_stats(model, job.baseline_dir, worker.job_data(job), frozenset({"act_sq"}))
     assert set(stats.act_sq) >= {"bert.encoder.layer.0.attention.output.dense"}
     assert list((tmp_path / "cache" / "calibration").glob("*.safetensors")) == [stored]

@@ -69,15 +69,17 @@ def test_an_interrupted_run_requeues_its_running_trial_whole_and_exits_non_zero(
     study = _study(tmp_path / "run")
     cut = study.trials[0]
     assert cut.state == TrialState.FAIL and cut.user_attrs["interrupted"] is True
-    retry = [t for t in study.get_trials(states=[TrialState.WAITING]) if t.user_attrs.get("retry_of") == 0]
-    assert len(retry) == 1
-    # Its whole plan and who proposed it (the seed) come back; Ctrl-C is no fault of the trial's.
-    assert retry[0].system_attrs["fixed_params"] == cut.system_attrs["fixed_params"]
-    assert retry[0].user_attrs["seed"] == "uniform" and retry[0].user_attrs["retries"] == 0
+    assert not study.get_trials(states=[TrialState.WAITING])  # nothing queued: retries are proposed
+    assert "not_retried" not in cut.user_attrs
     result = run_study(study_from_mapping(data))  # resume: the retry runs first, then 2 more
     assert result.exit_code == 0
     trials = _study(tmp_path / "run").trials
-    assert trials[retry[0].number].state == TrialState.COMPLETE
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    assert len(retry) == 1 and retry[0].number == cut.number + 1
+    # Its whole plan and who proposed it (the seed) come back; Ctrl-C is no fault of the trial's.
+    assert retry[0].params == cut.system_attrs["fixed_params"]
+    assert retry[0].user_attrs["seed"] == "uniform" and retry[0].user_attrs["retries"] == 0
+    assert retry[0].state == TrialState.COMPLETE
     assert result.counts["complete"] == 3  # the cut trial spent none of the budget
 
 
@@ -92,7 +94,7 @@ def test_a_trial_stopped_while_its_parameters_were_drawn(tmp_path: Path) -> None
     sampled = study.ask(fixed_distributions=dist)  # a sampler's proposal, 1 parameter of 37 drawn
     queued_plan = study.trials[queued.number].system_attrs["fixed_params"]
     assert "fixed_params" not in study.trials[sampled.number].system_attrs
-    result = run_study(study_from_mapping(data), trials=2)  # recovery only
+    result = run_study(study_from_mapping(data), trials=3)  # recovery, then the one retry
     assert result.exit_code == 0
     trials = _study(tmp_path / "run").trials
     assert trials[sampled.number].state == TrialState.FAIL
