@@ -72,6 +72,7 @@ class SearchLoop:
         self.streak = FailureStreak(spec.executor.max_consecutive_failures)
         self.budget: int | None = spec.budget.trials
         self.remembered = False
+        self.verbose = True  # one progress line per trial (benchmarks running many loops turn it off)
 
     def spent(self) -> int:
         """Finished trials that spent the budget (see retry.counts_toward_budget)."""
@@ -162,6 +163,8 @@ class SearchLoop:
         self.show(reused)
 
     def show(self, result: TrialResult) -> None:
+        if not self.verbose:
+            return
         progress.trial_line(
             self.study,
             result,
