@@ -60,11 +60,11 @@ import numpy as np
 import optuna
 
 from slimsearch.search import models, retry, sensitivity
-from slimsearch.search.driver import default_proposers
 from slimsearch.search.jobs import Jobs
 from slimsearch.search.log import fmt_seconds, say
 from slimsearch.search.loop import SearchLoop, constraint_values
 from slimsearch.search.proposers import Proposer, Sampler, Seeds, make_sampler
+from slimsearch.search.proposers.default import default_proposers
 from slimsearch.search.report import hypervolume
 from slimsearch.search.results import knob_order
 from slimsearch.search.study_file import SamplerSpec, StudySpec, load_study

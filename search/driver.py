@@ -16,18 +16,20 @@ from typing import Any
 
 import optuna
 
-from slimsearch.search import constraints, models, pareto, preflight, progress, retry, sensitivity, storage
-from slimsearch.search.executors import Executor, make_executor
+from slimsearch.search import constraints, models, pareto, preflight, progress, retry, storage
+from slimsearch.search.baseline import measure_baseline
+from slimsearch.search.executors import make_executor
 from slimsearch.search.faults import RunAborted, RunFolderWatch
 from slimsearch.search.jobs import Jobs
 from slimsearch.search.locks import run_lock
 from slimsearch.search.log import fmt_seconds, say
-from slimsearch.search.loop import SearchLoop
+from slimsearch.search.loop import SearchLoop, distill_distributions
 from slimsearch.search.opening import RUN_INFO, open_study, storage_url
-from slimsearch.search.proposers import Finalists, Proposer, Refinement, Retries, Sampler, Seeds
-from slimsearch.search.remeasure import remeasure_front, run_alone
+from slimsearch.search.proposers import Finalists, Proposer, Retries
+from slimsearch.search.proposers.default import default_proposers
+from slimsearch.search.remeasure import remeasure_front
 from slimsearch.search.study_file import StudyError, StudySpec, load_study
-from slimsearch.spaces import CompressionPlan, SearchSpace
+from slimsearch.spaces import SearchSpace
 from slimsearch.spaces.methods.distill import DistillRecipe
 
 __all__ = ["RUN_INFO", "Driver", "RunResult", "default_proposers", "run_study"]
@@ -50,23 +52,6 @@ class RunResult:
         if self.stopped in EXIT_CODES:
             return EXIT_CODES[self.stopped]
         return 0 if self.counts.get("complete") else 1
-
-
-def default_proposers(
-    spec: StudySpec, space: SearchSpace, distributions: dict[str, Any], baseline_dir: Path
-) -> list[Proposer]:
-    """Retries, then the seeds, then every other trial a refinement step, then the sampler.
-    The sensitivity profile (minutes, cached) is computed here when the study uses it."""
-    out: list[Proposer] = [Retries(distributions)]
-    if spec.seed_uniform:
-        out.append(Seeds("uniform", space.uniform_params()))
-    if spec.seed_sensitivity or spec.refine_front:
-        profile = sensitivity.load_or_compute_profile(spec, space, baseline_dir)
-        if spec.seed_sensitivity:
-            out.append(Seeds("sensitivity", sensitivity.sensitivity_seeds(space, profile, spec.seed_budgets)))
-        if spec.refine_front:
-            out.append(Refinement(space, profile))
-    return [*out, Sampler()]
 
 
 class Driver:
@@ -107,7 +92,7 @@ class Driver:
         stopped, error = "budget", None
         previous_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
         try:
-            jobs.baseline = self.measure_baseline(study, executor, jobs)
+            jobs.baseline = measure_baseline(study, executor, jobs)
             try:  # a constraint the baseline cannot anchor (a ratio to zero) fails before any trial
                 constraints.check_baseline(spec.constraints, [o.name for o in spec.measured()], jobs.baseline)
             except ValueError as exc:
@@ -160,25 +145,6 @@ class Driver:
     ) -> str:
         return loop.run(proposers, deadline, budget)
 
-    def measure_baseline(self, study: optuna.Study, executor: Executor, jobs: Jobs) -> dict[str, float]:
-        stored = study.user_attrs.get("baseline")
-        if stored:
-            jobs.note_quiet(study.user_attrs.get("baseline_records", {}))
-            return dict(stored)
-        say("measuring the uncompressed baseline")
-        result = run_alone(executor, jobs.job(-1, CompressionPlan()))
-        if result.values is None:  # every trial would fail the same way
-            say(f"the baseline's measurement failed:\n{result.traceback or result.error}")
-            raise RunAborted(
-                f"the uncompressed baseline could not be evaluated ({result.error}); fix the cause "
-                "(the traceback is above) and run the study again"
-            )
-        study.set_user_attr("baseline", result.values)
-        study.set_user_attr("baseline_records", result.records)
-        jobs.note_quiet(result.records)
-        say("baseline: " + ", ".join(f"{k} {v:.4g}" for k, v in result.values.items()))
-        return result.values
-
     def finish(self, study: optuna.Study, baseline: dict[str, float], stopped: str) -> RunResult:
         objectives = [o.name for o in self.spec.objectives]
         rows = pareto.front_rows(study, objectives, baseline) if baseline else []
@@ -190,14 +156,6 @@ class Driver:
             study, self.spec.name, rows, objectives, baseline, stopped, took, self.run_dir, url
         )
         return RunResult(self.run_dir, study, baseline, rows, stopped, counts)
-
-
-def distill_distributions(spec: StudySpec) -> dict[str, Any]:
-    """Searched recipe knobs (every-trial mode), as fixed categorical distributions."""
-    return {
-        f"distill:{key}": optuna.distributions.CategoricalDistribution(list(values))
-        for key, values in spec.distill.search.items()
-    }
 
 
 class Terminated(KeyboardInterrupt):

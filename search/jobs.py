@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,19 @@ class Jobs:
         )
 
     def screen_spec(self) -> ScreenSpec | None:
-        s = self.spec.screening
-        drop = constraints.limit_on(self.spec.constraints, "accuracy", "max_drop")
-        if s is None or drop is None or "accuracy" not in self.baseline:
+        """Classification: on with a max_accuracy_drop constraint. Causal LM: on with
+        ``screening.tokens`` and a max_perplexity_ratio constraint."""
+        s, task, limits = self.spec.screening, self.spec.task, self.spec.constraints
+        if s is None:
             return None
-        if self.spec.task.kind != "classification":
+        if task.kind == "causal-lm":
+            ratio = constraints.limit_on(limits, "perplexity", "max_ratio")
+            if s.tokens is None or ratio is None or "perplexity" not in self.baseline:
+                return None
+            blocks = math.ceil(s.tokens / task.block_size)
+            return ScreenSpec(max_drop=0.0, examples=0, z=s.z, max_ratio=float(ratio), blocks=blocks)
+        drop = constraints.limit_on(limits, "accuracy", "max_drop")
+        if drop is None or "accuracy" not in self.baseline or task.kind != "classification":
             return None
         return ScreenSpec(max_drop=drop, examples=s.examples, z=s.z)
 

@@ -45,6 +45,14 @@ def constraint_values(
     return constraints.violations(spec.constraints, [o.name for o in spec.measured()], values, baseline)
 
 
+def distill_distributions(spec: StudySpec) -> dict[str, Any]:
+    """Searched recipe knobs (every-trial mode), as fixed categorical distributions."""
+    return {
+        f"distill:{key}": optuna.distributions.CategoricalDistribution(list(values))
+        for key, values in spec.distill.search.items()
+    }
+
+
 class SearchLoop:
     def __init__(
         self,

@@ -49,7 +49,13 @@ def trial_line(
         what = ", ".join(parts)
     elif result.pruned:
         scr = result.records.get("screen", {})
-        what = f"screened out (accuracy {scr.get('accuracy', 0):.1f} on {scr.get('examples')} examples)"
+        if "perplexity_ratio" in scr:
+            what = (
+                f"screened out (perplexity {scr['perplexity_ratio']:.3f}x, at least "
+                f"{scr['lower_bound']:.3f}x, on {scr['tokens']} tokens)"
+            )
+        else:
+            what = f"screened out (accuracy {scr.get('accuracy', 0):.1f} on {scr.get('examples')} examples)"
     else:
         what = "failed"
     if "reused_from" in result.records:

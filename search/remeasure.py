@@ -7,20 +7,12 @@ from dataclasses import replace
 import optuna
 
 from slimsearch.search import pareto
+from slimsearch.search.baseline import run_alone
 from slimsearch.search.executors import Executor
 from slimsearch.search.jobs import Jobs
 from slimsearch.search.log import say
-from slimsearch.search.worker import TrialJob, TrialResult, timing_objectives
+from slimsearch.search.worker import timing_objectives
 from slimsearch.spaces import CompressionPlan
-
-
-def run_alone(executor: Executor, job: TrialJob, fresh_process: bool = False) -> TrialResult:
-    """Run one job outside the search loop and wait for it."""
-    executor.submit(job, fresh_process=fresh_process)
-    results: list[TrialResult] = []
-    while not results:
-        results = executor.poll(timeout=5.0)
-    return results[0]
 
 
 def remeasure_front(study: optuna.Study, executor: Executor, jobs: Jobs) -> None:

@@ -6,6 +6,7 @@ and what is allowed.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -133,8 +134,9 @@ class SamplerSpec:
 
 @dataclass(frozen=True)
 class ScreeningSpec:
-    examples: int = 200
+    examples: int = 200  # classification: test rows scored first
     z: float = 2.0
+    tokens: int | None = None  # causal LM: evaluation tokens scored first (whole blocks); None: off
 
 
 DISTILL_MODES = ("off", "every-trial", "finalists")
@@ -618,6 +620,23 @@ def _distill(data: Mapping[str, Any]) -> DistillSpec:
     )
 
 
+def _check_lm_screening(tokens: int, task: TaskSpec) -> None:
+    if task.kind != "causal-lm":
+        raise _fail(
+            "screening.tokens",
+            tokens,
+            f"it screens causal LMs; a {task.kind} study screens screening.examples rows: remove tokens",
+        )
+    blocks = math.ceil(tokens / task.block_size)
+    if blocks >= task.eval_blocks:
+        raise _fail(
+            "screening.tokens",
+            tokens,
+            f"it takes {blocks} of the {task.eval_blocks} evaluation blocks of {task.block_size} tokens, "
+            f"so a screen would cost a full score; give at most {(task.eval_blocks - 1) * task.block_size}",
+        )
+
+
 def _screening(data: Mapping[str, Any]) -> ScreeningSpec | None:
     raw = data.get("screening", {})
     if raw is False or raw is None:
@@ -625,11 +644,13 @@ def _screening(data: Mapping[str, Any]) -> ScreeningSpec | None:
     if raw is True:
         return ScreeningSpec()
     if not isinstance(raw, Mapping):
-        raise _fail("screening", raw, "write false, or a mapping {examples: 200, z: 2.0}")
-    raw = _section(data, "screening", {"examples", "z"})
+        raise _fail("screening", raw, "write false, or a mapping {examples: 200, z: 2.0, tokens: 256}")
+    raw = _section(data, "screening", {"examples", "z", "tokens"})
+    tokens = raw.get("tokens")
     return ScreeningSpec(
         examples=_int(raw.get("examples", 200), "screening.examples"),
         z=_num(raw.get("z", 2.0), "screening.z"),
+        tokens=None if tokens is None else _int(tokens, "screening.tokens"),
     )
 
 
@@ -759,6 +780,8 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     if not isinstance(remeasure, bool):
         raise _fail("remeasure_front", remeasure, "write true or false")
     screening = _screening(data)
+    if screening is not None and screening.tokens is not None:
+        _check_lm_screening(screening.tokens, task)
     distill = _distill(data)
     output = data.get("output", f"runs/{name}")
     cache = data.get("cache", str(Path.home() / ".cache" / "slimsearch"))

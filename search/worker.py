@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimsearch.evaluators import Accuracy, EvalContext, LatencySpec, make_evaluator
@@ -42,13 +43,17 @@ from slimsearch.spaces.store import LayerStore
 
 @dataclass(frozen=True)
 class ScreenSpec:
-    """Low-fidelity screening: score a random subset first; reject the trial when even the
-    upper confidence bound of its accuracy is more than ``max_drop`` points below the
-    baseline's accuracy on the same rows."""
+    """Low-fidelity screening: score a subset first; reject the trial when even the
+    confidence bound of its quality is past the constraint, paired with the baseline on the
+    same data. Classification: a random ``examples`` rows, the upper bound of the accuracy
+    against ``max_drop``. Causal LM (``max_ratio`` set): the first ``blocks`` evaluation
+    blocks, the lower bound of the perplexity ratio against ``max_ratio``."""
 
     max_drop: float  # accuracy points the trial may lose against the baseline
     examples: int = 200
-    z: float = 2.0  # ~97.7% one-sided: reject only when clearly below
+    z: float = 2.0  # ~97.7% one-sided: reject only when clearly past
+    max_ratio: float | None = None  # causal LM: the perplexity ratio allowed
+    blocks: int = 0  # causal LM: evaluation blocks scored first
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,8 @@ _BASELINES: dict[str, tuple[nn.Module, Any]] = {}
 _DATA: dict[tuple[str, str, TaskSpec], TaskData] = {}
 # The baseline's accuracy on each screening subset, scored once.
 _SCREEN_BASELINE: dict[tuple[str, TaskSpec, int], float] = {}
+# The baseline's next-token log-probabilities on each causal-LM screening subset, once.
+_SCREEN_LM_BASELINE: dict[tuple[str, TaskSpec, int], Tensor] = {}
 
 
 def cached_baseline(job: TrialJob) -> tuple[nn.Module, Any]:
@@ -121,8 +128,46 @@ def wilson_upper(correct: int, total: int, z: float) -> float:
     return 100.0 * (centre + spread) / (1 + z * z / total)
 
 
+def screen_blocks(data: TaskData, blocks: int) -> Tensor:
+    """The first ``blocks`` blocks of the evaluation text, as one [blocks, block_size] tensor."""
+    return torch.cat([b["input_ids"] for b in data.test_batches()])[:blocks]
+
+
+@torch.no_grad()
+def lm_screen_record(job: TrialJob, model: nn.Module, ids: Tensor) -> dict[str, Any]:
+    """The trial against the baseline on ``ids``: the KL divergence of its next-token
+    distribution from the baseline's (mean per token), and its perplexity ratio with a lower
+    confidence bound from the paired per-token NLL differences."""
+    assert job.screen is not None and job.screen.max_ratio is not None
+    key = (job.baseline_dir, job.task, int(ids.shape[0]))
+    with machine_lock(job.cache_dir, exclusive=False):
+        if key not in _SCREEN_LM_BASELINE:
+            reference = cached_baseline(job)[0]
+            logits = reference(input_ids=ids).logits[:, :-1].float()
+            _SCREEN_LM_BASELINE[key] = F.log_softmax(logits, dim=-1)
+        ours = F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+    base = _SCREEN_LM_BASELINE[key]
+    target = ids[:, 1:].unsqueeze(-1)
+    delta = (base.gather(-1, target) - ours.gather(-1, target)).flatten().double()  # our NLL - base's
+    kl = float((base.exp() * (base - ours)).sum(-1).mean())
+    n = delta.numel()
+    mean = float(delta.mean())
+    se = float(delta.std()) / math.sqrt(n) if n > 1 else math.inf
+    return {
+        "kl": kl,
+        "perplexity_ratio": math.exp(mean),
+        "lower_bound": math.exp(mean - job.screen.z * se) if math.isfinite(se) else 0.0,
+        "threshold": job.screen.max_ratio,
+        "tokens": n,
+    }
+
+
 def _screen(job: TrialJob, model: nn.Module, context: EvalContext) -> dict[str, Any] | None:
     """Screening record when the trial is rejected, else None (and a record of the pass)."""
+    if job.screen is not None and job.screen.max_ratio is not None and job.task.kind == "causal-lm":
+        lm = lm_screen_record(job, model, screen_blocks(job_data(job), job.screen.blocks))
+        context.records["screen"] = lm
+        return lm if lm["lower_bound"] > lm["threshold"] else None
     if job.screen is None or job.task.kind != "classification":
         return None
     batches = job_data(job).screen_batches(job.screen.examples)

@@ -141,14 +141,14 @@ def test_the_same_error_again_and_again_stops_the_run(
 def test_the_time_budget_is_the_searchs_not_the_set_ups(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = driver_module.Driver.measure_baseline
+    original = driver_module.measure_baseline
 
-    def slow_set_up(self: driver_module.Driver, *args: object) -> dict[str, float]:
-        values = original(self, *args)  # type: ignore[arg-type]
+    def slow_set_up(*args: object) -> dict[str, float]:
+        values = original(*args)  # type: ignore[arg-type]
         time.sleep(1.5)  # set-up longer than the whole budget: before, no trial ever ran
         return values
 
-    monkeypatch.setattr(driver_module.Driver, "measure_baseline", slow_set_up)
+    monkeypatch.setattr(driver_module, "measure_baseline", slow_set_up)
     data = tiny_study(tmp_path, budget={"trials": 50, "timeout": "1s"}, remeasure_front=False)
     result = run_study(study_from_mapping(data))
     assert result.stopped == "timeout" and result.counts["complete"] >= 1 and result.front
