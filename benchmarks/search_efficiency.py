@@ -502,9 +502,10 @@ GT_BITS = [32, 8, 4]
 
 
 def ground_truth_overrides(study: Path) -> dict[str, Any]:
-    """The study with a small space: bits 32/8/4 on three of its Linears (the first block's
-    first, a middle block's, the last block's last) and on the embedding table (3^4 = 81
-    plans); accuracy (or perplexity) and size only, so every plan's values are exact."""
+    """The study with a small space: bits 32/8/4 on three of the model's Linears (its first,
+    middle and last: on MiniLM the last is the classifier head) and on the embedding table
+    (3^4 = 81 plans); accuracy (or perplexity) and size only, so every plan's values are
+    exact."""
     spec = load_study(study)
     baseline_dir = models.prepare_baseline(spec)
     model, _ = models.load_baseline(baseline_dir, spec.task.kind, spec.model.trust_remote_code)

@@ -19,7 +19,8 @@ from typing import Any
 import optuna
 from optuna.trial import Trial, TrialState
 
-from slimsearch.search import constraints, pareto, progress, retry
+from slimsearch.search import constraints, progress, retry
+from slimsearch.search import record as attr
 from slimsearch.search.executors import Executor
 from slimsearch.search.faults import FailureStreak, RunFolderWatch
 from slimsearch.search.jobs import Jobs
@@ -124,7 +125,7 @@ class SearchLoop:
                     break
                 trial = self.ask(proposal)
                 plan = self.plan_of(trial)
-                trial.set_user_attr("plan", plan.to_dict())
+                trial.set_user_attr(attr.PLAN, plan.to_dict())
                 self.running[trial.number] = (trial, time.monotonic())
                 earlier = self.known.get(plan.to_json())
                 if earlier is not None:  # the same plan was measured before: answer from it
@@ -153,8 +154,8 @@ class SearchLoop:
         spec = self.spec
         plan = self.space.decode({k: v for k, v in trial.params.items() if not k.startswith("distill:")})
         recipe: dict[str, Any] | None = None
-        if "distill" in trial.user_attrs:  # a second-stage finalist
-            recipe = dict(trial.user_attrs["distill"])
+        if attr.DISTILL in trial.user_attrs:  # a second-stage finalist
+            recipe = dict(trial.user_attrs[attr.DISTILL])
         elif spec.distill.mode == "every-trial":
             recipe = dict(spec.distill.recipe)
             recipe |= {k.split(":", 1)[1]: v for k, v in trial.params.items() if k.startswith("distill:")}
@@ -165,7 +166,7 @@ class SearchLoop:
     def answer_repeat(self, trial: Trial, earlier: TrialResult) -> None:
         records = {k: v for k, v in earlier.records.items() if k == "screen"}
         values = dict(earlier.values) if earlier.values is not None else None
-        records |= {"reused_from": earlier.number}
+        records |= {attr.REUSED_FROM: earlier.number}
         reused = TrialResult(trial.number, values, records, pruned=earlier.pruned)
         self.tell(reused)
         self.show(reused)
@@ -187,28 +188,28 @@ class SearchLoop:
     def tell(self, result: TrialResult) -> None:
         study, baseline = self.study, self.jobs.baseline
         trial, _ = self.running.pop(result.number)
-        trial.set_user_attr("seconds", round(result.seconds, 2))
-        trial.set_user_attr("node", result.node)
+        trial.set_user_attr(attr.SECONDS, round(result.seconds, 2))
+        trial.set_user_attr(attr.NODE, result.node)
         measured = result.pruned or result.values is not None
-        if measured and "reused_from" not in result.records:  # proposed again, it is answered from this
-            self.known.setdefault(CompressionPlan.from_dict(trial.user_attrs["plan"]).to_json(), result)
+        if measured and attr.REUSED_FROM not in result.records:  # proposed again, it is answered from this
+            self.known.setdefault(CompressionPlan.from_dict(trial.user_attrs[attr.PLAN]).to_json(), result)
         if result.pruned:
-            trial.set_user_attr("records", result.records)
+            trial.set_user_attr(attr.RECORDS, result.records)
             study.tell(trial, state=TrialState.PRUNED)
             return
         if result.values is None:
-            trial.set_user_attr("error", result.error or "unknown error")
-            trial.set_user_attr("traceback", (result.traceback or "")[-4000:])
+            trial.set_user_attr(attr.ERROR, result.error or "unknown error")
+            trial.set_user_attr(attr.TRACEBACK, (result.traceback or "")[-4000:])
             study.tell(trial, state=TrialState.FAIL)
             say(f"trial {result.number} FAILED: {result.error}")
             return
-        trial.set_user_attr("metrics", result.values)
-        trial.set_user_attr("records", result.records)
+        trial.set_user_attr(attr.METRICS, result.values)
+        trial.set_user_attr(attr.RECORDS, result.records)
         self.jobs.note_quiet(result.records)
-        source = trial.user_attrs.get("distilled_from")
+        source = trial.user_attrs.get(attr.DISTILLED_FROM)
         if source is not None:  # stage two: keep the before-distillation values beside the after
-            before = study.get_trials(deepcopy=False)[source].user_attrs.get("metrics", {})
-            trial.set_user_attr("before_distill", before)
+            before = attr.TrialRecord.of(study.get_trials(deepcopy=False)[source]).metrics
+            trial.set_user_attr(attr.BEFORE_DISTILL, before)
         for key, value in constraint_values(self.spec, result.values, baseline).items():
             trial.set_constraint(key, value)
         study.tell(trial, [result.values[name] for name in self.objectives])
@@ -217,13 +218,13 @@ class SearchLoop:
         """Plans measured (or screened out) in earlier runs: a repeat is answered from them."""
         self.remembered = True
         for t in self.study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED]):
-            records = dict(t.user_attrs.get("records", {}))
-            if "plan" not in t.user_attrs or pareto.is_repeat(t):
+            record = attr.TrialRecord.of(t)
+            if record.plan is None or record.is_repeat:
                 continue
-            key = CompressionPlan.from_dict(t.user_attrs["plan"]).to_json()
+            key = CompressionPlan.from_dict(record.plan).to_json()
+            records = record.records
             if t.state == TrialState.COMPLETE:
-                values = dict(t.user_attrs.get("metrics", {}))
-                self.known.setdefault(key, TrialResult(t.number, values, records))
+                self.known.setdefault(key, TrialResult(t.number, record.metrics, records))
             else:
                 self.known.setdefault(key, TrialResult(t.number, None, records, pruned=True))
 

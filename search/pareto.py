@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from slimsearch.search.record import TrialRecord
 from slimsearch.spaces import CompressionPlan
 
 CONSTRAINT_PREFIX = "constraints:"
@@ -49,7 +50,7 @@ def trial_row(
 
 def is_repeat(trial: FrozenTrial) -> bool:
     """A trial answered from an earlier one with the same plan (nothing was measured)."""
-    return "reused_from" in trial.user_attrs.get("records", {})
+    return TrialRecord.of(trial).is_repeat
 
 
 def distinct(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
@@ -115,18 +116,8 @@ def all_rows(
 
 
 def trial_source(trial: FrozenTrial) -> str:
-    """Who proposed the trial: a seed family, a refinement step (and its parent), a retry,
-    stage-two distillation, or the sampler."""
-    attrs = trial.user_attrs
-    if "distilled_from" in attrs:
-        return f"distilled from {attrs['distilled_from']}"
-    if "retry_of" in attrs:
-        return f"retry of {attrs['retry_of']}"
-    if attrs.get("seed") == "refine":
-        return f"refined from {attrs.get('refined_from')}"
-    if "seed" in attrs:
-        return f"{attrs['seed']} seed"
-    return "sampler"
+    """Who proposed the trial (see TrialRecord.source)."""
+    return TrialRecord.of(trial).source
 
 
 def _fmt(value: Any) -> str:

@@ -29,11 +29,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from slimsearch.search import pareto
+from slimsearch.search.record import REFINE_ALONE, REFINE_MOVES, REFINED_FROM, SEED, TrialRecord
 from slimsearch.search.sensitivity import Profile, cost_floor, matching_option, off_params, option_cost
 from slimsearch.spaces import SearchSpace
 
-ATTR = "refined_from"  # user attribute a refinement trial carries: its parent's number
-ALONE = "refine_alone"  # set on a child that took one lower-ranked move by itself
+ATTR = REFINED_FROM  # user attribute a refinement trial carries: its parent's number
+ALONE = REFINE_ALONE  # set on a child that took one lower-ranked move by itself
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Proposal:
     alone: bool = False  # one lower-ranked move by itself, not a prefix of the ranking
 
     def user_attrs(self) -> dict[str, Any]:
-        attrs = {"seed": "refine", ATTR: self.parent, "refine_moves": self.moves}
+        attrs = {SEED: "refine", ATTR: self.parent, REFINE_MOVES: self.moves}
         return attrs | ({ALONE: True} if self.alone else {})
 
 
@@ -108,18 +109,16 @@ def propose(study: optuna.Study, space: SearchSpace, profile: Profile) -> Propos
         parent_number = int(t.user_attrs[ATTR])
         children[parent_number] = children.get(parent_number, 0) + 1
         if _infeasible(t) and not t.user_attrs.get(ALONE):
-            size = int(t.user_attrs.get("refine_moves", 1))
+            size = int(t.user_attrs.get(REFINE_MOVES, 1))
             broke[parent_number] = min(size, broke.get(parent_number, size))
-    front: list[FrozenTrial] = [
-        t for t in study.best_trials if not (t.user_attrs.get("plan") or {}).get("distill")
-    ]
+    front: list[FrozenTrial] = [t for t in study.best_trials if not TrialRecord.of(t).distilled]
     front.sort(key=lambda t: (children.get(t.number, 0), t.number))
     for parent in front:
         params = off | {k: v for k, v in parent.params.items() if k in names}
         ranked = moves(profile, params, off)
         # A step that kept its child feasible is doubled from there on: a walk down the
         # front grows geometrically instead of one knob per trial.
-        start = 2 * int(parent.user_attrs.get("refine_moves", 0)) or 1
+        start = 2 * int(parent.user_attrs.get(REFINE_MOVES, 0)) or 1
         limit = broke.get(parent.number, len(ranked) + 1)
         # The ranking's prefixes first; then each lower-ranked move by itself, so every ranked
         # move is reachable even when the prefixes holding it broke the constraint.

@@ -21,16 +21,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from slimsearch.search import record as attr
 from slimsearch.search.log import say
-from slimsearch.search.pareto import is_repeat
+from slimsearch.search.record import TrialRecord
 
 MAX_RETRIES = 1
-# Attributes a finished trial gains; everything else a trial carries says who proposed it.
-RESULT_ATTRS = frozenset(
-    {"plan", "metrics", "records", "seconds", "node", "error", "traceback", "before_distill"}
-    | {"retries", "retry_of", "interrupted", "orphaned", "not_retried"}
-)
-NOT_COUNTED = ("interrupted", "orphaned")  # user attributes of trials the budget skips
 
 
 def full_params(trial: FrozenTrial, distributions: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -49,19 +44,19 @@ def fail_for_retry(
     """Mark an unfinished (RUNNING) trial FAILED, not counted toward the budget, and due for a
     retry with its whole plan (``retry_due``); returns what was done, for the log."""
     params = full_params(trial, distributions)
-    retries = int(trial.user_attrs.get("retries", 0)) + (1 if counted else 0)
+    retries = int(trial.user_attrs.get(attr.RETRIES, 0)) + (1 if counted else 0)
     live = optuna.trial.Trial(study, trial._trial_id)
-    live.set_user_attr("orphaned" if counted else "interrupted", True)
-    live.set_user_attr("error", reason)
+    live.set_user_attr(attr.ORPHANED if counted else attr.INTERRUPTED, True)
+    live.set_user_attr(attr.ERROR, reason)
     why_not = None
     if params is None:
         why_not = "it was stopped while the sampler was drawing its parameters"
     elif retries > MAX_RETRIES:
         why_not = "retry cap reached"
     if why_not is not None:
-        live.set_user_attr("not_retried", why_not)
+        live.set_user_attr(attr.NOT_RETRIED, why_not)
     if retries:
-        live.set_user_attr("retries", retries)
+        live.set_user_attr(attr.RETRIES, retries)
     study.tell(trial.number, state=TrialState.FAIL)
     if params is None or why_not is not None:
         return f"not retried: {why_not}"
@@ -70,17 +65,17 @@ def fail_for_retry(
 
 def retry_due(trial: FrozenTrial, distributions: Mapping[str, Any]) -> dict[str, Any] | None:
     """The params of a trial cut short by a stopped run and not yet retried, else None."""
-    if trial.state != TrialState.FAIL or not any(trial.user_attrs.get(key) for key in NOT_COUNTED):
+    if trial.state != TrialState.FAIL or not TrialRecord.of(trial).cut_short:
         return None
-    if "not_retried" in trial.user_attrs:
+    if attr.NOT_RETRIED in trial.user_attrs:
         return None
     return full_params(trial, distributions)
 
 
 def retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
     """A retry's user attributes: who proposed the original, and which trial it retries."""
-    attrs = {k: v for k, v in trial.user_attrs.items() if k not in RESULT_ATTRS}
-    return attrs | {"retries": int(trial.user_attrs.get("retries", 0)), "retry_of": trial.number}
+    retries = int(trial.user_attrs.get(attr.RETRIES, 0))
+    return TrialRecord.of(trial).proposed_by | {attr.RETRIES: retries, attr.RETRY_OF: trial.number}
 
 
 def recover(study: optuna.Study, distributions: Mapping[str, Any]) -> None:
@@ -97,9 +92,8 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
     measured before), not trials cut short by the run stopping (their retry counts)."""
     if trial.state not in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED):
         return False
-    if is_repeat(trial):
-        return False
-    return not any(trial.user_attrs.get(key) for key in NOT_COUNTED)
+    record = TrialRecord.of(trial)
+    return not (record.is_repeat or record.cut_short)
 
 
 def tally(trials: Sequence[FrozenTrial]) -> dict[str, int]:
@@ -110,5 +104,5 @@ def tally(trials: Sequence[FrozenTrial]) -> dict[str, int]:
         "spent": len(spent),
         "complete": sum(t.state == TrialState.COMPLETE for t in spent),
         "failed": sum(t.state == TrialState.FAIL for t in spent),
-        "repeats": sum(is_repeat(t) for t in trials),
+        "repeats": sum(TrialRecord.of(t).is_repeat for t in trials),
     }

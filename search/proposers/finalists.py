@@ -9,7 +9,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from slimsearch.search import pareto
+from slimsearch.search import record as attr
 from slimsearch.search.proposers.base import Proposal, Proposer
+from slimsearch.search.record import TrialRecord
 from slimsearch.spaces import CompressionPlan
 
 
@@ -27,29 +29,27 @@ class Finalists(Proposer):
 
     def choose(self, study: optuna.Study) -> list[FrozenTrial]:
         trials = study.get_trials(deepcopy=False)
-        done = {t.user_attrs.get("distilled_from") for t in trials}
-        plain = [
-            t
-            for t in trials
-            if t.state == TrialState.COMPLETE and not (t.user_attrs.get("plan") or {}).get("distill")
-        ]
+        done = {t.user_attrs.get(attr.DISTILLED_FROM) for t in trials}
+        plain = [t for t in trials if t.state == TrialState.COMPLETE and not TrialRecord.of(t).distilled]
         directions = study.directions
         front = [t for t in plain if not any(dominates(o, t, directions) for o in plain)]
         first = 1 if directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
         front.sort(key=lambda t: first * t.values[0])
         chosen = [t for t in front if t.number not in done and not pareto.is_repeat(t)]
         chosen = [
-            t for t in chosen if CompressionPlan.from_dict(t.user_attrs["plan"]).summary() != "baseline"
+            t
+            for t in chosen
+            if CompressionPlan.from_dict(TrialRecord.of(t).plan or {}).summary() != "baseline"
         ]
         return chosen[: self.count]
 
     def propose(self, study: optuna.Study) -> Proposal | None:
         if self.chosen is None:
             self.chosen = self.choose(study)
-        done = {t.user_attrs.get("distilled_from") for t in study.get_trials(deepcopy=False)}
+        done = {t.user_attrs.get(attr.DISTILLED_FROM) for t in study.get_trials(deepcopy=False)}
         for t in self.chosen:
             if t.number not in done:
-                return Proposal(dict(t.params), {"distill": self.recipe, "distilled_from": t.number})
+                return Proposal(dict(t.params), {attr.DISTILL: self.recipe, attr.DISTILLED_FROM: t.number})
         return None
 
 

@@ -9,6 +9,7 @@ import optuna
 
 from slimsearch.search import retry
 from slimsearch.search.proposers.base import Proposal, Proposer
+from slimsearch.search.record import RETRY_OF
 
 
 class Retries(Proposer):
@@ -21,7 +22,7 @@ class Retries(Proposer):
 
     def propose(self, study: optuna.Study) -> Proposal | None:
         trials = study.get_trials(deepcopy=False)
-        retried = {t.user_attrs.get("retry_of") for t in trials}
+        retried = {t.user_attrs.get(RETRY_OF) for t in trials}
         for t in trials:
             if t.number in retried:
                 continue

@@ -8,6 +8,7 @@ from typing import Any
 import optuna
 
 from slimsearch.search.proposers.base import Proposal, Proposer, params_key, tried
+from slimsearch.search.record import SEED
 
 
 class Seeds(Proposer):
@@ -34,6 +35,6 @@ class Seeds(Proposer):
         seen = tried(study, names)
         for params in plans:
             if params_key(params, names) not in seen:
-                return Proposal(dict(params), {"seed": self.kind})
+                return Proposal(dict(params), {SEED: self.kind})
         self._done = True
         return None
