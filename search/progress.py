@@ -49,7 +49,9 @@ def trial_line(
         what = ", ".join(parts)
     elif result.pruned:
         scr = result.records.get("screen", {})
-        if "perplexity_ratio" in scr:
+        if not scr:  # a result read back without its screening record (a benchmark's cache)
+            what = "screened out"
+        elif "perplexity_ratio" in scr:
             what = (
                 f"screened out (perplexity {scr['perplexity_ratio']:.3f}x, at least "
                 f"{scr['lower_bound']:.3f}x, on {scr['tokens']} tokens)"
