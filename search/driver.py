@@ -110,11 +110,10 @@ class Driver:
             if spec.distill.mode == "finalists" and stopped not in ("timeout", "exhausted"):
                 recipe = DistillRecipe.from_dict(dict(spec.distill.recipe)).to_dict()
                 finalists = Finalists(spec.distill.finalists, recipe)
-                chosen = finalists.choose(study)
+                chosen = finalists.candidates(study)
                 if chosen:
                     numbers = [t.number for t in chosen]
                     say(f"stage two: distilling {len(chosen)} Pareto candidates: trials {numbers}")
-                    finalists.chosen = chosen
                     budget = loop.spent() + len(chosen)
                     stopped = self.loop(loop, [Retries(distributions), finalists], deadline, budget=budget)
             if spec.remeasure_front:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ class Jobs:
             ratio = constraints.limit_on(limits, "perplexity", "max_ratio")
             if s.tokens is None or ratio is None or "perplexity" not in self.baseline:
                 return None
-            blocks = math.ceil(s.tokens / task.block_size)
+            blocks = s.blocks(task.block_size)
             return ScreenSpec(max_drop=0.0, examples=0, z=s.z, max_ratio=float(ratio), blocks=blocks)
         drop = constraints.limit_on(limits, "accuracy", "max_drop")
         if drop is None or "accuracy" not in self.baseline or task.kind != "classification":

@@ -138,6 +138,10 @@ class ScreeningSpec:
     z: float = 2.0
     tokens: int | None = None  # causal LM: evaluation tokens scored first (whole blocks); None: off
 
+    def blocks(self, block_size: int) -> int:
+        """Evaluation blocks a causal-LM screen scores: ``tokens`` rounded up to whole blocks."""
+        return math.ceil((self.tokens or 0) / block_size)
+
 
 DISTILL_MODES = ("off", "every-trial", "finalists")
 
@@ -620,14 +624,15 @@ def _distill(data: Mapping[str, Any]) -> DistillSpec:
     )
 
 
-def _check_lm_screening(tokens: int, task: TaskSpec) -> None:
+def _check_lm_screening(screening: ScreeningSpec, task: TaskSpec) -> None:
+    tokens = screening.tokens
     if task.kind != "causal-lm":
         raise _fail(
             "screening.tokens",
             tokens,
             f"it screens causal LMs; a {task.kind} study screens screening.examples rows: remove tokens",
         )
-    blocks = math.ceil(tokens / task.block_size)
+    blocks = screening.blocks(task.block_size)
     if blocks >= task.eval_blocks:
         raise _fail(
             "screening.tokens",
@@ -781,7 +786,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         raise _fail("remeasure_front", remeasure, "write true or false")
     screening = _screening(data)
     if screening is not None and screening.tokens is not None:
-        _check_lm_screening(screening.tokens, task)
+        _check_lm_screening(screening, task)
     distill = _distill(data)
     output = data.get("output", f"runs/{name}")
     cache = data.get("cache", str(Path.home() / ".cache" / "slimsearch"))

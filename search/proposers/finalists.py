@@ -18,7 +18,7 @@ from slimsearch.spaces import CompressionPlan
 class Finalists(Proposer):
     """The first ``count`` not-yet-distilled front trials (constraints ignored: distillation
     may bring an infeasible trial back), smallest first objective first, chosen on the
-    first proposal; each is proposed once with ``recipe``."""
+    first call of ``candidates``; each is proposed once with ``recipe``."""
 
     name = "finalists"
 
@@ -27,7 +27,13 @@ class Finalists(Proposer):
         self.recipe = dict(recipe)
         self.chosen: list[FrozenTrial] | None = None
 
-    def choose(self, study: optuna.Study) -> list[FrozenTrial]:
+    def candidates(self, study: optuna.Study) -> list[FrozenTrial]:
+        """The chosen front trials, chosen once (a distilled trial joins no front here)."""
+        if self.chosen is None:
+            self.chosen = self._choose(study)
+        return self.chosen
+
+    def _choose(self, study: optuna.Study) -> list[FrozenTrial]:
         trials = study.get_trials(deepcopy=False)
         done = {t.user_attrs.get(attr.DISTILLED_FROM) for t in trials}
         plain = [t for t in trials if t.state == TrialState.COMPLETE and not TrialRecord.of(t).distilled]
@@ -44,10 +50,8 @@ class Finalists(Proposer):
         return chosen[: self.count]
 
     def propose(self, study: optuna.Study) -> Proposal | None:
-        if self.chosen is None:
-            self.chosen = self.choose(study)
         done = {t.user_attrs.get(attr.DISTILLED_FROM) for t in study.get_trials(deepcopy=False)}
-        for t in self.chosen:
+        for t in self.candidates(study):
             if t.number not in done:
                 return Proposal(dict(t.params), {attr.DISTILL: self.recipe, attr.DISTILLED_FROM: t.number})
         return None
