@@ -2,7 +2,8 @@
 
 Who writes what:
 - a proposer, when the trial is queued (who proposed it): ``seed`` (uniform, sensitivity,
-  refine), ``refined_from`` / ``refine_moves`` / ``refine_alone`` (a refinement step),
+  refine, evolve), ``refined_from`` / ``refine_moves`` / ``refine_alone`` (a refinement step),
+  ``evolved_from`` / ``evolve_switches`` (an evolution step),
   ``distill`` / ``distilled_from`` (a stage-two finalist), ``retries`` / ``retry_of`` (a retry);
 - the loop, when the trial is asked for and when it finishes: ``plan``, ``seconds``,
   ``node``, then ``metrics`` and ``records`` (measured or screened; ``records.reused_from``
@@ -28,6 +29,7 @@ PLAN, METRICS, RECORDS, SECONDS, NODE = "plan", "metrics", "records", "seconds",
 ERROR, TRACEBACK, BEFORE_DISTILL = "error", "traceback", "before_distill"
 SEED, REFINED_FROM, REFINE_MOVES, REFINE_ALONE = "seed", "refined_from", "refine_moves", "refine_alone"
 DISTILL, DISTILLED_FROM = "distill", "distilled_from"
+EVOLVED_FROM, EVOLVE_SWITCHES = "evolved_from", "evolve_switches"
 RETRIES, RETRY_OF = "retries", "retry_of"
 INTERRUPTED, ORPHANED, NOT_RETRIED = "interrupted", "orphaned", "not_retried"
 REUSED_FROM = "reused_from"  # a key of ``records``
@@ -38,7 +40,9 @@ RESULT_KEYS = frozenset({PLAN, METRICS, RECORDS, SECONDS, NODE, ERROR, TRACEBACK
 CUT_SHORT_KEYS = frozenset({RETRIES, RETRY_OF, INTERRUPTED, ORPHANED, NOT_RETRIED})
 NOT_COUNTED = (INTERRUPTED, ORPHANED)  # a trial with one of these spends no budget
 # Everything else a trial carries says who proposed it, and comes back on its retry.
-PROPOSER_KEYS = frozenset({SEED, REFINED_FROM, REFINE_MOVES, REFINE_ALONE, DISTILL, DISTILLED_FROM})
+PROPOSER_KEYS = frozenset(
+    {SEED, REFINED_FROM, REFINE_MOVES, REFINE_ALONE, DISTILL, DISTILLED_FROM, EVOLVED_FROM, EVOLVE_SWITCHES}
+)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ class TrialRecord:
             return f"retry of {attrs[RETRY_OF]}"
         if attrs.get(SEED) == "refine":
             return f"refined from {attrs.get(REFINED_FROM)}"
+        if attrs.get(SEED) == "evolve":
+            return f"evolved from {attrs.get(EVOLVED_FROM)}"
         if SEED in attrs:
             return f"{attrs[SEED]} seed"
         return "sampler"

@@ -203,6 +203,9 @@ class StudySpec:
     # profile says it hurts least (search/refine.py); needs the profile, so it follows
     # seed_sensitivity unless the file says otherwise.
     refine_front: bool = False
+    # Evolution steps from the feasible front (search/proposers/evolution.py): moves
+    # compression between layers at constant size; needs the profile too. Off by default.
+    evolve_front: bool = False
     # Compression methods from the user's packages ("package.module:ClassName"), imported and
     # registered before the space is read; workers import them too.
     methods: tuple[str, ...] = ()
@@ -240,6 +243,7 @@ _TOP_KEYS = {
     "distill",
     "seed_sensitivity",
     "refine_front",
+    "evolve_front",
     "methods",
     "layer_store",
     "metrics",
@@ -781,6 +785,15 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
             "refining the front needs the sensitivity profile: set seed_sensitivity: true, "
             "or drop refine_front",
         )
+    evolve_front = data.get("evolve_front", False)
+    if not isinstance(evolve_front, bool):
+        raise _fail("evolve_front", evolve_front, "write true or false")
+    if evolve_front and not seed_sensitivity:
+        raise _fail(
+            "evolve_front",
+            evolve_front,
+            "evolution steps need the sensitivity profile: set seed_sensitivity: true, or drop evolve_front",
+        )
     remeasure = data.get("remeasure_front", True)
     if not isinstance(remeasure, bool):
         raise _fail("remeasure_front", remeasure, "write true or false")
@@ -807,6 +820,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         seed_sensitivity=seed_sensitivity,
         seed_budgets=seed_budgets,
         refine_front=refine_front,
+        evolve_front=evolve_front,
         budget=budget,
         executor=executor,
         storage=_choice(data.get("storage", "sqlite"), "storage", STORAGES),

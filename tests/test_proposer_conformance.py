@@ -11,6 +11,7 @@ from optuna.distributions import CategoricalDistribution
 
 from slimsearch.search.proposers import (
     REGISTRY,
+    Evolution,
     Finalists,
     Proposal,
     Proposer,
@@ -93,6 +94,10 @@ CASES: dict[str, tuple[Callable[[], optuna.Study], Callable[[optuna.Study], Prop
     "retries": (interrupted_study, lambda study: Retries(DISTS)),
     "seeds": (lambda: study_of([OFF]), lambda study: Seeds("uniform", GRID[::3])),
     "refinement": (lambda: study_of([OFF]), lambda study: Refinement(FakeSpace(), profile())),  # type: ignore[arg-type]
+    "evolution": (
+        lambda: study_of([OFF, {"a:bits": 8, "b:bits": 4, "c:bits": 8}]),
+        lambda study: Evolution(FakeSpace(), profile()),  # type: ignore[arg-type]
+    ),
     "finalists": (
         lambda: study_of(GRID[1::4]),
         lambda study: Finalists(3, {"kind": "logits", "steps": 2}),

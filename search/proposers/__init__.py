@@ -1,6 +1,7 @@
 """Proposers: where each trial's plan comes from (see ``base.Proposer`` for the contract)."""
 
 from slimsearch.search.proposers.base import REGISTRY, Proposal, Proposer, params_key, tried
+from slimsearch.search.proposers.evolution import Evolution
 from slimsearch.search.proposers.finalists import Finalists
 from slimsearch.search.proposers.refinement import Refinement
 from slimsearch.search.proposers.retries import Retries
@@ -9,6 +10,7 @@ from slimsearch.search.proposers.seeds import Seeds
 
 __all__ = [
     "REGISTRY",
+    "Evolution",
     "Finalists",
     "Proposal",
     "Proposer",
