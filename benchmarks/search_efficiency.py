@@ -44,6 +44,7 @@ slimsearch cache), the baseline and grid ~4 min, then 2-15 s per new plan (scree
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -537,13 +538,15 @@ def front_of(points: Sequence[tuple[float, ...]]) -> set[tuple[float, ...]]:
     }
 
 
-GT_METHODS = ("slimsearch", "tpe", "nsga2", "random")
+GT_METHODS = ("slimsearch", "evolution", "tpe", "nsga2", "random")
 
 
 def gt_method(bench: Bench, name: str, seed: int, budget: int) -> MethodRun:
     distributions = bench.space.distributions()
-    if name == "slimsearch":
-        proposers = default_proposers(bench.spec, bench.space, distributions, bench.baseline_dir)
+    if name in ("slimsearch", "evolution"):
+        # evolution: slimsearch's defaults with evolve_front on (evolution steps from the front).
+        spec = dataclasses.replace(bench.spec, evolve_front=name == "evolution")
+        proposers = default_proposers(spec, bench.space, distributions, bench.baseline_dir)
         return run_loop(bench, f"{name} seed {seed}", tpe_sampler(seed), budget, proposers, verbose=False)
     sampler = make_sampler(SamplerSpec(name, seed, population_size=10))
     return run_loop(bench, f"{name} seed {seed}", sampler, budget, verbose=False)

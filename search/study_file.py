@@ -775,25 +775,8 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     if not isinstance(seed_uniform, bool):
         raise _fail("seed_uniform", seed_uniform, "write true or false")
     seed_sensitivity, seed_budgets = _seed_sensitivity(data.get("seed_sensitivity", False))
-    refine_front = data.get("refine_front", seed_sensitivity)
-    if not isinstance(refine_front, bool):
-        raise _fail("refine_front", refine_front, "write true or false")
-    if refine_front and not seed_sensitivity:
-        raise _fail(
-            "refine_front",
-            refine_front,
-            "refining the front needs the sensitivity profile: set seed_sensitivity: true, "
-            "or drop refine_front",
-        )
-    evolve_front = data.get("evolve_front", False)
-    if not isinstance(evolve_front, bool):
-        raise _fail("evolve_front", evolve_front, "write true or false")
-    if evolve_front and not seed_sensitivity:
-        raise _fail(
-            "evolve_front",
-            evolve_front,
-            "evolution steps need the sensitivity profile: set seed_sensitivity: true, or drop evolve_front",
-        )
+    refine_front = _front_steps(data, "refine_front", seed_sensitivity, seed_sensitivity)
+    evolve_front = _front_steps(data, "evolve_front", False, seed_sensitivity)
     remeasure = data.get("remeasure_front", True)
     if not isinstance(remeasure, bool):
         raise _fail("remeasure_front", remeasure, "write true or false")
@@ -858,6 +841,18 @@ def _methods(raw: Any) -> tuple[str, ...]:
         except ValueError as exc:
             raise StudyError(f"methods: {exc}") from None
     return tuple(items)
+
+
+def _front_steps(data: Mapping[str, Any], key: str, default: bool, seed_sensitivity: bool) -> bool:
+    """refine_front / evolve_front: a bool, and only with the profile the steps are chosen by."""
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise _fail(key, value, "write true or false")
+    if value and not seed_sensitivity:
+        raise _fail(
+            key, value, f"{key} steps need the sensitivity profile: set seed_sensitivity: true, or drop {key}"
+        )
+    return value
 
 
 def _seed_sensitivity(value: Any) -> tuple[bool, tuple[float, ...] | None]:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import pytest
 from test_proposer_conformance import DISTS, OFF, SIZES, FakeSpace, evaluate, plan_of, profile, study_of
 
 from conftest import tiny_study
@@ -15,7 +14,7 @@ from slimsearch.search.driver import run_study
 from slimsearch.search.proposers import Evolution, Refinement, Sampler
 from slimsearch.search.proposers.default import default_proposers
 from slimsearch.search.proposers.evolution import TOLERANCE, mutate, should_evolve
-from slimsearch.search.study_file import StudyError, study_from_mapping
+from slimsearch.search.study_file import study_from_mapping
 
 
 def size(params: dict[str, Any]) -> float:
@@ -76,22 +75,6 @@ def test_evolution_steps_name_their_parent_in_the_source_column() -> None:
     from slimsearch.search.record import TrialRecord
 
     assert TrialRecord(3, {"seed": "evolve", "evolved_from": 1}).source == "evolved from 1"
-
-
-@pytest.mark.parametrize(
-    ("overrides", "words"),
-    [
-        ({"evolve_front": True}, ["evolve_front", "seed_sensitivity: true"]),
-        ({"evolve_front": 1, "seed_sensitivity": True}, ["evolve_front", "1", "true or false"]),
-    ],
-)
-def test_evolve_front_errors_name_the_value_and_the_fix(
-    tmp_path: Path, overrides: dict[str, Any], words: list[str]
-) -> None:
-    with pytest.raises(StudyError) as err:
-        study_from_mapping(tiny_study(tmp_path, **overrides))
-    for word in words:
-        assert word in str(err.value)
 
 
 def test_the_driver_runs_evolution_steps_when_asked(tmp_path: Path) -> None:

@@ -256,6 +256,8 @@ def test_driver_refines_from_feasible_trials(tmp_path: Path) -> None:
     [
         ({"refine_front": True}, ["refine_front", "seed_sensitivity: true"]),
         ({"refine_front": "yes", "seed_sensitivity": True}, ["refine_front", "'yes'", "true or false"]),
+        ({"evolve_front": True}, ["evolve_front", "seed_sensitivity: true"]),
+        ({"evolve_front": 1, "seed_sensitivity": True}, ["evolve_front", "1", "true or false"]),
     ],
 )
 def test_refine_front_errors_name_the_value_and_the_fix(
