@@ -28,7 +28,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from slimsearch.search import pareto
+from slimsearch.search.proposers.base import turn_due
 from slimsearch.search.record import REFINE_ALONE, REFINE_MOVES, REFINED_FROM, SEED, TrialRecord
 from slimsearch.search.sensitivity import Profile, cost_floor, matching_option, off_params, option_cost
 from slimsearch.spaces import SearchSpace
@@ -155,6 +155,4 @@ def step_sizes(start: int, available: int) -> list[int]:
 def should_refine(study: optuna.Study) -> bool:
     """Half of the trials after the seeds: refine when refinements have not outnumbered the
     sampler's own trials (seeds, retries and stage-two trials count for neither)."""
-    sources = [pareto.trial_source(t) for t in study.get_trials(deepcopy=False)]
-    refined = sum(source.startswith("refined from") for source in sources)
-    return refined <= sources.count("sampler")
+    return turn_due(study, "refined from")

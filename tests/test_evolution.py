@@ -14,6 +14,7 @@ from slimsearch.search.driver import run_study
 from slimsearch.search.proposers import Evolution, Refinement, Sampler
 from slimsearch.search.proposers.default import default_proposers
 from slimsearch.search.proposers.evolution import TOLERANCE, mutate, should_evolve
+from slimsearch.search.record import TrialRecord
 from slimsearch.search.study_file import study_from_mapping
 
 
@@ -72,8 +73,6 @@ def test_evolution_takes_turns_with_the_sampler() -> None:
 
 
 def test_evolution_steps_name_their_parent_in_the_source_column() -> None:
-    from slimsearch.search.record import TrialRecord
-
     assert TrialRecord(3, {"seed": "evolve", "evolved_from": 1}).source == "evolved from 1"
 
 

@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import optuna
 from optuna.trial import FrozenTrial
 
+from slimsearch.search.record import TrialRecord
+
 REGISTRY: dict[str, type[Proposer]] = {}
 
 
@@ -76,3 +78,11 @@ def tried(study: optuna.Study, names: Iterable[str]) -> set[str]:
     """Keys (``params_key`` over ``names``) of every plan any trial of the study holds."""
     names = list(names)
     return {params_key(trial_params(t), names) for t in study.get_trials(deepcopy=False)}
+
+
+def turn_due(study: optuna.Study, source_prefix: str) -> bool:
+    """For a proposer that takes turns with the sampler: its steps (trials whose source starts
+    with ``source_prefix``) have not outnumbered the sampler's own trials (seeds, retries
+    and stage-two trials count for neither)."""
+    sources = [TrialRecord.of(t).source for t in study.get_trials(deepcopy=False)]
+    return sum(source.startswith(source_prefix) for source in sources) <= sources.count("sampler")

@@ -32,7 +32,7 @@ from typing import Any
 
 import optuna
 
-from slimsearch.search.proposers.base import Proposal, Proposer, params_key, tried
+from slimsearch.search.proposers.base import Proposal, Proposer, params_key, tried, turn_due
 from slimsearch.search.record import EVOLVE_SWITCHES, EVOLVED_FROM, SEED, TrialRecord
 from slimsearch.search.sensitivity import Option, Profile, matching_option, off_params, option_cost
 from slimsearch.spaces import SearchSpace
@@ -77,7 +77,7 @@ class Evolution(Proposer):
         self, rng: random.Random, params: dict[str, Any], off: Mapping[str, Any], seen: set[str]
     ) -> tuple[dict[str, Any], int] | None:
         """The untried child with the lowest estimated loss among ``OFFSPRING`` draws."""
-        ranked: list[tuple[float, int, str, dict[str, Any], int]] = []
+        ranked: list[tuple[float, int, str, dict[str, Any]]] = []
         for _ in range(OFFSPRING):
             drawn = mutate(rng, self.profile, params)
             if drawn is None:
@@ -86,10 +86,10 @@ class Evolution(Proposer):
             key = params_key(child, off)
             if key in seen:
                 continue
-            ranked.append((self.estimate(child, off), switches, key, child, switches))
+            ranked.append((self.estimate(child, off), switches, key, child))
         if not ranked:
             return None
-        _, _, _, child, switches = min(ranked, key=lambda r: r[:3])
+        _, switches, _, child = min(ranked, key=lambda r: r[:3])
         return child, switches
 
     def estimate(self, params: Mapping[str, Any], off: Mapping[str, Any]) -> float:
@@ -183,6 +183,4 @@ def _step(rng: random.Random, profile: Profile, current: Mapping[str, Option]) -
 
 def should_evolve(study: optuna.Study) -> bool:
     """Evolution steps have not outnumbered the sampler's own trials."""
-    sources = [TrialRecord.of(t).source for t in study.get_trials(deepcopy=False)]
-    evolved = sum(source.startswith("evolved from") for source in sources)
-    return evolved <= sources.count("sampler")
+    return turn_due(study, "evolved from")
