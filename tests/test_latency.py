@@ -84,16 +84,18 @@ def test_several_shapes_and_ratio_evaluator_records_provenance() -> None:
 
 def test_exclusive_lock_waits_for_shared_holders(tmp_path: Path) -> None:
     events: list[str] = []
+    holding = threading.Event()
 
     def reader() -> None:
         with machine_lock(tmp_path, exclusive=False):
             events.append("read-start")
+            holding.set()
             time.sleep(0.3)
             events.append("read-end")
 
     thread = threading.Thread(target=reader)
     thread.start()
-    time.sleep(0.1)
+    assert holding.wait(60), "the reader never took its lock"
     with machine_lock(tmp_path, exclusive=True):
         events.append("timing")
     thread.join()
