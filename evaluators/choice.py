@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimsearch.evaluators.base import Direction, EvalContext
+from slimsearch.evaluators.device import model_device
 
 NORMALIZE = ("none", "length")
 
@@ -74,7 +75,9 @@ class ChoiceAccuracy:
         for i, w in enumerate(whole):
             ids[i, : len(w)] = torch.tensor(w)
             mask[i, : len(w)] = 1
-        logprobs = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        device = model_device(model)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
         scores = []
         for i, (w, choice) in enumerate(zip(whole, choices, strict=True)):
             start = max(1, min(len(prefix), len(w) - 1))  # at least one continuation token

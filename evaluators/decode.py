@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from slimsearch.evaluators.base import Direction, EvalContext, LatencySpec
+from slimsearch.evaluators.device import model_device, synchronize
 from slimsearch.evaluators.latency import (
     environment,
     latency_inputs,
@@ -57,6 +58,7 @@ def _decode_timer(model: nn.Module, ids: Tensor, steps: int, tokens: list[int]) 
 
     def once() -> float:
         token, past = first_token(model, ids)
+        synchronize(model_device(model))  # the untimed prompt must not run into the clock
         start = time.perf_counter()
         after = greedy(model, token, past, steps)
         ms = (time.perf_counter() - start) * 1000.0 / steps
@@ -89,9 +91,12 @@ def measure_decode(
     deadline = time.monotonic() + spec.time_budget if spec.time_budget > 0 else math.inf
     batch, seq = spec.batch_size, spec.seq_len
     ids, prompt = prompt_ids(spec, vocab_size, batches or [])
+    device = model_device(model)
+    ids = ids.to(device)
     key = quiet_key(batch, seq, spec.threads, reference)
-    base_ttft = timed(partial(first_token, reference, ids)) if reference is not None else None
-    ttft = measure_timers(timed(partial(first_token, model, ids)), base_ttft, spec, "ttft-" + key, deadline)
+    base_ttft = timed(partial(first_token, reference, ids), device) if reference is not None else None
+    run_ttft = timed(partial(first_token, model, ids), device)
+    ttft = measure_timers(run_ttft, base_ttft, spec, "ttft-" + key, deadline)
     steps = spec.decode_tokens
     cand_tokens: list[int] = []
     base_tokens: list[int] = []
@@ -114,7 +119,7 @@ def measure_decode(
         "decode": decode,
         "ttft_ms": ttft["median_ms"],
         "tokens_per_s": batch * 1000.0 / decode["median_ms"],
-        "environment": environment(spec),
+        "environment": environment(spec, device),
         "noisy": bool(ttft["noisy"] or decode["noisy"]),
     }
     if reference is not None:

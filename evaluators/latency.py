@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from slimsearch.evaluators.base import Direction, EvalContext, LatencySpec
+from slimsearch.evaluators.device import gpu_environment, model_device, synchronize, to_device
 
 MAX_WARMUP_BLOCKS = 10
 
@@ -44,8 +45,14 @@ def latency_inputs(batch_size: int, seq_len: int, vocab_size: int) -> dict[str, 
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def timed(call: Callable[[], object]) -> Callable[[], float]:
-    """A timed pass of ``call``: each call of the result runs it once and returns its ms."""
+def timed(call: Callable[[], object], device: torch.device | None = None) -> Callable[[], float]:
+    """A timed pass of ``call``: each call of the result runs it once and returns its ms.
+
+    On a GPU, kernels return before they finish: the pass is timed by CUDA events recorded
+    around it on the current stream and read once the end event has completed, so the time
+    is the GPU's and no host clock waits on a queue that still holds earlier work."""
+    if device is not None and device.type == "cuda":
+        return _cuda_timed(call, device)
 
     def once() -> float:
         start = time.perf_counter()
@@ -55,8 +62,24 @@ def timed(call: Callable[[], object]) -> Callable[[], float]:
     return once
 
 
+def _cuda_timed(call: Callable[[], object], device: torch.device) -> Callable[[], float]:
+    def once() -> float:
+        with torch.cuda.device(device):
+            synchronize(device)  # nothing queued before the pass is counted in it
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+
+    return once
+
+
 def _timer(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], float]:
-    return timed(partial(model, **inputs))
+    device = model_device(model)
+    return timed(partial(model, **to_device(inputs, device)), device)
 
 
 def _warm_up(run: Callable[[], float], minimum: int, deadline: float = math.inf) -> int:
@@ -89,14 +112,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(spec: LatencySpec) -> dict[str, Any]:
+def environment(spec: LatencySpec, device: torch.device | None = None) -> dict[str, Any]:
+    """Where a measurement ran: the CPU, threads, torch and node, and on a GPU its model,
+    memory, compute capability and the CUDA and driver versions."""
     return {
         "cpu": cpu_model(),
         "backend": spec.backend,
         "threads": spec.threads,
         "torch": torch.__version__,
         "node": platform.node(),
-    }
+    } | (gpu_environment(device) if device is not None else {})
 
 
 def _spread(times: list[float]) -> dict[str, float]:
@@ -129,7 +154,9 @@ _QUIETEST: dict[str, float] = {}
 
 def quiet_key(batch: int, seq: int, threads: int, reference: nn.Module | None) -> str:
     params = sum(p.numel() for p in reference.parameters()) if reference is not None else 0
-    return f"b{batch}-s{seq}-t{threads}-p{params}"
+    key = f"b{batch}-s{seq}-t{threads}-p{params}"
+    device = model_device(reference) if reference is not None else torch.device("cpu")
+    return key if device.type == "cpu" else f"{key}-{device}"
 
 
 def merge_quietest(into: dict[str, float], times: Mapping[str, float]) -> None:
@@ -270,7 +297,8 @@ def measure_all(model: nn.Module, context: EvalContext, reference: nn.Module | N
             shapes = [
                 measure(model, spec, context.vocab_size, reference, s, deadline) for s in spec.all_shapes()
             ]
-        record: dict[str, Any] = {"shapes": shapes, "environment": environment(spec) | extra}
+        env = environment(spec, model_device(model)) | extra
+        record: dict[str, Any] = {"shapes": shapes, "environment": env}
         record["median_ms"] = sum(s["median_ms"] for s in shapes)
         if all("ratio" in s for s in shapes):
             record["ratio"] = statistics.geometric_mean([s["ratio"] for s in shapes])

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from slimsearch.evaluators.base import Direction, EvalContext
+from slimsearch.evaluators.device import model_device
 
 
 class LmEvalTask:
@@ -76,7 +77,13 @@ class LmEvalTask:
             # lm-eval decodes a prefix token (BOS, else EOS) for empty contexts; a tokenizer with
             # neither (a word tokenizer built for a config) offers its padding token instead.
             extra["prefix_token_id"] = tokenizer.pad_token_id or 0
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=self.batch_size, **extra)
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            device=str(model_device(model)),
+            batch_size=self.batch_size,
+            **extra,
+        )
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=[self.task],

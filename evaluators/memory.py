@@ -10,7 +10,8 @@ activations and KV cache, not the libraries' start-up (``runtime_bytes``, the sa
 every plan). The workload is the task's: a forward pass at the primary latency shape for
 classification, the prompt and ``decode_tokens`` greedy tokens with the KV cache for causal
 LMs. Where the kernel cannot reset the peak, the RSS at the end of the second run is used
-(``peak_reset: false`` in the record).
+(``peak_reset: false`` in the record). On a GPU the CUDA allocator's peak is read instead of the
+RSS, by the same two runs (``counted_by`` in the record says which).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import nn
 
 from slimsearch.evaluators.base import Direction, EvalContext, LatencySpec
 from slimsearch.evaluators.decode import first_token, greedy
+from slimsearch.evaluators.device import model_device, synchronize, to_device
 from slimsearch.evaluators.latency import latency_inputs
 
 TIMEOUT_S = 600
@@ -62,7 +64,7 @@ def _reset_peak() -> bool:
 
 @torch.no_grad()
 def _workload(model: nn.Module, task: str, spec: LatencySpec, vocab_size: int) -> None:
-    inputs = latency_inputs(spec.batch_size, spec.seq_len, vocab_size)
+    inputs = to_device(latency_inputs(spec.batch_size, spec.seq_len, vocab_size), model_device(model))
     if task != "causal-lm":
         model(**inputs)
         return
@@ -79,6 +81,8 @@ def child(path: str, job_json: str) -> dict[str, Any]:
         importlib.import_module(module)
     torch.set_num_threads(job["threads"])
     spec = LatencySpec(**job["latency"])
+    if job.get("device", "cpu") != "cpu":
+        return _gpu_child(path, job, spec)
     _settle()
     before = _status("VmRSS")
     model = torch.load(path, weights_only=False).eval()
@@ -99,12 +103,44 @@ def child(path: str, job_json: str) -> dict[str, Any]:
         "loaded_bytes": loaded,
         "runtime_bytes": floor - before,
         "peak_reset": peak_reset,
+        "counted_by": "resident set size",
+    }
+
+
+def _gpu_child(path: str, job: dict[str, Any], spec: LatencySpec) -> dict[str, Any]:
+    """On a GPU the allocator counts the bytes: its peak over the second run of the workload
+    (after a reset), less what stays allocated once the model is deleted."""
+    device = torch.device(job["device"])
+    torch.cuda.init()
+    before = torch.cuda.memory_allocated(device)
+    model = torch.load(path, map_location=device, weights_only=False).eval()
+    loaded = torch.cuda.memory_allocated(device) - before
+    _workload(model, job["task"], spec, job["vocab_size"])
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    _workload(model, job["task"], spec, job["vocab_size"])
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    reserved = torch.cuda.max_memory_reserved(device)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    floor = torch.cuda.memory_allocated(device)
+    return {
+        "resident_bytes": peak - floor,
+        "process_bytes": peak - before,
+        "loaded_bytes": loaded,
+        "runtime_bytes": floor - before,
+        "reserved_bytes": reserved,
+        "peak_reset": True,
+        "counted_by": "cuda allocator",
     }
 
 
 def _job(model: nn.Module, context: EvalContext) -> dict[str, Any]:
     spec = context.latency
     return {
+        "device": str(model_device(model)),
         "modules": sorted({type(m).__module__ for m in model.modules()}),
         "threads": spec.threads,
         "task": context.task,

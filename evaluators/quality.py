@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimsearch.evaluators.base import Direction, EvalContext
+from slimsearch.evaluators.device import model_device, to_device
 from slimsearch.spaces.inputs import IGNORE, model_inputs
 
 
@@ -32,7 +33,9 @@ class Accuracy:
     def evaluate(self, model: nn.Module, context: EvalContext) -> float:
         require_task(context, self.tasks, self.name)
         correct = total = 0
+        device = model_device(model)
         for batch in context.batches:
+            batch = to_device(batch, device)
             logits = model(**model_inputs(batch)).logits
             labels = batch["labels"]
             counted = labels != IGNORE
@@ -53,8 +56,9 @@ class Perplexity:
         require_task(context, ("causal-lm",), self.name)
         nll = 0.0
         count = 0
+        device = model_device(model)
         for batch in context.batches:
-            ids = batch["input_ids"]
+            ids = batch["input_ids"].to(device)
             logits = model(input_ids=ids).logits[:, :-1].float()
             target = ids[:, 1:]
             nll += float(

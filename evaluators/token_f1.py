@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from slimsearch.evaluators.base import Direction, EvalContext
+from slimsearch.evaluators.device import model_device, to_device
 from slimsearch.evaluators.quality import require_task
 from slimsearch.spaces.inputs import IGNORE, model_inputs
 
@@ -39,7 +40,9 @@ class TokenF1:
         require_task(context, self.tasks, self.name)
         outside = self._outside_id(context)
         hits = predicted = gold = 0
+        device = model_device(model)
         for batch in context.batches:
+            batch = to_device(batch, device)
             labels = batch["labels"]
             pred = model(**model_inputs(batch)).logits.argmax(-1)
             labelled = labels != IGNORE
