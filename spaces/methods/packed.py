@@ -225,10 +225,12 @@ class PackedLinear(nn.Module):
     @property
     def kernel(self) -> str:
         """What the layer computes on at inference: "int8" (activations quantized too),
-        "int8-weight-only", "int4" (4, 3 and 2 bits), "bf16", or "dense" (fp32)."""
-        return kernels.kernel_for(
+        "int8-weight-only", "int4" (4, 3 and 2 bits), "bf16", or "dense" (fp32). The low-bit
+        kernels are torch's CPU ones: on another device those layers compute dense."""
+        kernel = kernels.kernel_for(
             self.bits, self.out_features, self.in_features, self.group, self.sparse, self.weight_only
         )
+        return kernel if self.values.device.type == "cpu" or kernel == "bf16" else "dense"
 
     @property
     def int8_kernel(self) -> bool:
@@ -249,11 +251,21 @@ class PackedLinear(nn.Module):
             return f"int4 weight-only kernel (bf16 activations){widened}"
         if self.bits == 32:
             return "fp32 sparse stored, computed dense fp32 (size only)"
+        device = self.values.device.type
+        if device != "cpu" and not self.sparse:
+            return f"{self.bits}-bit stored, computed dense fp32 (size only: no {device} kernel here)"
         why = "sparse" if self.sparse else f"shape {self.out_features}x{self.in_features} fits no kernel"
         return f"{self.bits}-bit stored, computed dense fp32 (size only: {why})"
 
     def reset_cache(self) -> None:
         self._cache.clear()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PackedLinear:
+        # Moving or casting the buffers (``.to``, ``.cuda``) leaves derived kernel forms behind
+        # on the old device: drop them, to be derived again where the buffers now are.
+        self.reset_cache()
+        super()._apply(fn, recurse)
+        return self
 
     def _int8_kernel(self) -> Any:
         if "int8" not in self._cache:
@@ -441,7 +453,7 @@ class PackedEmbedding(nn.Module):
 
     def dense_weight(self) -> Tensor:
         if "dense" not in self._cache:
-            all_ids = torch.arange(self.num_embeddings)
+            all_ids = torch.arange(self.num_embeddings, device=self.values.device)
             self._cache["dense"] = self._rows(all_ids)
         weight: Tensor = self._cache["dense"]
         return weight
@@ -455,6 +467,11 @@ class PackedEmbedding(nn.Module):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._cache.clear()
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PackedEmbedding:
+        self._cache.clear()  # the dequantized table stays on the old device otherwise
+        super()._apply(fn, recurse)
+        return self
 
     def extra_repr(self) -> str:
         scaled = f", lookup_scale={self.lookup_scale:g}" if self.lookup_scale != 1.0 else ""

@@ -162,16 +162,18 @@ _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 def _pack_stream(codes: Tensor, bits: int) -> Tensor:
     flat = codes.reshape(-1).to(torch.uint8)
-    stream = ((flat[:, None] >> _SHIFTS[:bits]) & 1).reshape(-1)
+    shifts = _SHIFTS.to(flat.device)
+    stream = ((flat[:, None] >> shifts[:bits]) & 1).reshape(-1)
     pad = (-stream.numel()) % 8
     if pad:
         stream = torch.cat([stream, stream.new_zeros(pad)])
-    return (stream.view(-1, 8) << _SHIFTS).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+    return (stream.view(-1, 8) << shifts).sum(dim=1, dtype=torch.int32).to(torch.uint8)
 
 
 def _unpack_stream(packed: Tensor, bits: int, count: int) -> Tensor:
-    stream = ((packed.reshape(-1)[:, None] >> _SHIFTS) & 1).reshape(-1)[: count * bits]
-    return (stream.view(count, bits) << _SHIFTS[:bits]).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+    shifts = _SHIFTS.to(packed.device)
+    stream = ((packed.reshape(-1)[:, None] >> shifts) & 1).reshape(-1)[: count * bits]
+    return (stream.view(count, bits) << shifts[:bits]).sum(dim=1, dtype=torch.int32).to(torch.uint8)
 
 
 def pack_bits(mask: Tensor) -> Tensor:
@@ -180,11 +182,11 @@ def pack_bits(mask: Tensor) -> Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+    return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(dim=1, dtype=torch.int32).to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, count: int) -> Tensor:
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     bits = (packed[:, None] >> shifts) & 1
     return bits.reshape(-1)[:count].bool()
 
