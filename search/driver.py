@@ -81,7 +81,10 @@ class Driver:
         distributions = space.distributions() | distill_distributions(spec)
         retry.recover(study, distributions)
         ex = spec.executor
-        executor = make_executor(ex.kind, self.run_dir, ex.max_in_flight, spec.latency.threads, ex.address)
+        gpus = ex.gpus_per_trial if spec.device != "cpu" else 0.0
+        executor = make_executor(
+            ex.kind, self.run_dir, ex.max_in_flight, spec.latency.threads, ex.address, gpus
+        )
         if ex.kind == "inprocess" and ex.trial_timeout_s:
             say(
                 "note: in-process, executor.trial_timeout is a signal that Python code sees; a native "

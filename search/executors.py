@@ -137,6 +137,22 @@ def split_job(job: TrialJob) -> list[TrialJob]:
     return [replace(job, objectives=quality), replace(job, objectives=timing)]
 
 
+def task_options(job: TrialJob, cpus: int, gpus: float) -> dict[str, Any]:
+    """The Ray resources one (part of a) trial asks for."""
+    opts: dict[str, Any] = {"num_cpus": cpus}
+    timing = bool(timing_objectives(job.objectives))
+    if gpus:
+        # A fraction lets trials share a GPU; timing still has it alone, under the worker's
+        # exclusive machine lock (worker._evaluate), which every other trial's work waits on.
+        opts["num_gpus"] = gpus
+    target = job.latency.target
+    if target and timing:
+        opts["resources"] = {target: 0.001}
+    elif target:
+        opts["scheduling_strategy"] = "SPREAD"  # quality work may run on any node
+    return opts
+
+
 @dataclass
 class _Pending:
     job: TrialJob
@@ -147,7 +163,14 @@ class _Pending:
 class RayExecutor:
     """Runs jobs as Ray tasks; at most ``capacity`` trials in flight."""
 
-    def __init__(self, run_dir: Path, capacity: int, cpus_per_trial: int, address: str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        capacity: int,
+        cpus_per_trial: int,
+        address: str | None = None,
+        gpus_per_trial: float = 0.0,
+    ) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # Ray runs its workers at nice 15 by default; timed work must not yield to every
         # other process on the machine.
@@ -161,6 +184,7 @@ class RayExecutor:
         self._started_here = False
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._cpus = cpus_per_trial
+        self._gpus = gpus_per_trial
         if address:
             check_address(address)
         if not ray.is_initialized():
@@ -193,20 +217,25 @@ class RayExecutor:
         # worker exits after the task, so the next task starts in a fresh process.
         self._remote = ray.remote(max_retries=1, retry_exceptions=False)(run_trial)
         self._remote_fresh = ray.remote(max_retries=1, retry_exceptions=False, max_calls=1)(run_trial)
+        if gpus_per_trial:
+            self._check_gpus(address)
 
-    def _options(self, job: TrialJob) -> dict[str, Any]:
-        opts: dict[str, Any] = {"num_cpus": self._cpus}
-        target = job.latency.target
-        if target and timing_objectives(job.objectives):
-            opts["resources"] = {target: 0.001}
-        elif target:
-            opts["scheduling_strategy"] = "SPREAD"  # quality work may run on any node
-        return opts
+    def _check_gpus(self, address: str | None) -> None:
+        """A study on a GPU needs Ray to know of one: refuse before any trial waits forever."""
+        have = float(self._ray.cluster_resources().get("GPU", 0.0))
+        if have >= min(self._gpus, 1.0):
+            return
+        where = f"the Ray cluster at {address!r}" if address else "the local Ray"
+        self.shutdown()
+        raise StudyError(
+            f"device: a GPU, but {where} has {have:g} GPU(s); start GPU nodes with `ray start --address "
+            "HEAD --num-gpus N`, or set device: cpu"
+        )
 
     def submit(self, job: TrialJob, fresh_process: bool = False) -> None:
         parts = split_job(job) if job.latency.target else [job]
         remote = self._remote_fresh if fresh_process else self._remote
-        refs = [remote.options(**self._options(p)).remote(p) for p in parts]
+        refs = [remote.options(**task_options(p, self._cpus, self._gpus)).remote(p) for p in parts]
         self._trials[job.number] = _Pending(job, refs)
         for index, ref in enumerate(refs):
             self._owner[ref] = (job.number, index)
@@ -272,8 +301,13 @@ def merge_parts(number: int, parts: list[TrialResult]) -> TrialResult:
 
 
 def make_executor(
-    kind: str, run_dir: Path, capacity: int, cpus_per_trial: int, address: str | None
+    kind: str,
+    run_dir: Path,
+    capacity: int,
+    cpus_per_trial: int,
+    address: str | None,
+    gpus_per_trial: float = 0.0,
 ) -> Executor:
     if kind == "inprocess":
         return InProcessExecutor(capacity)
-    return RayExecutor(run_dir, capacity, cpus_per_trial, address)
+    return RayExecutor(run_dir, capacity, cpus_per_trial, address, gpus_per_trial)

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from slimsearch.evaluators import EvalContext, LatencySpec, make_evaluator
+from slimsearch.evaluators.device import check_device
 from slimsearch.evaluators.latency import measure_all
 from slimsearch.search import gguf_export, models, onnx_check
 from slimsearch.search.log import quiet_libraries, say
@@ -36,6 +37,7 @@ from slimsearch.search.study_file import LABELLED_KINDS, StudyError
 from slimsearch.search.worker import (
     TrialJob,
     cached_baseline,
+    device_baseline,
     job_data,
     measured_model,
     varying_objectives,
@@ -512,6 +514,7 @@ def export_trial(
         trust_remote_code=spec.model.trust_remote_code,
         methods=spec.methods,
         layer_store_bytes=spec.layer_store_bytes,
+        device=export_device(spec.device),
     )
     say(f"rebuilding trial {trial} ({plan.summary()}) from {baseline_dir}")
     selection = records.get("selection")
@@ -522,7 +525,8 @@ def export_trial(
         )
     candidate, plan, built = measured_model(job, selection)
     digest = str(built["state_sha256"])
-    base_model, tokenizer = cached_baseline(job)
+    candidate = candidate.to(job.device)
+    base_model, tokenizer = device_baseline(job), cached_baseline(job)[1]
     identical = check_rebuild(trial, digest, records.get("state_sha256"), allow_mismatch)
 
     data = job_data(job)
@@ -558,6 +562,7 @@ def export_trial(
             "rough: export again on a quiet machine for one to trust"
         )
     del context
+    candidate, base_model = candidate.cpu(), cached_baseline(job)[0]  # files are written from the CPU
 
     report = ExportReport(
         out=out,
@@ -602,3 +607,17 @@ def export_trial(
     (out / CARD_FILE).write_text(model_card(report))
     say(f"exported trial {trial} to {out} ({size} bytes of weights)")
     return report
+
+
+def export_device(device: str) -> str:
+    """The study's device where this machine has it; else the CPU, with a warning, so a front
+    searched on a GPU can still be exported (and re-validated) on a machine without one."""
+    try:
+        check_device(device)
+    except ValueError as exc:
+        say(
+            f"warning: {exc}. Re-validating on the CPU instead: quality may differ in the last digits, "
+            "and latency and memory are the CPU's"
+        )
+        return "cpu"
+    return device

@@ -37,6 +37,7 @@ class Jobs:
             quiet_ms=dict(self.quiet_ms),
             methods=spec.methods,
             layer_store_bytes=spec.layer_store_bytes,
+            device=spec.device,
         )
 
     def screen_spec(self) -> ScreenSpec | None:

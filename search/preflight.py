@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from slimsearch.evaluators import device as devices
 from slimsearch.search import models, storage, tasks
 from slimsearch.search.log import say
 from slimsearch.search.study_file import LABELLED_KINDS, StudyError, StudySpec
@@ -187,8 +188,20 @@ def check_data(spec: StudySpec) -> None:
         raise StudyError(f"task.data: {task.data} holds no text; give a non-empty UTF-8 text source")
 
 
+def check_device(spec: StudySpec) -> None:
+    """The study's GPU is visible here. Not asked when trials run on a Ray cluster, whose head
+    may have none: the executor asks the cluster for GPUs when it connects."""
+    if spec.device == "cpu" or (spec.executor.kind == "ray" and spec.executor.address):
+        return
+    try:
+        devices.check_device(spec.device)
+    except ValueError as exc:
+        raise StudyError(str(exc)) from None
+
+
 def preflight(spec: StudySpec) -> None:
     """Everything that can be refused without a model, cheapest first."""
+    check_device(spec)
     check_folder("output", spec.output)
     check_folder("cache", spec.cache)
     storage.check_storage(spec.output, spec.storage, spec.name)

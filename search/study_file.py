@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from slimsearch.evaluators import LatencySpec, evaluator_names
+from slimsearch.evaluators.device import parse_device
 from slimsearch.search.constraints import NAMED, parse_listed, resolve
 from slimsearch.spaces import SpaceConfig, space_config_from_mapping
 from slimsearch.spaces.methods import registry
@@ -173,6 +174,9 @@ class ExecutorSpec:
     # Stop the run when this many trials in a row fail with the same error (a systematic
     # fault: a broken plugin, a full disk); None never stops.
     max_consecutive_failures: int | None = 10
+    # GPUs each Ray trial reserves when the study's device is a GPU: a fraction lets several
+    # trials' quality work share one (timing still holds the machine alone).
+    gpus_per_trial: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,8 @@ class StudySpec:
     methods: tuple[str, ...] = ()
     # The layer store (spaces/store.py): None off, else the bytes it may keep on disk.
     layer_store_bytes: int | None = DEFAULT_MAX_BYTES
+    # Where the baseline and every trial's model are evaluated and timed: cpu, cuda, cuda:N.
+    device: str = "cpu"
 
     # Evaluators measured on every trial but not optimized (for constraints and the report).
     metrics: tuple[ObjectiveSpec, ...] = ()
@@ -247,6 +253,7 @@ _TOP_KEYS = {
     "methods",
     "layer_store",
     "metrics",
+    "device",
 }
 
 
@@ -755,7 +762,9 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     if budget.trials is None and budget.timeout_s is None:
         raise StudyError("budget: give budget.trials, budget.timeout, or both, so the search ends")
     exe = _section(
-        data, "executor", {"kind", "address", "max_in_flight", "trial_timeout", "max_consecutive_failures"}
+        data,
+        "executor",
+        {"kind", "address", "max_in_flight", "trial_timeout", "max_consecutive_failures", "gpus_per_trial"},
     )
     failures = exe.get("max_consecutive_failures", 10)
     executor = ExecutorSpec(
@@ -766,7 +775,9 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         max_consecutive_failures=None
         if failures is None
         else _int(failures, "executor.max_consecutive_failures"),
+        gpus_per_trial=_gpus_per_trial(exe.get("gpus_per_trial", 1.0)),
     )
+    device = _device(data.get("device", "cpu"), exe, latency)
     if executor.address is not None and not isinstance(executor.address, str):
         raise _fail(
             "executor.address", executor.address, "give a Ray address like '127.0.0.1:6379' or 'auto'"
@@ -812,7 +823,43 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         raw=dict(data),
         methods=methods,
         layer_store_bytes=_layer_store(data.get("layer_store", True)),
+        device=device,
     )
+
+
+def _gpus_per_trial(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _fail(
+            "executor.gpus_per_trial", value, "give a positive number: 1 (a GPU each), or 0.5 to share one"
+        )
+    if value > 1 and value != int(value):
+        raise _fail("executor.gpus_per_trial", value, "above 1, give a whole number of GPUs")
+    return float(value)
+
+
+def _device(value: Any, executor: Mapping[str, Any], latency: LatencySpec) -> str:
+    """The study's device, with the settings that cannot go with it refused."""
+    try:
+        device = parse_device(value)
+    except ValueError as exc:
+        raise StudyError(str(exc)) from None
+    if device == "cpu":
+        if "gpus_per_trial" in executor:
+            raise StudyError(
+                "executor.gpus_per_trial: set, but device is cpu; set device: cuda, or drop gpus_per_trial"
+            )
+        return device
+    if latency.backend != "torch":
+        raise StudyError(
+            f"latency.backend: {latency.backend} times on the CPU, but device is {device}; drop "
+            "latency.backend (torch times on the GPU), or set device: cpu"
+        )
+    if ":" in device and executor.get("kind", "ray") == "ray":
+        raise StudyError(
+            f"device: {device} with executor.kind ray: Ray gives each trial its own GPU, so write "
+            "device: cuda (CUDA_VISIBLE_DEVICES chooses the GPUs Ray may use), or executor.kind inprocess"
+        )
+    return device
 
 
 def _layer_store(raw: Any) -> int | None:

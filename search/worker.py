@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimsearch.evaluators import Accuracy, EvalContext, LatencySpec, make_evaluator
+from slimsearch.evaluators.device import check_device
 from slimsearch.evaluators.latency import remember_quiet
 from slimsearch.search import models
 from slimsearch.search.data import CALIBRATION_ROWS, TaskData
@@ -73,6 +74,8 @@ class TrialJob:
     methods: tuple[str, ...] = ()  # the study's own compression methods, imported where the job runs
     # Assemble the model from stored (layer, settings) results, keeping this many bytes at most.
     layer_store_bytes: int | None = None
+    # Where the model is evaluated and timed; it is compressed (and distilled) on the CPU first.
+    device: str = "cpu"
 
 
 @dataclass
@@ -104,6 +107,23 @@ def cached_baseline(job: TrialJob) -> tuple[nn.Module, Any]:
             Path(job.baseline_dir), job.task.kind, job.trust_remote_code
         )
     return _BASELINES[job.baseline_dir]
+
+
+_ON_DEVICE: dict[tuple[str, str], nn.Module] = {}
+
+
+def device_baseline(job: TrialJob) -> nn.Module:
+    """The baseline on the job's device, for evaluation and interleaved timing: the CPU
+    baseline itself on the CPU, else a copy moved there once per process (trials are built
+    from the CPU copy)."""
+    base, _ = cached_baseline(job)
+    if job.device == "cpu":
+        return base
+    key = (job.baseline_dir, job.device)
+    if key not in _ON_DEVICE:
+        check_device(job.device)
+        _ON_DEVICE[key] = copy.deepcopy(base).to(job.device).eval()
+    return _ON_DEVICE[key]
 
 
 def task_data(baseline_dir: str, cache_dir: str, task: TaskSpec, tokenizer: Any) -> TaskData:
@@ -142,10 +162,11 @@ def lm_screen_record(job: TrialJob, model: nn.Module, ids: Tensor) -> dict[str, 
     key = (job.baseline_dir, job.task, int(ids.shape[0]))
     with machine_lock(job.cache_dir, exclusive=False):
         if key not in _SCREEN_LM_BASELINE:
-            reference = cached_baseline(job)[0]
-            logits = reference(input_ids=ids).logits[:, :-1].float()
+            reference = device_baseline(job)
+            logits = reference(input_ids=ids.to(job.device)).logits[:, :-1].float().cpu()
             _SCREEN_LM_BASELINE[key] = F.log_softmax(logits, dim=-1)
-        ours = F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+        logits = model(input_ids=ids.to(job.device)).logits[:, :-1].float().cpu()
+        ours = F.log_softmax(logits, dim=-1)
     base = _SCREEN_LM_BASELINE[key]
     target = ids[:, 1:].unsqueeze(-1)
     delta = (base.gather(-1, target) - ours.gather(-1, target)).flatten().double()  # our NLL - base's
@@ -178,7 +199,7 @@ def _screen(job: TrialJob, model: nn.Module, context: EvalContext) -> dict[str, 
     key = (job.baseline_dir, job.task, job.screen.examples)
     with machine_lock(job.cache_dir, exclusive=False):
         if key not in _SCREEN_BASELINE:
-            _SCREEN_BASELINE[key] = Accuracy().evaluate(cached_baseline(job)[0], subset)
+            _SCREEN_BASELINE[key] = Accuracy().evaluate(device_baseline(job), subset)
         accuracy = Accuracy().evaluate(model, subset)
     baseline_accuracy = _SCREEN_BASELINE[key]
     total = sum(int(b["labels"].numel()) for b in batches)
@@ -399,7 +420,8 @@ def run_trial(job: TrialJob) -> TrialResult:
             torch.set_num_threads(job.latency.threads)
             remember_quiet(job.quiet_ms)
             model, plan, built = measured_model(job)
-            reference, tokenizer = cached_baseline(job)
+            model = model.to(job.device)
+            reference, tokenizer = device_baseline(job), cached_baseline(job)[1]
             data = job_data(job)
             context = EvalContext(
                 task=job.task.kind,  # type: ignore[arg-type]
