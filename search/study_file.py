@@ -777,7 +777,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
         else _int(failures, "executor.max_consecutive_failures"),
         gpus_per_trial=_gpus_per_trial(exe.get("gpus_per_trial", 1.0)),
     )
-    device = _device(data.get("device", "cpu"), exe, latency)
+    device = _device(data.get("device", "cpu"), executor, "gpus_per_trial" in exe, latency)
     if executor.address is not None and not isinstance(executor.address, str):
         raise _fail(
             "executor.address", executor.address, "give a Ray address like '127.0.0.1:6379' or 'auto'"
@@ -837,14 +837,15 @@ def _gpus_per_trial(value: Any) -> float:
     return float(value)
 
 
-def _device(value: Any, executor: Mapping[str, Any], latency: LatencySpec) -> str:
-    """The study's device, with the settings that cannot go with it refused."""
+def _device(value: Any, executor: ExecutorSpec, gpus_given: bool, latency: LatencySpec) -> str:
+    """The study's device, with the settings that cannot go with it refused (``gpus_given``:
+    the file sets executor.gpus_per_trial)."""
     try:
         device = parse_device(value)
     except ValueError as exc:
         raise StudyError(str(exc)) from None
     if device == "cpu":
-        if "gpus_per_trial" in executor:
+        if gpus_given:
             raise StudyError(
                 "executor.gpus_per_trial: set, but device is cpu; set device: cuda, or drop gpus_per_trial"
             )
@@ -854,7 +855,7 @@ def _device(value: Any, executor: Mapping[str, Any], latency: LatencySpec) -> st
             f"latency.backend: {latency.backend} times on the CPU, but device is {device}; drop "
             "latency.backend (torch times on the GPU), or set device: cpu"
         )
-    if ":" in device and executor.get("kind", "ray") == "ray":
+    if ":" in device and executor.kind == "ray":
         raise StudyError(
             f"device: {device} with executor.kind ray: Ray gives each trial its own GPU, so write "
             "device: cuda (CUDA_VISIBLE_DEVICES chooses the GPUs Ray may use), or executor.kind inprocess"
