@@ -353,6 +353,7 @@ class SearchSpace:
     def uniform_params(self) -> list[dict[str, Any]]:
         """Seed configurations: all off, then each non-off value of one knob in every layer
         that offers it (embeddings follow the bits choice where they offer it too), then each
+        option with each width of its host, then all the options of a host width together, then each
         bit-width of the Linears with each width of the embedding tables, then each uniform
         combination of the block methods (heads, neurons) with each bit-width of the Linears."""
         off_of = {m.name: m.choice_off_value() for m in registry.methods()}
@@ -387,6 +388,27 @@ class SearchSpace:
                         continue  # the same model as the host alone, under another name
                     for value in _ordered({v for k in knobs for v in k.choices} - {off_of[method.name]}):
                         add(self._with(self._with(off, hosts, width), knobs, value))
+        # Options compose (on SmolLM2 at 4 bits, AWQ's scaling with group 128 beats each of them
+        # alone; README), so each width of a host also comes with every option that acts on it,
+        # together, in each combination of their values.
+        options = [m for m in registry.methods("linear") if m.option_of is not None]
+        for host in _ordered({h for m in options for h in m.option_base}):
+            hosts = [k for k in self.knobs if k.knob == host]
+            for width in _ordered({v for k in hosts for v in k.choices} - {off_of[host]}, reverse=True):
+                acting = [
+                    (knobs, _ordered({v for k in knobs for v in k.choices} - {off_of[m.name]}))
+                    for m in options
+                    if host in m.option_base and m.acts_with({host: width})
+                    for knobs in [[k for k in self.knobs if k.knob == m.name and len(k.choices) > 1]]
+                    if knobs
+                ]
+                if len(acting) < 2:
+                    continue  # one option: its seeds are above
+                for combo in itertools.product(*(values for _, values in acting)):
+                    params = self._with(off, hosts, width)
+                    for (knobs, _), value in zip(acting, combo, strict=True):
+                        params = self._with(params, knobs, value)
+                    add(params)
         # Tables and Linears tolerate different widths (on MiniLM, 4-bit Linears with a 2-bit
         # table score 80.6% where all 2-bit scores 77.2% and the baseline 80.1%), so "one width
         # for the Linears, another for the tables" is an obvious setting too.

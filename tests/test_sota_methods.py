@@ -254,6 +254,30 @@ def test_uniform_seeds_pair_options_only_with_the_widths_they_act_on() -> None:
     assert len(plans) == len(set(plans))
 
 
+def test_uniform_seeds_put_every_option_of_a_host_width_together() -> None:
+    config = space_config(
+        {"default": {"bits": [4, 3, 8], "gptq": [True], "awq": [False, True], "group": [64, 128, 32]}}
+    )
+    space = SearchSpace(tiny_llama(), config)
+    seeds = space.uniform_params()
+    layer = next(k.layer for k in space.knobs if k.knob == "awq")
+
+    def settings(seed: dict[str, object]) -> tuple[object, ...]:
+        return tuple(seed[f"{layer}:{knob}"] for knob in ("bits", "awq", "group"))
+
+    found = [settings(s) for s in seeds]
+    # AWQ and each non-default group together at each width both act on (not at 8 bits,
+    # where groups do nothing), and never a seed twice.
+    for bits in (4, 3):
+        for group in (32, 128):
+            assert (bits, True, group) in found, (bits, group)
+    assert not any(bits == 8 and group != 64 for bits, _, group in found)
+    assert len(found) == len(set(found))
+    # One option alone: no combined seeds beyond the single-option ones.
+    alone = SearchSpace(tiny_llama(), space_config({"default": {"bits": [4, 3], "awq": [False, True]}}))
+    assert len(alone.uniform_params()) == 4
+
+
 def test_a_plan_with_the_new_methods_round_trips_through_json() -> None:
     plan = CompressionPlan(
         layers={"re:.*": LayerSettings(sparsegpt="2:4", bits=3, group=32, awq=True, gptq="act_order=0")}
