@@ -653,6 +653,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="study",
         help="front refinement as the study file says (default), or forced on/off (on needs the profile)",
     )
+    parser.add_argument(
+        "--evolve",
+        choices=("study", "on", "off"),
+        default="study",
+        help="evolution steps from the front (evolve_front) as the study file says, or forced on/off",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "search_efficiency.json")
     parser.add_argument(
         "--ground-truth",
@@ -680,6 +686,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.refine == "on" and not bench.spec.seed_sensitivity:
             parser.error("--refine on needs the sensitivity profile: give --sensitivity on too")
         bench.spec = replace(bench.spec, refine_front=args.refine == "on")
+    if args.evolve != "study":
+        if args.evolve == "on" and not bench.spec.seed_sensitivity:
+            parser.error("--evolve on needs the sensitivity profile: give --sensitivity on too")
+        bench.spec = replace(bench.spec, evolve_front=args.evolve == "on")
     say(f"baseline: {bench.baseline}; {len(bench.cache.entries)} cached evaluations")
     grid = run_grid(bench, uniform_grid(bench.space))
 
@@ -732,6 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seed_uniform": bench.spec.seed_uniform,
         "seed_sensitivity": bench.spec.seed_sensitivity,
         "refine_front": bench.spec.refine_front,
+        "evolve_front": bench.spec.evolve_front,
         "wall_s": round(wall, 1),
         "new_evaluations": bench.cache.new,
         "load_average": {"before": load_before, "after": _load()},
