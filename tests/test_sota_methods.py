@@ -123,6 +123,31 @@ def test_gptq_on_an_identity_hessian_is_round_to_nearest() -> None:
         assert torch.equal(codes, grid.round(w)[0]) and torch.equal(scale, grid.round(w)[1])
 
 
+def test_a_weighted_group_fit_serves_the_heavy_columns() -> None:
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 128, generator=gen)
+    importance = torch.ones(128)  # a few outlier columns carry most of the input's energy
+    importance[torch.randperm(128, generator=gen)[:8]] = 1000.0
+
+    def weighted_error(codes: Tensor, scale: Tensor, offset: Tensor) -> float:
+        q = codes.float().view(16, 2, 64) * scale.float()[..., None] + offset.float()[..., None]
+        return float(((w - q.view(16, 128)) ** 2 * importance).sum())
+
+    for bits in (2, 3, 4):
+        plain = quantize_groups(w, bits, group=64)
+        weighted = quantize_groups(w, bits, group=64, importance=importance)
+        assert weighted_error(*weighted) < 0.8 * weighted_error(*plain), bits
+    # Uniform importance is the plain fit.
+    same = quantize_groups(w, 3, group=64, importance=torch.full((128,), 7.0))
+    assert all(torch.equal(a, b) for a, b in zip(same, quantize_groups(w, 3, group=64), strict=True))
+
+
+def test_gptq_weighted_spelling_leaves_earlier_values_alone() -> None:
+    assert LayerSettings(gptq="act_order=0,damp=0.05").gptq == "act_order=0,damp=0.05"
+    assert LayerSettings(gptq="weighted=0").gptq is True
+    assert LayerSettings(gptq="weighted=1").gptq == "act_order=1,damp=0.01,weighted=1"
+
+
 def test_gptq_keeps_pruned_entries_at_zero(layer: tuple[nn.Linear, Tensor, LayerStats]) -> None:
     linear, x, stats = layer
     module = stored(linear, stats, sparsity=0.5, bits=4, gptq=True)
@@ -131,7 +156,7 @@ def test_gptq_keeps_pruned_entries_at_zero(layer: tuple[nn.Linear, Tensor, Layer
     assert error(module, linear, x) < error(stored(linear, stats, sparsity=0.5, bits=4), linear, x)
 
 
-@pytest.mark.parametrize("value", ["act_order=0", "damp=0.1", "act_order=0,damp=0.05"])
+@pytest.mark.parametrize("value", ["act_order=0", "damp=0.1", "act_order=0,damp=0.05", "weighted=1"])
 def test_gptq_settings(layer: tuple[nn.Linear, Tensor, LayerStats], value: str) -> None:
     linear, x, stats = layer
     module = stored(linear, stats, bits=3, gptq=value)
@@ -145,6 +170,7 @@ def test_gptq_settings(layer: tuple[nn.Linear, Tensor, LayerStats], value: str) 
         ("fast", "key=value"),
         ("damp=2", "damp is a fraction"),
         ("act_order=3", "act_order is 0 or 1"),
+        ("weighted=0.5", "weighted is 0 or 1"),
         (1, "use true"),
     ],
 )

@@ -9,7 +9,10 @@ A value is ``true`` (act-order on, damping 0.01) or settings as ``"act_order=0,d
 - ``act_order``: round the columns with the largest Hessian diagonal first. The group scales
   are then fitted once on the original weights ("static groups"), so groups stay contiguous
   columns and the storage layout is the same;
-- ``damp``: added to the Hessian diagonal, as a fraction of its mean.
+- ``damp``: added to the Hessian diagonal, as a fraction of its mean;
+- ``weighted``: 1 fits the group scales and offsets by least squares weighted by the Hessian
+  diagonal (each column by its input's energy), in the manner of NNCF's scale estimation;
+  0 (the default) fits them unweighted.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from torch import Tensor
 from slimsearch.spaces.methods.quantize import GRID_BITS, Grid
 from slimsearch.spaces.methods.registry import QAT, LinearWork, Method, Scope, Stage, register
 
-DEFAULTS: dict[str, float] = {"act_order": 1.0, "damp": 0.01}
+DEFAULTS: dict[str, float] = {"act_order": 1.0, "damp": 0.01, "weighted": 0.0}
+# Settings spelled out only when not at their default, so values from before they existed
+# keep their spelling (and their stored layers).
+OMITTED_AT_DEFAULT = frozenset({"weighted"})
 BLOCK = 128  # columns updated together before the rest of the matrix (lazy batch updates)
 
 
@@ -45,8 +51,8 @@ def parse(value: Any) -> dict[str, float]:
             number = float(raw)
         except ValueError:
             raise ValueError(f"gptq={value!r}: {key} needs a number, got {raw.strip()!r}") from None
-        if key == "act_order" and number not in (0.0, 1.0):
-            raise ValueError(f"gptq={value!r}: act_order is 0 or 1")
+        if key in ("act_order", "weighted") and number not in (0.0, 1.0):
+            raise ValueError(f"gptq={value!r}: {key} is 0 or 1")
         if key == "damp" and not 0.0 < number <= 1.0:
             raise ValueError(f"gptq={value!r}: damp is a fraction of the mean diagonal in (0, 1]")
         out[key] = number
@@ -58,7 +64,8 @@ def canonical(value: Any) -> Any:
     settings = parse(value)
     if settings == DEFAULTS:
         return True
-    return ",".join(f"{k}={settings[k]:g}" for k in sorted(settings))
+    keys = [k for k in sorted(settings) if k not in OMITTED_AT_DEFAULT or settings[k] != DEFAULTS[k]]
+    return ",".join(f"{k}={settings[k]:g}" for k in keys)
 
 
 def gptq_codes(
@@ -68,17 +75,21 @@ def gptq_codes(
     keep: Tensor | None = None,
     act_order: bool = True,
     damp: float = 0.01,
+    weighted: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Codes, scales and offsets of ``weight`` (rows, cols) on ``grid`` by GPTQ. Pruned
-    entries (``keep`` False) are rounded to zero, their error fed forward like any other."""
+    entries (``keep`` False) are rounded to zero, their error fed forward like any other;
+    ``weighted`` fits the groups weighted by the Hessian diagonal."""
     w, h = working_copies(weight, hessian)
     rows, cols = w.shape
+    # From the Hessian as given: a column no row reached (zero diagonal) costs nothing.
+    importance = torch.diagonal(hessian).detach().float() if weighted else None
     static = act_order or grid.group >= cols
     groups = -(-cols // grid.group)
     scale = torch.zeros(rows, groups)
     offset = None if grid.symmetric else torch.zeros(rows, groups)
     if static:
-        scale, offset = grid.fit(w, keep)
+        scale, offset = grid.fit(w, keep, importance)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
     kept = keep[:, perm] if keep is not None else None
@@ -97,7 +108,8 @@ def gptq_codes(
             g = int(perm[col]) // grid.group
             if not static and col % grid.group == 0:
                 part = kept[:, col : col + grid.group] if kept is not None else None
-                s, o = grid.fit(w1[:, i : i + grid.group], part)
+                d = importance[col : col + grid.group] if importance is not None else None
+                s, o = grid.fit(w1[:, i : i + grid.group], part, d)
                 scale[:, g] = s[:, 0]
                 if offset is not None and o is not None:
                     offset[:, g] = o[:, 0]
@@ -172,7 +184,7 @@ class GPTQ(Method):
         return "gptq" if value is True else str(value) if value else ""
 
     def examples(self) -> tuple[Any, ...]:
-        return (True, "act_order=0,damp=0.05")
+        return (True, "act_order=0,damp=0.05", "weighted=1")
 
     def choose_codes(self, work: LinearWork, value: Any, grid: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         hessian = getattr(work.stats, "hessian", None)
@@ -181,5 +193,11 @@ class GPTQ(Method):
             return grid.round(work.weight, work.keep)  # type: ignore[no-any-return]
         settings = parse(value)
         return gptq_codes(
-            work.weight, hessian, grid, work.keep, bool(settings["act_order"]), settings["damp"]
+            work.weight,
+            hessian,
+            grid,
+            work.keep,
+            bool(settings["act_order"]),
+            settings["damp"],
+            bool(settings["weighted"]),
         )

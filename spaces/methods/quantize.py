@@ -56,7 +56,11 @@ def _check_grouped(bits: int) -> None:
 
 
 def quantize_groups(
-    weight: Tensor, bits: int, keep: Tensor | None = None, group: int = GROUP_SIZE
+    weight: Tensor,
+    bits: int,
+    keep: Tensor | None = None,
+    group: int = GROUP_SIZE,
+    importance: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric group-wise codes: (uint8 codes shaped like ``weight``, fp16 scale, fp16
     offset), the last two shaped (rows, groups); weight ~= codes * scale + offset.
@@ -65,7 +69,9 @@ def quantize_groups(
     error by alternating least squares (codes given the grid, then the grid given the
     codes), ``REFINE_STEPS`` times. Min-max spends its levels on the group's outliers; at
     2 bits the refinement halves MiniLM's weight error. ``keep`` (a bool mask like
-    ``weight``) fits only the entries a sparse layer stores."""
+    ``weight``) fits only the entries a sparse layer stores. ``importance`` (one non-negative
+    weight per column, such as the Hessian's diagonal) weighs the fit, so the grid serves
+    the columns whose errors cost the layer's output most."""
     _check_grouped(bits)
     w = weight.detach().float()
     rows, cols = w.shape
@@ -85,17 +91,34 @@ def quantize_groups(
     scale, offset = (high - low) / levels, low
     # Fitting sums over the used entries only; without padding or pruning that is all of them.
     mask = None if bool(used.all()) else used.float()
+    if importance is not None:
+        # Normalized to mean 1, so the collapse threshold below keeps its meaning.
+        d = importance.detach().float().clamp_min(0.0)
+        d = d / d.mean().clamp_min(1e-20)
+        d = torch.nn.functional.pad(d, (0, pad)).view(1, groups, group)
+        mask = used.float() * d
     fit = padded if mask is None else padded * mask
-    count = used.sum(dim=2).clamp_min(1).float()
+    if importance is None:
+        count = used.sum(dim=2).clamp_min(1).float()
+    else:
+        assert mask is not None
+        count = mask.sum(dim=2).clamp_min(1e-20)
     sum_w = fit.sum(dim=2)
     for _ in range(REFINE_STEPS):
         codes = _codes(padded, scale, offset, levels)
-        if mask is not None:
-            codes *= mask
-        # Least squares of weight ~= codes * scale + offset per group, in closed form.
-        sum_c = codes.sum(dim=2)
-        var = (codes * codes).sum(dim=2) - sum_c * sum_c / count
-        cov = (codes * fit).sum(dim=2) - sum_c * sum_w / count
+        if importance is None:
+            if mask is not None:
+                codes *= mask
+            # Least squares of weight ~= codes * scale + offset per group, in closed form.
+            sum_c = codes.sum(dim=2)
+            var = (codes * codes).sum(dim=2) - sum_c * sum_c / count
+            cov = (codes * fit).sum(dim=2) - sum_c * sum_w / count
+        else:
+            assert mask is not None
+            # The same, each entry weighted by its column's importance.
+            sum_c = (codes * mask).sum(dim=2)
+            var = (codes * codes * mask).sum(dim=2) - sum_c * sum_c / count
+            cov = (codes * fit).sum(dim=2) - sum_c * sum_w / count
         fitted = cov / var.clamp_min(1e-20)
         # A group whose codes collapse to one level keeps its grid (no slope to fit).
         ok = (var > 1e-6) & (fitted > 0)
@@ -210,14 +233,16 @@ class Grid:
         _check_grouped(bits)
         return cls(bits, group_size_for(cols, group), False)
 
-    def fit(self, w: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def fit(
+        self, w: Tensor, keep: Tensor | None = None, importance: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Scale and offset (rows, groups) for ``w``, whose columns are whole groups (the last
-        may be short)."""
+        may be short); ``importance`` weighs the columns in the asymmetric fit."""
         if self.symmetric:
             limit = qmax(self.bits)
             chunks = w.detach().float().split(self.group, dim=1)
             return torch.stack([c.abs().amax(dim=1) for c in chunks], 1).clamp_min(1e-12) / limit, None
-        _, scale, offset = quantize_groups(w, self.bits, keep, self.group)
+        _, scale, offset = quantize_groups(w, self.bits, keep, self.group, importance)
         return scale.float(), offset.float()
 
     def codes(self, w: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
