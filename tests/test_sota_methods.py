@@ -146,6 +146,8 @@ def test_gptq_weighted_spelling_leaves_earlier_values_alone() -> None:
     assert LayerSettings(gptq="act_order=0,damp=0.05").gptq == "act_order=0,damp=0.05"
     assert LayerSettings(gptq="weighted=0").gptq is True
     assert LayerSettings(gptq="weighted=1").gptq == "act_order=1,damp=0.01,weighted=1"
+    assert LayerSettings(bits=4, gptq="weighted=1").short() == "4b+gptq[weighted=1]"
+    assert LayerSettings(bits=4, gptq=True).short() == "4b+gptq"
 
 
 def test_gptq_keeps_pruned_entries_at_zero(layer: tuple[nn.Linear, Tensor, LayerStats]) -> None:

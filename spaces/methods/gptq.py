@@ -175,7 +175,10 @@ class GPTQ(Method):
         return canonical(value)
 
     def short(self, value: Any) -> str:
-        return "gptq"
+        # Settings off their defaults are named, so two GPTQ variants read apart in a summary.
+        settings = parse(value)
+        changed = [f"{k}={settings[k]:g}" for k in sorted(settings) if settings[k] != DEFAULTS[k]]
+        return f"gptq[{','.join(changed)}]" if changed else "gptq"
 
     def acts_with(self, host: Mapping[str, Any]) -> bool:
         return host.get("bits") in GRID_BITS  # the widths whose codes it chooses on a grid
