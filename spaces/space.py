@@ -367,26 +367,32 @@ class SearchSpace:
             if params != off and params not in seeds:
                 seeds.append(params)
 
+        def searched(name: str) -> list[Knob]:
+            return [k for k in self.knobs if k.knob == name and len(k.choices) > 1]
+
+        def values_on(knobs: Sequence[Knob], name: str, reverse: bool = False) -> list[Any]:
+            """The values ``knobs`` offer besides method ``name``'s off value."""
+            return _ordered({v for k in knobs for v in k.choices} - {off_of[name]}, reverse=reverse)
+
         block_methods = registry.methods("block")
         for method in [*block_methods, *registry.methods("linear")]:
             if method.option_of is not None:
                 continue
-            knobs = [k for k in self.knobs if k.knob == method.name and len(k.choices) > 1]
-            for value in _ordered({v for k in knobs for v in k.choices} - {off_of[method.name]}):
+            knobs = searched(method.name)
+            for value in values_on(knobs, method.name):
                 add(self._with(off, knobs, value))
         # An option alone changes nothing: each of its values comes with each value of its host
         # that it acts on.
         for method in registry.methods("linear"):
-            knobs = [k for k in self.knobs if k.knob == method.name and len(k.choices) > 1]
+            knobs = searched(method.name)
             if method.option_of is None or not knobs:
                 continue
             for host in method.option_base:
                 hosts = [k for k in self.knobs if k.knob == host]
-                host_off = off_of[host]
-                for width in _ordered({v for k in hosts for v in k.choices} - {host_off}, reverse=True):
+                for width in values_on(hosts, host, reverse=True):
                     if not method.acts_with({host: width}):
                         continue  # the same model as the host alone, under another name
-                    for value in _ordered({v for k in knobs for v in k.choices} - {off_of[method.name]}):
+                    for value in values_on(knobs, method.name):
                         add(self._with(self._with(off, hosts, width), knobs, value))
         # Options compose (on SmolLM2 at 4 bits, AWQ's scaling with group 128 beats each of them
         # alone; README), so each width of a host also comes with every option that acts on it,
@@ -394,14 +400,12 @@ class SearchSpace:
         options = [m for m in registry.methods("linear") if m.option_of is not None]
         for host in _ordered({h for m in options for h in m.option_base}):
             hosts = [k for k in self.knobs if k.knob == host]
-            for width in _ordered({v for k in hosts for v in k.choices} - {off_of[host]}, reverse=True):
-                acting = [
-                    (knobs, _ordered({v for k in knobs for v in k.choices} - {off_of[m.name]}))
-                    for m in options
-                    if host in m.option_base and m.acts_with({host: width})
-                    for knobs in [[k for k in self.knobs if k.knob == m.name and len(k.choices) > 1]]
-                    if knobs
-                ]
+            for width in values_on(hosts, host, reverse=True):
+                acting = []
+                for m in options:
+                    knobs = searched(m.name)
+                    if knobs and host in m.option_base and m.acts_with({host: width}):
+                        acting.append((knobs, values_on(knobs, m.name)))
                 if len(acting) < 2:
                     continue  # one option: its seeds are above
                 for combo in itertools.product(*(values for _, values in acting)):

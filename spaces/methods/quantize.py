@@ -106,19 +106,12 @@ def quantize_groups(
     sum_w = fit.sum(dim=2)
     for _ in range(REFINE_STEPS):
         codes = _codes(padded, scale, offset, levels)
-        if importance is None:
-            if mask is not None:
-                codes *= mask
-            # Least squares of weight ~= codes * scale + offset per group, in closed form.
-            sum_c = codes.sum(dim=2)
-            var = (codes * codes).sum(dim=2) - sum_c * sum_c / count
-            cov = (codes * fit).sum(dim=2) - sum_c * sum_w / count
-        else:
-            assert mask is not None
-            # The same, each entry weighted by its column's importance.
-            sum_c = (codes * mask).sum(dim=2)
-            var = (codes * codes * mask).sum(dim=2) - sum_c * sum_c / count
-            cov = (codes * fit).sum(dim=2) - sum_c * sum_w / count
+        weighted = codes if mask is None else codes * mask
+        # Least squares of weight ~= codes * scale + offset per group, in closed form, each
+        # entry weighted by its mask (used or not, times its column's importance).
+        sum_c = weighted.sum(dim=2)
+        var = (weighted * codes).sum(dim=2) - sum_c * sum_c / count
+        cov = (codes * fit).sum(dim=2) - sum_c * sum_w / count
         fitted = cov / var.clamp_min(1e-20)
         # A group whose codes collapse to one level keeps its grid (no slope to fit).
         ok = (var > 1e-6) & (fitted > 0)
