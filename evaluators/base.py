@@ -34,8 +34,8 @@ class LatencySpec:
     retries) may take; past it the best attempt so far is kept and flagged ``noisy`` (0: no
     limit). ``decode_tokens``: how many tokens the decode evaluators generate after the
     first (causal LMs; the prompt is ``seq_len`` tokens). ``backend``: the runtime the
-    latency objectives time the model in, ``torch`` or ``onnxruntime`` (classifiers: the
-    model and the baseline are exported to ONNX with the operators of their stored formats
+    latency objectives time the model in, ``torch`` or ``onnxruntime`` (classifiers and
+    causal LMs' forward passes: the model and the baseline are exported to ONNX with the operators of their stored formats
     and timed in ONNX Runtime, see spaces/onnx.py).
     """
 

@@ -599,7 +599,7 @@ def export_trial(
         )
     if format == "onnx":
         report.onnx = onnx_check.write_and_check(
-            candidate, base_model, out, spec.latency, batches, len(tokenizer)
+            candidate, base_model, out, spec.latency, batches, len(tokenizer), spec.task.kind, report.measured
         )
     (out / INFO_FILE).write_text(
         json.dumps({"format": EXPORT_FORMAT, **report.info()}, indent=2, default=str)

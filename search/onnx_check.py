@@ -1,13 +1,18 @@
-"""``slimsearch export --format onnx``: a classifier as ONNX (spaces/onnx.py), checked in
-ONNX Runtime: accuracy on the study's test split and latency against the baseline's own
-ONNX model there."""
+"""``slimsearch export --format onnx``: a classifier or a causal LM as ONNX (spaces/onnx.py),
+checked in ONNX Runtime: accuracy on the study's test split (perplexity on its evaluation
+blocks for a causal LM, against the value slimsearch measured) and latency of a forward pass
+against the baseline's own ONNX model there."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimsearch.evaluators import LatencySpec
@@ -15,13 +20,14 @@ from slimsearch.search.study_file import StudyError
 from slimsearch.spaces.onnx import feeds
 
 ONNX_FILE = "model.onnx"
+TASKS = ("classification", "causal-lm")
 
 
 def check_task(kind: str) -> None:
-    if kind != "classification":
+    if kind not in TASKS:
         raise StudyError(
-            f"--format onnx writes sequence classifiers (encoders) here; this study's task is {kind!r}: "
-            "export a causal LM with --format gguf, a token-classification model with --format hf"
+            f"--format onnx writes sequence classifiers and causal LMs here; this study's task is {kind!r}: "
+            "export a token-classification model with --format hf"
         )
 
 
@@ -34,6 +40,29 @@ def accuracy(sess: Any, batches: list[dict[str, Tensor]]) -> float:
     return 100.0 * correct / max(total, 1)
 
 
+def perplexity(sess: Any, batches: list[dict[str, Tensor]]) -> tuple[float, int]:
+    """(perplexity, scored tokens) as the perplexity evaluator computes it: the mean next-token
+    negative log-likelihood over every position of every evaluation block."""
+    nll = 0.0
+    count = 0
+    for batch in batches:
+        ids = batch["input_ids"]
+        logits = torch.from_numpy(np.asarray(sess.run(None, feeds(sess, {"input_ids": ids}))[0]))
+        logits = logits[:, :-1].float()
+        target = ids[:, 1:]
+        flat = logits.reshape(-1, logits.size(-1))
+        nll += float(F.cross_entropy(flat, target.reshape(-1), reduction="sum"))
+        count += target.numel()
+    return math.exp(nll / max(count, 1)), count
+
+
+def _quality(sess: Any, base: Any, batches: list[dict[str, Tensor]], task: str) -> dict[str, Any]:
+    if task == "causal-lm":
+        value, tokens = perplexity(sess, batches)
+        return {"perplexity": value, "baseline_perplexity": perplexity(base, batches)[0], "tokens": tokens}
+    return {"accuracy": accuracy(sess, batches), "baseline_accuracy": accuracy(base, batches)}
+
+
 def write_and_check(
     model: nn.Module,
     baseline: nn.Module,
@@ -41,8 +70,11 @@ def write_and_check(
     spec: LatencySpec,
     batches: list[dict[str, Tensor]],
     vocab_size: int,
+    task: str = "classification",
+    measured: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Write ``out/model.onnx`` and measure it in ORT (accuracy, latency vs the baseline)."""
+    """Write ``out/model.onnx`` and measure it in ORT: quality (accuracy, or perplexity against
+    slimsearch's in ``measured``) and latency vs the baseline's ONNX model."""
     import onnxruntime
 
     from slimsearch.evaluators.onnx_backend import onnx_session, operator_counts, time_sessions
@@ -55,13 +87,12 @@ def write_and_check(
     sess = session(path, spec.threads)
     base = onnx_session(baseline, vocab_size, spec.threads)[0]
     timed = time_sessions(sess, base, spec, vocab_size, (spec.batch_size, spec.seq_len), "export-ort")
-    return {
+    report = {
         "file": path.name,
         "bytes": path.stat().st_size,
         "operators": operator_counts(ops),
         "runtime": f"onnxruntime {onnxruntime.__version__}",
-        "accuracy": accuracy(sess, batches),
-        "baseline_accuracy": accuracy(base, batches),
+        **_quality(sess, base, batches, task),
         "latency_ratio": timed["ratio"],
         "latency_ratio_ci95": list(timed["ratio_ci95"]),
         "latency_ms": timed["median_ms"],
@@ -69,6 +100,10 @@ def write_and_check(
         "noisy": bool(timed["noisy"]),
         "shape": [spec.batch_size, spec.seq_len],
     }
+    if "perplexity" in report and measured and "perplexity" in measured:
+        report["slimsearch_perplexity"] = measured["perplexity"]
+        report["ratio"] = report["perplexity"] / measured["perplexity"]
+    return report
 
 
 def card(onnx: dict[str, Any] | None) -> list[str]:
@@ -82,9 +117,27 @@ def card(onnx: dict[str, Any] | None) -> list[str]:
         "",
         f"- `{onnx['file']}`: {onnx['bytes']} bytes; packed Linears as {ops} (stored codes as they are; "
         "MatMul where ORT has no kernel for the format, on the same fp32 values).",
-        f"- Checked in {onnx['runtime']} (CPU): accuracy {onnx['accuracy']:.2f} on the test split "
-        f"(the baseline's ONNX model: {onnx['baseline_accuracy']:.2f}); latency at batch x sequence "
+        f"- Checked in {onnx['runtime']} (CPU): {_quality_line(onnx)}; latency at batch x sequence "
         f"{onnx['shape'][0]} x {onnx['shape'][1]}: {onnx['latency_ms']:.3f} ms vs "
         f"{onnx['baseline_latency_ms']:.3f} ms, ratio {onnx['latency_ratio']:.3f} (95% interval "
         f"{low:.3f}-{high:.3f})" + (" - the machine was noisy." if onnx["noisy"] else "."),
     ]
+
+
+def _quality_line(onnx: Mapping[str, Any]) -> str:
+    if "perplexity" not in onnx:
+        return (
+            f"accuracy {onnx['accuracy']:.2f} on the test split (the baseline's ONNX model: "
+            f"{onnx['baseline_accuracy']:.2f})"
+        )
+    versus = (
+        f" against {onnx['slimsearch_perplexity']:.4g} measured by slimsearch on the same tokens "
+        f"({(onnx['ratio'] - 1) * 100:+.2f}%)"
+        if "ratio" in onnx
+        else ""
+    )
+    return (
+        f"perplexity {onnx['perplexity']:.4g} on {onnx['tokens']} scored tokens{versus} (the baseline's "
+        f"ONNX model: {onnx['baseline_perplexity']:.4g}); the graph has no KV cache, so generating "
+        "with it recomputes the prefix for each token"
+    )

@@ -54,10 +54,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
             )
     if report.onnx is not None:
         o = report.onnx
+        if "perplexity" in o:
+            versus = f", {o['ratio']:.4f}x slimsearch's" if "ratio" in o else ""
+            quality = (
+                f"perplexity {o['perplexity']:.4g} on {o['tokens']} tokens "
+                f"(baseline {o['baseline_perplexity']:.4g}{versus})"
+            )
+        else:
+            quality = f"accuracy {o['accuracy']:.2f} (baseline {o['baseline_accuracy']:.2f})"
         print(
             f"  ONNX: {report.out / o['file']} ({o['bytes']} bytes; {o['operators']}); in {o['runtime']}: "
-            f"accuracy {o['accuracy']:.2f} (baseline {o['baseline_accuracy']:.2f}), latency "
-            f"{o['latency_ratio']:.3f}x the baseline's"
+            f"{quality}, latency {o['latency_ratio']:.3f}x the baseline's"
         )
     return 0
 
@@ -96,7 +103,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         default="hf",
         help="hf: the slimsearch folder (always written); gguf: also model.gguf for llama.cpp "
         "(Llama-architecture decoders), read back and scored in llama.cpp where it is installed; "
-        "onnx: also model.onnx (classifiers), its accuracy and latency checked in ONNX Runtime",
+        "onnx: also model.onnx (classifiers, causal LMs), its accuracy or perplexity and latency "
+        "checked in ONNX Runtime",
     )
     exp.set_defaults(func=_cmd_export)
 

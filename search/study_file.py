@@ -34,6 +34,10 @@ EXECUTORS = ("ray", "inprocess")
 STORAGES = ("sqlite", "journal")
 
 
+# Objectives that time generation (torch, KV cache): not what an ONNX forward pass measures.
+GENERATION_OBJECTIVES = ("ttft_ms", "decode_tokens_per_s", "decode_speedup")
+
+
 class StudyError(ValueError):
     """A study file problem: names the field, the value and the fix."""
 
@@ -589,13 +593,20 @@ def _constraints(data: Mapping[str, Any], measured: tuple[ObjectiveSpec, ...]) -
     return out
 
 
-def _check_onnxruntime(kind: str) -> None:
+def _check_onnxruntime(kind: str, measured: tuple[ObjectiveSpec, ...]) -> None:
     import importlib.util
 
-    if kind != "classification":
+    if kind not in ("classification", "causal-lm"):
         raise StudyError(
-            f"latency.backend: onnxruntime times classifiers (encoders) here, and task.kind is {kind!r}; "
-            "use backend torch (the decode objectives time generation there)"
+            f"latency.backend: onnxruntime times classifiers and causal LMs here, and task.kind is {kind!r}; "
+            "use backend torch"
+        )
+    generation = sorted({o.name for o in measured} & set(GENERATION_OBJECTIVES))
+    if generation:
+        raise StudyError(
+            f"latency.backend: onnxruntime times a forward pass (latency_ratio, latency_ms), but this study "
+            f"also measures {generation}, which time generation with a KV cache in torch: the ONNX graph has "
+            "no KV cache. Drop them, or use backend torch"
         )
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         raise StudyError(
@@ -745,7 +756,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     except (TypeError, ValueError) as exc:
         raise StudyError(str(exc)) from None
     if latency.backend == "onnxruntime":
-        _check_onnxruntime(task.kind)
+        _check_onnxruntime(task.kind, objectives + metrics)
 
     smp = _section(data, "sampler", {"name", "seed", "population_size"})
     sampler = SamplerSpec(

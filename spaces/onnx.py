@@ -13,6 +13,10 @@ Per packed Linear (what ``onnx_ops`` reports):
   values the layer computes with (the same function; no speed claimed for it).
 AWQ's input scale becomes a ``Div`` before the matmul. Embedding tables are written as
 fp32 tables of their values. Low-rank layers are their two factors, each as above.
+
+Causal LMs (decoders) are written the same way, as ``input_ids``, ``attention_mask`` ->
+``logits`` of every position, without a KV cache. A tied output layer is a matmul on the
+table's stored codes: ``MatMulNBits`` for 8/4/2-bit tables, ``MatMul`` for fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -30,17 +34,23 @@ from torch import Tensor, nn
 
 from slimsearch.spaces.methods import PackedEmbedding, PackedLinear
 from slimsearch.spaces.methods.packed import TiedHead
-from slimsearch.spaces.methods.quantize import GROUPED_BITS, group_size_for
+from slimsearch.spaces.methods.quantize import GROUP_SIZE, GROUPED_BITS, group_size_for
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 NBITS_BLOCKS = (16, 32, 64, 128, 256)
 # The layers being exported, by id, with the fp32 weight they compute with (symbolic reads them).
-_LAYERS: dict[int, tuple[PackedLinear, Tensor]] = {}
+_LAYERS: dict[int, tuple[PackedLinear | TiedHead, Tensor]] = {}
 
 
-def onnx_op(layer: PackedLinear) -> str:
+def onnx_op(layer: PackedLinear | TiedHead) -> str:
     """The ONNX operator that computes ``layer`` (see the module docstring)."""
+    if isinstance(layer, TiedHead):
+        table = layer.table
+        if table.bits == 8:
+            return "MatMulNBits" if table.embedding_dim % 16 == 0 else "MatMul"
+        grouped = table.bits in GROUPED_BITS
+        return "MatMulNBits" if grouped and group_size_for(table.embedding_dim) in NBITS_BLOCKS else "MatMul"
     if layer.sparse:
         return "MatMul"
     if layer.bits == 8 and not layer.weight_only:
@@ -56,23 +66,36 @@ def _const(g: Any, tensor: Tensor) -> Any:
     return g.op("Constant", value_t=tensor.contiguous())
 
 
-def _nbits_inputs(layer: PackedLinear) -> tuple[Tensor, Tensor, Tensor, int, int]:
+def _stored(layer: PackedLinear | TiedHead) -> tuple[Tensor, Tensor, Tensor | None, int, int]:
+    """(codes [out, in], scale, offset or None, bits, group) of a layer or a tied table."""
+    if isinstance(layer, TiedHead):
+        table = layer.table
+        if table.bits == 8:
+            codes = table.values.view(table.num_embeddings, table.embedding_dim)
+            return codes, table.scale, None, 8, GROUP_SIZE
+        return table.stored_codes(), table.scale, table.offset, table.bits, GROUP_SIZE
+    offset = layer.offset if layer.bits in GROUPED_BITS else None
+    return layer._dense_stored(), layer.scale, offset, layer.bits, layer.group
+
+
+def _nbits_inputs(layer: PackedLinear | TiedHead) -> tuple[Tensor, Tensor, Tensor, int, int]:
     """(B uint8 [N, blocks, blob], scales [N * blocks], float zero points, bits, block size)."""
-    codes = layer._dense_stored()
+    codes, scale, offset, bits, group = _stored(layer)
     rows, cols = codes.shape
-    if layer.bits == 8:
+    if bits == 8:
         block = 32 if cols % 32 == 0 else 16
         blocks = cols // block
         q = (codes.to(torch.int16) + 128).to(torch.uint8).view(rows, blocks, block)
-        scale = layer.scale.float().view(rows, 1).expand(rows, blocks).contiguous()
+        scale = scale.float().view(rows, 1).expand(rows, blocks).contiguous()
         zero = torch.full((rows, blocks), 128, dtype=torch.uint8)  # symmetric codes, shifted
         return q, scale.reshape(-1), zero, 8, block
-    block = group_size_for(cols, layer.group)
+    assert offset is not None
+    block = group_size_for(cols, group)
     blocks = -(-cols // block)
     padded = F.pad(codes.to(torch.uint8), (0, blocks * block - cols)).view(rows, blocks, block)
     packed = padded[..., 0::2] | (padded[..., 1::2] << 4)
-    scale = layer.scale.float()
-    offset = layer.offset.float()
+    scale = scale.float()
+    offset = offset.float()
     # A group of equal values may have scale 0: a tiny scale keeps (code - zero) * scale at
     # its offset, to a relative 1e-6.
     scale = torch.where(scale == 0, 1e-6 * offset.abs().clamp_min(1e-12), scale)
@@ -91,7 +114,7 @@ class _PackedMatMul(torch.autograd.Function):
     @staticmethod
     def symbolic(g: Any, x: Any, key: int) -> Any:
         layer, weight = _LAYERS[key]
-        in_scale = layer.column_scale()
+        in_scale = layer.column_scale() if isinstance(layer, PackedLinear) else None
         if in_scale is not None:
             x = g.op("Div", x, _const(g, in_scale))
         op = onnx_op(layer)
@@ -115,11 +138,15 @@ class _PackedMatMul(torch.autograd.Function):
                 _const(g, b),
                 _const(g, scales),
                 _const(g, zeros),
-                K_i=layer.in_features,
-                N_i=layer.out_features,
+                K_i=weight.shape[1],
+                N_i=weight.shape[0],
                 bits_i=bits,
                 block_size_i=block,
             )
+            # ORT's operator has no shape function in the exporter: give the output's type.
+            sizes = x.type().varyingSizes()
+            if sizes is not None:
+                y.setType(x.type().with_sizes([*sizes[:-1], weight.shape[0]]))
         else:
             y = g.op("MatMul", x, _const(g, weight.t()))
         bias = getattr(layer, "bias", None)
@@ -129,7 +156,7 @@ class _PackedMatMul(torch.autograd.Function):
 
 
 class _Exported(nn.Module):
-    def __init__(self, layer: PackedLinear) -> None:
+    def __init__(self, layer: PackedLinear | TiedHead) -> None:
         super().__init__()
         self.key = id(layer)
 
@@ -144,9 +171,19 @@ class _Logits(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, *types: Tensor) -> Tensor:
-        inputs = dict(zip(input_names(self.model), (input_ids, attention_mask, *types), strict=True))
+        inputs: dict[str, Any] = dict(
+            zip(input_names(self.model), (input_ids, attention_mask, *types), strict=True)
+        )
+        if is_causal(self.model):
+            inputs["use_cache"] = False  # logits of every position; no KV cache in the graph
         logits: Tensor = self.model(**inputs).logits
         return logits
+
+
+def is_causal(model: nn.Module) -> bool:
+    """Whether ``model`` is a decoder that generates (a transformers causal LM)."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else False
 
 
 def input_names(model: nn.Module) -> tuple[str, ...]:
@@ -158,9 +195,12 @@ def input_names(model: nn.Module) -> tuple[str, ...]:
 
 
 def feeds(sess: Any, batch: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
-    """A session's inputs from a batch; segment ids it lacks (single texts) are zeros."""
+    """A session's inputs from a batch; segment ids it lacks (single texts) are zeros, an
+    attention mask it lacks (unpadded blocks of a causal LM) is ones."""
     names = [i.name for i in sess.get_inputs()]
     out = {n: batch[n].numpy() for n in names if n in batch}
+    if "attention_mask" in names and "attention_mask" not in out:
+        out["attention_mask"] = np.ones_like(out["input_ids"])
     if "token_type_ids" in names and "token_type_ids" not in out:
         out["token_type_ids"] = np.zeros_like(out["input_ids"])
     return out
@@ -183,7 +223,9 @@ def _swapped(model: nn.Module) -> Iterator[dict[str, str]]:
                 table.weight.data = child.dense_weight() * child.lookup_scale
                 replacement = table
             elif isinstance(child, TiedHead):
-                raise ValueError("the ONNX export writes encoders; a tied LM head is a decoder's")
+                _LAYERS[id(child)] = (child, child.table.dense_weight().detach())
+                ops[full] = onnx_op(child)
+                replacement = _Exported(child)
             else:
                 continue
             swaps.append((module, child_name, child))
@@ -197,9 +239,9 @@ def _swapped(model: nn.Module) -> Iterator[dict[str, str]]:
 
 
 def export_onnx(model: nn.Module, path: Path, vocab_size: int, seq_len: int = 16) -> dict[str, str]:
-    """Write a classifier (``input_ids``, ``attention_mask`` and, see ``input_names``,
-    ``token_type_ids`` -> ``logits``; batch and sequence dynamic) to ``path``; returns the ONNX
-    operator of each packed Linear by name."""
+    """Write a classifier or a causal LM (``input_ids``, ``attention_mask`` and, see
+    ``input_names``, ``token_type_ids`` -> ``logits``; batch and sequence dynamic) to ``path``;
+    returns the ONNX operator of each packed Linear (and tied output layer) by name."""
     ids = torch.randint(1, max(vocab_size, 2), (1, seq_len), generator=torch.Generator().manual_seed(0))
     names = input_names(model)
     example = (ids, torch.ones_like(ids)) + ((torch.zeros_like(ids),) if len(names) > 2 else ())

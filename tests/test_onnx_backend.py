@@ -18,7 +18,7 @@ from slimsearch.search.driver import run_study
 from slimsearch.search.study_file import StudyError, study_from_mapping
 from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
 from slimsearch.spaces.onnx import export_onnx, feeds, session
-from tiny import LM_TEXT, sentiment_rows, tiny_bert, tiny_llama_config
+from tiny import LM_TEXT, MODELS, sentiment_rows, tiny_bert, tiny_llama_config
 
 pytest.importorskip("onnxruntime")
 
@@ -59,6 +59,43 @@ def test_onnx_runtime_computes_what_the_packed_model_computes(
     assert np.abs(got - want).max() < tolerance * np.abs(want).max()
 
 
+DECODERS: list[tuple[str, int | None, float]] = [
+    ("llama", None, 1e-5),  # the head is the fp32 table, shared
+    ("llama", 16, 5e-3),  # torch's bf16 head takes bf16 activations, ORT's MatMul fp32 ones
+    ("llama", 8, 1e-5),
+    ("llama", 4, 1e-5),
+    ("llama", 2, 1e-5),
+    ("llama-untied", 4, 1e-5),
+]
+
+
+@pytest.mark.parametrize(
+    ("arch", "table_bits", "tolerance"), DECODERS, ids=[f"{a}-{b}" for a, b, _ in DECODERS]
+)
+def test_onnx_runtime_computes_what_a_packed_decoder_computes(
+    arch: str, table_bits: int | None, tolerance: float, tmp_path: Path
+) -> None:
+    layers = {r"re:model\.layers\.\d+\..*": LayerSettings(bits=4, group=32)}
+    if table_bits:
+        layers["model.embed_tokens"] = LayerSettings(bits=table_bits)
+    if arch == "llama-untied":
+        layers["lm_head"] = LayerSettings(bits=8, weight_only=True)
+    model = apply_plan(MODELS[arch](0), CompressionPlan(layers=layers)).eval()
+    path = tmp_path / "m.onnx"
+    ops = export_onnx(model, path, vocab_size=96)
+    if table_bits is not None:
+        assert ops["lm_head"] == ("MatMul" if table_bits == 16 else "MatMulNBits")
+    # Longer than the traced 16 tokens, with a padded row: both are inputs, not constants.
+    ids = torch.randint(1, 96, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    sess = session(path, 1)
+    got = sess.run(None, feeds(sess, {"input_ids": ids, "attention_mask": mask}))[0]
+    # The dense reference: with gradients on, packed layers compute on their dequantized weights.
+    want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.detach().numpy()
+    assert np.abs(got - want).max() < tolerance * np.abs(want).max()
+
+
 def test_latency_in_onnx_runtime_is_timed_against_the_baseline_there() -> None:
     base = tiny_bert()
     model = apply_plan(copy.deepcopy(base), CompressionPlan(layers={BLOCKS: LayerSettings(bits=8)})).eval()
@@ -85,12 +122,32 @@ def test_the_onnxruntime_backend_is_checked_at_load(tmp_path: Path) -> None:
         tmp_path,
         model={"config": {"model_type": "llama", "vocab_size": 96, "hidden_size": 32}},
         task={"kind": "causal-lm", "text": LM_TEXT},
-        objectives=["perplexity", "latency_ratio"],
+        objectives=["perplexity", "latency_ratio", "decode_tokens_per_s"],
         constraints={},
         latency={"backend": "onnxruntime"},
     )
-    with pytest.raises(StudyError, match=r"onnxruntime times classifiers .*task.kind is 'causal-lm'"):
+    with pytest.raises(StudyError, match=r"also measures \['decode_tokens_per_s'\].*no KV cache"):
         study_from_mapping(data)
+
+
+def test_a_causal_lm_study_times_its_forward_pass_in_onnx_runtime(tmp_path: Path) -> None:
+    data = tiny_study(
+        tmp_path,
+        model={"config": tiny_llama_config()},
+        task={"kind": "causal-lm", "text": LM_TEXT, "block_size": 8, "eval_blocks": 2},
+        space={"default": {"bits": [32, 4]}, "embeddings": [32, 4]},
+        objectives=["perplexity", "latency_ratio"],
+        constraints={},
+        budget={"trials": 2},
+    )
+    data["latency"] |= {"backend": "onnxruntime"}
+    result = run_study(study_from_mapping(data))
+    complete = [t for t in result.study.trials if t.user_attrs.get("metrics")]
+    assert len(complete) == 2
+    for trial in complete:
+        latency = trial.user_attrs["records"]["latency"]
+        assert latency["environment"]["backend"].startswith("onnxruntime")
+        assert trial.user_attrs["metrics"]["latency_ratio"] == latency["ratio"] > 0
 
 
 def test_a_study_times_its_trials_in_onnx_runtime(tmp_path: Path) -> None:
@@ -136,20 +193,27 @@ def test_a_text_pair_study_exports_to_onnx_with_its_segment_ids(tmp_path: Path) 
     assert abs(info["accuracy"] - searched) <= 100.0 / 16 + 1e-9
 
 
-def test_export_format_onnx_refuses_a_causal_lm_before_any_work(tmp_path: Path) -> None:
+def test_export_format_onnx_writes_a_causal_lm_scored_in_onnx_runtime(tmp_path: Path) -> None:
     data = tiny_study(
         tmp_path,
         model={"config": tiny_llama_config()},
         task={"kind": "causal-lm", "text": LM_TEXT, "block_size": 8, "eval_blocks": 2},
-        space={"default": {"bits": [32, 8]}},
+        space={"default": {"bits": [4]}, "embeddings": [4]},
         objectives=["perplexity", "size_bytes"],
         constraints={},
         budget={"trials": 1},
     )
     result = run_study(study_from_mapping(data))
     out = tmp_path / "out"
-    assert main(["export", str(result.run_dir), str(out), "--trial", "0", "--format", "onnx"]) == 2
-    assert not out.exists()
+    assert main(["export", str(result.run_dir), str(out), "--trial", "0", "--format", "onnx"]) == 0
+    info = json.loads((out / "slimsearch_export.json").read_text())["onnx"]
+    # Every block Linear and the tied output layer on the 4-bit table run on MatMulNBits.
+    assert info["operators"] == {"MatMulNBits": 2 * 7 + 1}
+    searched = result.study.trials[0].user_attrs["metrics"]["perplexity"]
+    assert info["slimsearch_perplexity"] == pytest.approx(searched, rel=1e-6)
+    assert info["perplexity"] == pytest.approx(searched, rel=1e-3)
+    assert info["tokens"] == 2 * 7
+    assert "perplexity" in (out / "README.md").read_text()
 
 
 def test_segment_ids_of_a_text_pair_reach_onnx_runtime(tmp_path: Path) -> None:

@@ -486,6 +486,11 @@ class TiedHead(nn.Module):
         self._embedding = [embedding]  # a list, so the table is not registered (saved) twice
 
     @property
+    def table(self) -> PackedEmbedding:
+        """The embedding table this layer reads."""
+        return self._embedding[0]
+
+    @property
     def kernel(self) -> str:
         """What the output matmul runs on: the table's own width where a kernel takes it
         ("bf16", "int8-weight-only", "int4"), else "dense" (the dequantized fp32 table)."""
