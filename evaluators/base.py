@@ -35,8 +35,8 @@ class LatencySpec:
     limit). ``decode_tokens``: how many tokens the decode evaluators generate after the
     first (causal LMs; the prompt is ``seq_len`` tokens). ``backend``: the runtime the
     latency objectives time the model in, ``torch`` or ``onnxruntime`` (classifiers and
-    causal LMs' forward passes: the model and the baseline are exported to ONNX with the operators of their stored formats
-    and timed in ONNX Runtime, see spaces/onnx.py).
+    causal LMs' forward passes: the model and the baseline are exported to ONNX with the
+    operators of their stored formats and timed in ONNX Runtime, see spaces/onnx.py).
     """
 
     batch_size: int = 1

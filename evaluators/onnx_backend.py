@@ -2,7 +2,8 @@
 are each exported to ONNX with the operators of their stored formats (spaces/onnx.py) and
 timed in ONNX Runtime CPU sessions by the same protocol as in torch (warm-up, interleaved
 passes, bootstrap interval, noise gates), so a classifier's or a causal LM's front shows
-the speed of a forward pass a user gets when deploying with ORT. The baseline's session is made once per process.
+the speed of a forward pass a user gets when deploying with ORT. The baseline's session is
+made once per process.
 """
 
 from __future__ import annotations
