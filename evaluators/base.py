@@ -18,6 +18,8 @@ TaskKind = Literal["classification", "token-classification", "causal-lm"]
 
 
 BACKENDS = ("torch", "onnxruntime")
+# The tasks whose models spaces/onnx.py writes (and ONNX Runtime times and checks).
+ONNX_TASKS = ("classification", "causal-lm")
 
 
 @dataclass(frozen=True)

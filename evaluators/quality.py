@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from slimsearch.evaluators.base import Direction, EvalContext
 from slimsearch.evaluators.device import model_device, to_device
@@ -59,10 +59,16 @@ class Perplexity:
         device = model_device(model)
         for batch in context.batches:
             ids = batch["input_ids"].to(device)
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            target = ids[:, 1:]
-            nll += float(
-                F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum")
-            )
-            count += target.numel()
+            block_nll, block_count = next_token_nll(model(input_ids=ids).logits, ids)
+            nll += block_nll
+            count += block_count
         return math.exp(nll / max(count, 1))
+
+
+def next_token_nll(logits: Tensor, ids: Tensor) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens scored) of each next token of ``ids`` under
+    ``logits`` of every position: what perplexity is computed from, in torch or elsewhere."""
+    shifted = logits[:, :-1].float()
+    target = ids[:, 1:]
+    flat = shifted.reshape(-1, shifted.size(-1))
+    return float(F.cross_entropy(flat, target.reshape(-1), reduction="sum")), target.numel()

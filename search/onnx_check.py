@@ -12,19 +12,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimsearch.evaluators import LatencySpec
+from slimsearch.evaluators.base import ONNX_TASKS
+from slimsearch.evaluators.quality import next_token_nll
 from slimsearch.search.study_file import StudyError
 from slimsearch.spaces.onnx import feeds
 
 ONNX_FILE = "model.onnx"
-TASKS = ("classification", "causal-lm")
 
 
 def check_task(kind: str) -> None:
-    if kind not in TASKS:
+    if kind not in ONNX_TASKS:
         raise StudyError(
             f"--format onnx writes sequence classifiers and causal LMs here; this study's task is {kind!r}: "
             "export a token-classification model with --format hf"
@@ -48,11 +48,9 @@ def perplexity(sess: Any, batches: list[dict[str, Tensor]]) -> tuple[float, int]
     for batch in batches:
         ids = batch["input_ids"]
         logits = torch.from_numpy(np.asarray(sess.run(None, feeds(sess, {"input_ids": ids}))[0]))
-        logits = logits[:, :-1].float()
-        target = ids[:, 1:]
-        flat = logits.reshape(-1, logits.size(-1))
-        nll += float(F.cross_entropy(flat, target.reshape(-1), reduction="sum"))
-        count += target.numel()
+        block_nll, block_count = next_token_nll(logits, ids)
+        nll += block_nll
+        count += block_count
     return math.exp(nll / max(count, 1)), count
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from slimsearch.evaluators import LatencySpec, evaluator_names
+from slimsearch.evaluators.base import ONNX_TASKS
 from slimsearch.evaluators.device import parse_device
 from slimsearch.search.constraints import NAMED, parse_listed, resolve
 from slimsearch.spaces import SpaceConfig, space_config_from_mapping
@@ -596,7 +597,7 @@ def _constraints(data: Mapping[str, Any], measured: tuple[ObjectiveSpec, ...]) -
 def _check_onnxruntime(kind: str, measured: tuple[ObjectiveSpec, ...]) -> None:
     import importlib.util
 
-    if kind not in ("classification", "causal-lm"):
+    if kind not in ONNX_TASKS:
         raise StudyError(
             f"latency.backend: onnxruntime times classifiers and causal LMs here, and task.kind is {kind!r}; "
             "use backend torch"

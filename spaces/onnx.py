@@ -47,19 +47,19 @@ def onnx_op(layer: PackedLinear | TiedHead) -> str:
     """The ONNX operator that computes ``layer`` (see the module docstring)."""
     if isinstance(layer, TiedHead):
         table = layer.table
-        if table.bits == 8:
-            return "MatMulNBits" if table.embedding_dim % 16 == 0 else "MatMul"
-        grouped = table.bits in GROUPED_BITS
-        return "MatMulNBits" if grouped and group_size_for(table.embedding_dim) in NBITS_BLOCKS else "MatMul"
+        return "MatMulNBits" if _nbits_fits(table.bits, table.embedding_dim, GROUP_SIZE) else "MatMul"
     if layer.sparse:
         return "MatMul"
     if layer.bits == 8 and not layer.weight_only:
         return "MatMulInteger"
-    if layer.bits == 8 and layer.in_features % 16 == 0:
-        return "MatMulNBits"
-    if layer.bits in GROUPED_BITS and group_size_for(layer.in_features, layer.group) in NBITS_BLOCKS:
-        return "MatMulNBits"
-    return "MatMul"
+    return "MatMulNBits" if _nbits_fits(layer.bits, layer.in_features, layer.group) else "MatMul"
+
+
+def _nbits_fits(bits: int, cols: int, group: int) -> bool:
+    """Whether ``MatMulNBits`` takes weights of ``bits`` (8: symmetric int8) in rows of ``cols``."""
+    if bits == 8:
+        return cols % 16 == 0
+    return bits in GROUPED_BITS and group_size_for(cols, group) in NBITS_BLOCKS
 
 
 def _const(g: Any, tensor: Tensor) -> Any:

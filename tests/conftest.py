@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import sentiment_rows, tiny_bert_config
+from tiny import LM_TEXT, sentiment_rows, tiny_bert_config, tiny_llama_config
 
 
 def tiny_study(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
@@ -55,6 +55,18 @@ def tiny_study(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     }
     data.update(overrides)
     return data
+
+
+def tiny_lm_study(tmp_path: Path, eval_blocks: int = 4, **overrides: Any) -> dict[str, Any]:
+    """A study mapping for a tiny Llama on in-memory text (blocks of 8 tokens), perplexity and
+    size, no constraints; finishes in seconds."""
+    data = {
+        "model": {"config": tiny_llama_config()},
+        "task": {"kind": "causal-lm", "text": LM_TEXT, "block_size": 8, "eval_blocks": eval_blocks},
+        "objectives": ["perplexity", "size_bytes"],
+        "constraints": {},
+    }
+    return tiny_study(tmp_path, **(data | overrides))
 
 
 @pytest.fixture(scope="session")

@@ -11,14 +11,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import tiny_study
+from conftest import tiny_lm_study, tiny_study
 from slimsearch.evaluators import EvalContext, LatencySpec, make_evaluator, measure_decode
 from slimsearch.evaluators.latency import quiet_times
 from slimsearch.search.driver import run_study
 from slimsearch.search.export import export_trial
 from slimsearch.search.study_file import StudyError, study_from_mapping
 from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
-from tiny import LM_TEXT, tiny_bert, tiny_llama, tiny_llama_config
+from tiny import tiny_bert, tiny_llama
 
 SPEC = LatencySpec(
     batch_size=1, seq_len=8, warmup=1, repeats=5, threads=1, max_drift=0, decode_tokens=6, time_budget=10
@@ -112,10 +112,8 @@ def test_resident_memory_of_a_classifier_runs_its_forward_pass() -> None:
 
 
 def test_a_causal_study_searches_memory_and_decode_speed(tmp_path: Path) -> None:
-    data = tiny_study(
+    data = tiny_lm_study(
         tmp_path,
-        model={"config": tiny_llama_config()},
-        task={"kind": "causal-lm", "text": LM_TEXT, "block_size": 8, "eval_blocks": 4},
         space={"default": {"bits": [32, 4]}, "embeddings": [32, 8]},
         objectives=["perplexity", "memory_bytes", "decode_speedup"],
         constraints={"max_memory_ratio": 2.0},

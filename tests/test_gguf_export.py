@@ -13,14 +13,14 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_study
+from conftest import tiny_lm_study, tiny_study
 from slimsearch.search import gguf_export
 from slimsearch.search.cli import main
 from slimsearch.search.driver import run_study
 from slimsearch.search.study_file import study_from_mapping
 from slimsearch.spaces import CompressionPlan, LayerSettings, StructuredSettings, apply_plan
 from slimsearch.spaces.methods.packed import TiedHead
-from tiny import LM_TEXT, tiny_llama, tiny_llama_config, tiny_llama_untied
+from tiny import tiny_llama, tiny_llama_untied
 
 MIXED = {
     r"re:.*q_proj": LayerSettings(bits=4, group=32),
@@ -148,14 +148,8 @@ def test_other_architectures_and_tasks_are_refused() -> None:
 
 
 def _lm_study(tmp_path: Path) -> Path:
-    data = tiny_study(
-        tmp_path,
-        model={"config": tiny_llama_config()},
-        task={"kind": "causal-lm", "text": LM_TEXT, "block_size": 8, "eval_blocks": 4},
-        space={"default": {"bits": [16, 4]}, "embeddings": [8, 4]},
-        objectives=["perplexity", "size_bytes"],
-        constraints={},
-        budget={"trials": 2},
+    data = tiny_lm_study(
+        tmp_path, space={"default": {"bits": [16, 4]}, "embeddings": [8, 4]}, budget={"trials": 2}
     )
     result = run_study(study_from_mapping(data))
     return result.run_dir

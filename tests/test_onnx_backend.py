@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_study
+from conftest import tiny_lm_study, tiny_study
 from slimsearch.evaluators import EvalContext, LatencySpec, make_evaluator
 from slimsearch.search.cli import main
 from slimsearch.search.driver import run_study
 from slimsearch.search.study_file import StudyError, study_from_mapping
 from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
 from slimsearch.spaces.onnx import export_onnx, feeds, session
-from tiny import LM_TEXT, MODELS, sentiment_rows, tiny_bert, tiny_llama_config
+from tiny import LM_TEXT, MODELS, sentiment_rows, tiny_bert
 
 pytest.importorskip("onnxruntime")
 
@@ -131,35 +131,30 @@ def test_the_onnxruntime_backend_is_checked_at_load(tmp_path: Path) -> None:
 
 
 def test_a_causal_lm_study_times_its_forward_pass_in_onnx_runtime(tmp_path: Path) -> None:
-    data = tiny_study(
+    data = tiny_lm_study(
         tmp_path,
-        model={"config": tiny_llama_config()},
-        task={"kind": "causal-lm", "text": LM_TEXT, "block_size": 8, "eval_blocks": 2},
+        eval_blocks=2,
         space={"default": {"bits": [32, 4]}, "embeddings": [32, 4]},
         objectives=["perplexity", "latency_ratio"],
-        constraints={},
         budget={"trials": 2},
     )
-    data["latency"] |= {"backend": "onnxruntime"}
-    result = run_study(study_from_mapping(data))
-    complete = [t for t in result.study.trials if t.user_attrs.get("metrics")]
-    assert len(complete) == 2
-    for trial in complete:
-        latency = trial.user_attrs["records"]["latency"]
-        assert latency["environment"]["backend"].startswith("onnxruntime")
-        assert trial.user_attrs["metrics"]["latency_ratio"] == latency["ratio"] > 0
+    _check_trials_timed_in_onnx_runtime(data, 2)
 
 
 def test_a_study_times_its_trials_in_onnx_runtime(tmp_path: Path) -> None:
     data = tiny_study(tmp_path, objectives=["accuracy", "size_bytes", "latency_ratio"], budget={"trials": 3})
+    _check_trials_timed_in_onnx_runtime(data, 3)
+
+
+def _check_trials_timed_in_onnx_runtime(data: dict[str, Any], trials: int) -> None:
     data["latency"] |= {"backend": "onnxruntime"}
     result = run_study(study_from_mapping(data))
     complete = [t for t in result.study.trials if t.user_attrs.get("metrics")]
-    assert len(complete) == 3
+    assert len(complete) == trials
     for trial in complete:
         latency = trial.user_attrs["records"]["latency"]
         assert latency["environment"]["backend"].startswith("onnxruntime")
-        assert trial.user_attrs["metrics"]["latency_ratio"] == latency["ratio"]
+        assert trial.user_attrs["metrics"]["latency_ratio"] == latency["ratio"] > 0
 
 
 def test_export_format_onnx_writes_a_model_checked_in_onnx_runtime(tmp_path: Path) -> None:
@@ -194,14 +189,8 @@ def test_a_text_pair_study_exports_to_onnx_with_its_segment_ids(tmp_path: Path) 
 
 
 def test_export_format_onnx_writes_a_causal_lm_scored_in_onnx_runtime(tmp_path: Path) -> None:
-    data = tiny_study(
-        tmp_path,
-        model={"config": tiny_llama_config()},
-        task={"kind": "causal-lm", "text": LM_TEXT, "block_size": 8, "eval_blocks": 2},
-        space={"default": {"bits": [4]}, "embeddings": [4]},
-        objectives=["perplexity", "size_bytes"],
-        constraints={},
-        budget={"trials": 1},
+    data = tiny_lm_study(
+        tmp_path, eval_blocks=2, space={"default": {"bits": [4]}, "embeddings": [4]}, budget={"trials": 1}
     )
     result = run_study(study_from_mapping(data))
     out = tmp_path / "out"
