@@ -6,9 +6,11 @@ Per packed Linear (what ``onnx_ops`` reports):
   ``MatMulInteger`` on the stored int8 codes, rescaled by the row scales: ORT's dynamic
   int8, with slimsearch's codes instead of codes it would choose again;
 - ``bits: 4``, ``3``, ``2`` and ``weight_only`` int8: ``MatMulNBits`` (ORT's weight-only
-  kernel; com.microsoft domain) holding the stored codes, scales and, as float zero points,
-  the offsets (``code * scale + offset == (code - zero) * scale``); 3- and 2-bit codes in
-  4-bit slots;
+  kernel; com.microsoft domain) holding the stored codes, scales and the offsets as zero
+  points (``code * scale + offset == (code - zero) * scale``); 3- and 2-bit codes in 4-bit
+  slots. Zero points are uint8 where every offset is a whole code (int8 weight-only always;
+  ``integer_zero: true`` layers), and such layers compute on int8 activations
+  (``accuracy_level`` 4, ORT's fast path); else they are float, on ORT's slow path;
 - anything else (fp32, bf16, sparse, a shape the kernel cannot take): ``MatMul`` on the fp32
   values the layer computes with (the same function; no speed claimed for it).
 AWQ's input scale becomes a ``Div`` before the matmul. Embedding tables are written as
@@ -34,11 +36,15 @@ from torch import Tensor, nn
 
 from slimsearch.spaces.methods import PackedEmbedding, PackedLinear
 from slimsearch.spaces.methods.packed import TiedHead
-from slimsearch.spaces.methods.quantize import GROUP_SIZE, GROUPED_BITS, group_size_for
+from slimsearch.spaces.methods.quantize import GROUP_SIZE, GROUPED_BITS, group_size_for, whole_zeros
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 NBITS_BLOCKS = (16, 32, 64, 128, 256)
+# MatMulNBits' accuracy_level for integer zero points: 4 computes on int8 activations (ORT's
+# fast path; float ones at level 0 run many times slower), 0 keeps fp32 activations.
+INT8_COMPUTE = 4
+_accuracy_level = INT8_COMPUTE
 # The layers being exported, by id, with the fp32 weight they compute with (symbolic reads them).
 _LAYERS: dict[int, tuple[PackedLinear | TiedHead, Tensor]] = {}
 
@@ -79,7 +85,8 @@ def _stored(layer: PackedLinear | TiedHead) -> tuple[Tensor, Tensor, Tensor | No
 
 
 def _nbits_inputs(layer: PackedLinear | TiedHead) -> tuple[Tensor, Tensor, Tensor, int, int]:
-    """(B uint8 [N, blocks, blob], scales [N * blocks], float zero points, bits, block size)."""
+    """(B uint8 [N, blocks, blob], scales [N * blocks], zero points (uint8, two 4-bit ones a
+    byte, where they are whole; else float), bits, block size)."""
     codes, scale, offset, bits, group = _stored(layer)
     rows, cols = codes.shape
     if bits == 8:
@@ -99,8 +106,13 @@ def _nbits_inputs(layer: PackedLinear | TiedHead) -> tuple[Tensor, Tensor, Tenso
     # A group of equal values may have scale 0: a tiny scale keeps (code - zero) * scale at
     # its offset, to a relative 1e-6.
     scale = torch.where(scale == 0, 1e-6 * offset.abs().clamp_min(1e-12), scale)
-    zero = -offset / scale
-    return packed.contiguous(), scale.reshape(-1), zero.reshape(-1), 4, block
+    whole = whole_zeros(offset, scale, 2**bits - 1)
+    if whole is None:
+        return packed.contiguous(), scale.reshape(-1), (-offset / scale).reshape(-1), 4, block
+    if blocks % 2:
+        whole = F.pad(whole, (0, 1))
+    nibbles = whole[:, 0::2] | (whole[:, 1::2] << 4)
+    return packed.contiguous(), scale.reshape(-1), nibbles.contiguous(), 4, block
 
 
 class _PackedMatMul(torch.autograd.Function):
@@ -142,6 +154,7 @@ class _PackedMatMul(torch.autograd.Function):
                 N_i=weight.shape[0],
                 bits_i=bits,
                 block_size_i=block,
+                accuracy_level_i=_accuracy_level if zeros.dtype == torch.uint8 else 0,
             )
             # ORT's operator has no shape function in the exporter: give the output's type.
             sizes = x.type().varyingSizes()
@@ -238,10 +251,16 @@ def _swapped(model: nn.Module) -> Iterator[dict[str, str]]:
             _LAYERS.pop(id(child), None)
 
 
-def export_onnx(model: nn.Module, path: Path, vocab_size: int, seq_len: int = 16) -> dict[str, str]:
+def export_onnx(
+    model: nn.Module, path: Path, vocab_size: int, seq_len: int = 16, int8_compute: bool = True
+) -> dict[str, str]:
     """Write a classifier or a causal LM (``input_ids``, ``attention_mask`` and, see
     ``input_names``, ``token_type_ids`` -> ``logits``; batch and sequence dynamic) to ``path``;
-    returns the ONNX operator of each packed Linear (and tied output layer) by name."""
+    returns the ONNX operator of each packed Linear (and tied output layer) by name.
+    ``int8_compute`` lets MatMulNBits layers with integer zero points compute on int8
+    activations (ORT's fast path); off, they keep fp32 activations (exact, and slow)."""
+    global _accuracy_level
+    _accuracy_level = INT8_COMPUTE if int8_compute else 0
     ids = torch.randint(1, max(vocab_size, 2), (1, seq_len), generator=torch.Generator().manual_seed(0))
     names = input_names(model)
     example = (ids, torch.ones_like(ids)) + ((torch.zeros_like(ids),) if len(names) > 2 else ())

@@ -27,7 +27,7 @@ def test_generated_cases_cover_every_registered_method_and_stage_pair() -> None:
     assert {"bits=8", "sparsity=0.5", "rank=4", "heads=0.5", "neurons=0.5", "bits=4@embeddings"} <= names
     assert {"sparsity=0.5+bits=4", "sparsity=0.5+rank=4", "bits=4+rank=4", "all-combined"} <= names
     assert {m.name for m in registry.methods()} == {
-        *("sparsity", "wanda", "sparsegpt", "bits", "group", "weight_only", "awq", "gptq"),
+        *("sparsity", "wanda", "sparsegpt", "bits", "group", "integer_zero", "weight_only", "awq", "gptq"),
         *("rank", "whiten", "heads", "neurons", "drop"),
     }
     # Each option is checked with the method it modifies, and all of them together.

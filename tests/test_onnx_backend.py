@@ -27,7 +27,9 @@ FORMATS: list[tuple[dict[str, Any], str]] = [
     ({"bits": 8}, "MatMulInteger"),
     ({"bits": 8, "weight_only": True}, "MatMulNBits"),
     ({"bits": 4, "group": 32}, "MatMulNBits"),
+    ({"bits": 4, "integer_zero": True}, "MatMulNBits"),
     ({"bits": 3}, "MatMulNBits"),
+    ({"bits": 2, "integer_zero": True}, "MatMulNBits"),
     ({"bits": 2}, "MatMulNBits"),
     ({"bits": 4, "awq": True}, "MatMulNBits"),
     ({"bits": 16}, "MatMul"),
@@ -82,7 +84,8 @@ def test_onnx_runtime_computes_what_a_packed_decoder_computes(
         layers["lm_head"] = LayerSettings(bits=8, weight_only=True)
     model = apply_plan(MODELS[arch](0), CompressionPlan(layers=layers)).eval()
     path = tmp_path / "m.onnx"
-    ops = export_onnx(model, path, vocab_size=96)
+    # fp32 activations everywhere: ORT then computes what torch does to float rounding.
+    ops = export_onnx(model, path, vocab_size=96, int8_compute=False)
     if table_bits is not None:
         assert ops["lm_head"] == ("MatMul" if table_bits == 16 else "MatMulNBits")
     # Longer than the traced 16 tokens, with a padded row: both are inputs, not constants.
@@ -94,6 +97,51 @@ def test_onnx_runtime_computes_what_a_packed_decoder_computes(
     # The dense reference: with gradients on, packed layers compute on their dequantized weights.
     want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.detach().numpy()
     assert np.abs(got - want).max() < tolerance * np.abs(want).max()
+
+
+def _nbits_nodes(path: Path) -> list[tuple[int, str]]:
+    """(accuracy_level, zero points' dtype) of each MatMulNBits node of the model at ``path``."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    types = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            types[node.output[0]] = onnx.helper.tensor_dtype_to_np_dtype(node.attribute[0].t.data_type).name
+    out = []
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            level = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
+            out.append((level, types.get(node.input[3], "?")))
+    return out
+
+
+@pytest.mark.parametrize(("integer_zero", "int8_compute"), [(True, True), (True, False), (False, True)])
+def test_integer_zero_points_compute_on_int8_activations(
+    integer_zero: bool, int8_compute: bool, tmp_path: Path
+) -> None:
+    """Whole zero codes are written as uint8 (two a byte) and, with ``int8_compute``, run at
+    accuracy_level 4 (ORT's fast path); float zero points stay at level 0 (fp32 activations)."""
+    layers = {
+        r"re:model\.layers\.\d+\.self_attn\..*": LayerSettings(bits=4, integer_zero=integer_zero),
+        r"re:model\.layers\.\d+\.mlp\..*": LayerSettings(bits=8, weight_only=True),
+    }
+    model = apply_plan(MODELS["llama"](0), CompressionPlan(layers=layers)).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, vocab_size=96, int8_compute=int8_compute)
+    nodes = _nbits_nodes(path)
+    fast = 4 if int8_compute else 0
+    # Per block: 4 attention Linears at 4 bits, then 3 MLP Linears at int8 weight-only.
+    want = ([(fast, "uint8")] if integer_zero else [(0, "float32")]) * 4 + [(fast, "uint8")] * 3
+    assert nodes == want * 2
+    ids = torch.randint(1, 96, (2, 20), generator=torch.Generator().manual_seed(0))
+    sess = session(path, 1)
+    got = sess.run(None, feeds(sess, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))[0]
+    want_logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    want_np = want_logits.detach().numpy()
+    # int8 activations (per block of columns) cost a little; fp32 ones match to float rounding.
+    tolerance = 2e-2 if int8_compute else 1e-5
+    assert np.abs(got - want_np).max() < tolerance * np.abs(want_np).max()
 
 
 def test_latency_in_onnx_runtime_is_timed_against_the_baseline_there() -> None:

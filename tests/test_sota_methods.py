@@ -24,7 +24,15 @@ from slimsearch.spaces.apply import compress_linear
 from slimsearch.spaces.methods import DroppedBlock, PackedLinear, registry
 from slimsearch.spaces.methods.calibration import LayerStats
 from slimsearch.spaces.methods.gptq import gptq_codes
-from slimsearch.spaces.methods.quantize import Grid, pack_codes, quantize_groups, quantize_rows, unpack_codes
+from slimsearch.spaces.methods.quantize import (
+    Grid,
+    group_size_for,
+    pack_codes,
+    quantize_groups,
+    quantize_rows,
+    unpack_codes,
+    whole_zeros,
+)
 from tiny import tiny_bert, tiny_llama
 
 
@@ -99,6 +107,52 @@ def test_weight_only_int8_keeps_activations_in_float(layer: tuple[nn.Linear, Ten
     assert serialized_size(weight_only, CompressionPlan()) == serialized_size(dynamic, CompressionPlan())
     assert error(weight_only, linear, x) < error(dynamic, linear, x)
     assert LayerSettings(bits=8, weight_only=True).realized() == {"bits8-weight-only": "speed+size"}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("extra", [{}, {"sparsity": 0.5}, {"gptq": True}], ids=["rtn", "sparse", "gptq"])
+def test_integer_zero_grids_store_whole_zero_points(
+    layer: tuple[nn.Linear, Tensor, LayerStats], bits: int, extra: dict[str, object]
+) -> None:
+    linear, x, stats = layer
+    plain = stored(linear, stats, bits=bits, **extra)
+    whole = stored(linear, stats, bits=bits, integer_zero=True, **extra)
+    assert isinstance(whole, PackedLinear) and isinstance(plain, PackedLinear)
+    assert whole.integer_zero and not plain.integer_zero
+    assert registry.get("bits").stored_options(whole).get("integer_zero") is True
+    zero = whole_zeros(whole.offset, whole.scale, 2**bits - 1)
+    assert zero is not None and int(zero.max()) <= 2**bits - 1
+    # The stored offsets are exactly -zero * scale: (code - zero) * scale is the same weight.
+    codes = whole._dense_stored().float()
+    group = group_size_for(linear.in_features, whole.group)
+    scale = whole.scale.float().repeat_interleave(group, dim=1)[:, : linear.in_features]
+    zeros = zero.float().repeat_interleave(group, dim=1)[:, : linear.in_features]
+    dense = (codes - zeros) * scale
+    if whole.sparse:
+        dense = dense * (whole.dense_weight() != 0)
+    assert torch.equal(dense, whole.dense_weight())
+    assert serialized_size(whole, CompressionPlan()) == serialized_size(plain, CompressionPlan())
+    # A looser fit, not a different one.
+    assert error(whole, linear, x) < 1.5 * error(plain, linear, x)
+
+
+def test_integer_zero_keeps_groups_of_one_value() -> None:
+    w = torch.randn(4, 128, generator=torch.Generator().manual_seed(4))
+    w[0, :64], w[1, 64:], w[2, :64] = 0.3, -0.7, 0.0
+    codes, scale, offset = quantize_groups(w, 4, None, 64, integer_zero=True)
+    assert whole_zeros(offset, scale, 15) is not None
+    back = codes.float() * scale.float().repeat_interleave(64, 1) + offset.float().repeat_interleave(64, 1)
+    assert torch.allclose(back[0, :64], torch.tensor(0.3), rtol=1e-3)
+    assert torch.allclose(back[1, 64:], torch.tensor(-0.7), rtol=1e-3)
+    assert torch.equal(back[2, :64], torch.zeros(64))
+
+
+def test_integer_zero_fake_quantization_is_the_stored_weight(layer: tuple[nn.Linear, Tensor, LayerStats]) -> None:
+    linear, _, stats = layer
+    module = stored(linear, stats, bits=4, integer_zero=True)
+    assert isinstance(module, PackedLinear)
+    fake = registry.get("bits").fake_quantize(linear.weight, 4, None, {"integer_zero": True})  # type: ignore[attr-defined]
+    assert torch.equal(fake, module.dense_weight())
 
 
 # -- GPTQ and AWQ ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from slimsearch.spaces.methods.quantize import (
     quantize_rows,
     unpack_bits,
     unpack_codes,
+    whole_zeros,
 )
 from slimsearch.spaces.methods.registry import BOTH, NOTHING, SIZE, LinearWork
 
@@ -42,7 +43,9 @@ LINEAR_BITS = (32, 16, 8, 4, 3, 2)
 EMBEDDING_BITS = (16, 8, 4, 2)
 
 
-def _encode(weight: Tensor, bits: int, keep: Tensor | None, group: int = GROUP_SIZE) -> dict[str, Tensor]:
+def _encode(
+    weight: Tensor, bits: int, keep: Tensor | None, group: int = GROUP_SIZE, integer_zero: bool = False
+) -> dict[str, Tensor]:
     """The buffers that store ``weight`` at ``bits``: "values" (only the kept entries when
     ``keep`` is a mask) plus scales, and offsets for group-wise bits."""
     w = weight.detach().float()
@@ -54,7 +57,7 @@ def _encode(weight: Tensor, bits: int, keep: Tensor | None, group: int = GROUP_S
     if bits == 8:
         codes, scale = quantize_rows(w, 8)
         return {"values": pick(codes).clone(), "scale": scale}
-    codes, gscale, offset = quantize_groups(w, bits, keep, group)
+    codes, gscale, offset = quantize_groups(w, bits, keep, group, None, integer_zero)
     return {"values": pack_codes(pick(codes), bits), "scale": gscale, "offset": offset}
 
 
@@ -98,11 +101,12 @@ class PackedLinear(nn.Module):
         method: str | None = None,
         group: int = GROUP_SIZE,
         weight_only: bool = False,
+        integer_zero: bool = False,
     ) -> PackedLinear:
         """Store ``work`` (its weight already zero where ``work.keep`` is False) at ``bits``."""
         if bits not in LINEAR_BITS:
             raise ValueError(f"bits={bits!r} is not supported for a Linear; choose from {list(LINEAR_BITS)}")
-        buffers = _encode(work.weight.detach().float(), bits, work.keep, group)
+        buffers = _encode(work.weight.detach().float(), bits, work.keep, group, integer_zero)
         return cls._assemble(work, bits, buffers, method, group, weight_only)
 
     @classmethod
@@ -214,6 +218,13 @@ class PackedLinear(nn.Module):
         scaling), which the layer divides back out; None when there is none."""
         scale = getattr(self, "in_scale", None)
         return None if scale is None else scale.float()
+
+    @property
+    def integer_zero(self) -> bool:
+        """Whether every group's offset is a whole zero code (``integer_zero`` grids)."""
+        if self.bits not in GROUPED_BITS:
+            return False
+        return whole_zeros(self.offset, self.scale, 2**self.bits - 1) is not None
 
     @property
     def realized(self) -> str:

@@ -7,7 +7,8 @@
   packed lowest bits first into a stream of bytes. Group-wise scales keep 2-bit weights
   usable; they cost 32 bits per group (0.5 bit a weight at groups of 64), which the size
   objective counts like everything else. Each group's scale and offset are fitted to its
-  weights by least squares, not min-max.
+  weights by least squares, not min-max (with ``integer_zero``, offsets stay whole
+  multiples of the scale: integer zero points).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def quantize_groups(
     keep: Tensor | None = None,
     group: int = GROUP_SIZE,
     importance: Tensor | None = None,
+    integer_zero: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric group-wise codes: (uint8 codes shaped like ``weight``, fp16 scale, fp16
     offset), the last two shaped (rows, groups); weight ~= codes * scale + offset.
@@ -71,7 +73,10 @@ def quantize_groups(
     2 bits the refinement halves MiniLM's weight error. ``keep`` (a bool mask like
     ``weight``) fits only the entries a sparse layer stores. ``importance`` (one non-negative
     weight per column, such as the Hessian's diagonal) weighs the fit, so the grid serves
-    the columns whose errors cost the layer's output most."""
+    the columns whose errors cost the layer's output most. ``integer_zero`` keeps every
+    offset a whole number of steps below zero (``offset == -z * scale``, z a code), the
+    grid ONNX Runtime's fast 4-bit kernels take: after each fit, z is rounded and the scale
+    fitted again for it."""
     _check_grouped(bits)
     w = weight.detach().float()
     rows, cols = w.shape
@@ -117,14 +122,83 @@ def quantize_groups(
         ok = (var > 1e-6) & (fitted > 0)
         scale = torch.where(ok, fitted, scale)
         offset = torch.where(ok, (sum_w - scale * sum_c) / count, offset)
+        if integer_zero:
+            scale, offset = _whole_zero(scale, offset, codes, fit, mask, levels)
     # Round scale and offset to their stored dtype first, so codes are chosen against
     # exactly the values a reader will use.
-    scale16 = scale.to(torch.float16)
-    scale16 = torch.where(scale16 > 0, scale16, torch.ones_like(scale16))
-    offset16 = offset.to(torch.float16)
+    if integer_zero:
+        scale, zero = _constant_groups(scale, offset, low, high, levels)
+        scale16 = _exact_product_scale(scale, zero)
+        offset16 = (-zero * scale16.float()).to(torch.float16)
+    else:
+        scale16 = scale.to(torch.float16)
+        scale16 = torch.where(scale16 > 0, scale16, torch.ones_like(scale16))
+        offset16 = offset.to(torch.float16)
     codes = _codes(padded, scale16.float(), offset16.float(), levels).to(torch.uint8)
     codes = codes.view(rows, groups * group)[:, :cols]
     return codes.contiguous(), scale16, offset16
+
+
+def _zero_codes(scale: Tensor, offset: Tensor, levels: int) -> Tensor:
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (-offset / safe).round().clamp_(0, levels)
+
+
+def _whole_zero(
+    scale: Tensor, offset: Tensor, codes: Tensor, fit: Tensor, mask: Tensor | None, levels: int
+) -> tuple[Tensor, Tensor]:
+    """The fit's offset rounded to a whole zero code z, and the scale refitted by least
+    squares for weight ~= (codes - z) * scale."""
+    zero = _zero_codes(scale, offset, levels)
+    shifted = codes - zero[..., None]
+    weighted = shifted if mask is None else shifted * mask
+    num = (shifted * fit).sum(dim=2)
+    den = (weighted * shifted).sum(dim=2)
+    refit = num / den.clamp_min(1e-20)
+    scale = torch.where((den > 1e-6) & (refit > 0), refit, scale)
+    return scale, -zero * scale
+
+
+def _exact_product_scale(scale: Tensor, zero: Tensor) -> Tensor:
+    """The fp16 scale nearest ``scale`` whose product with the zero code is exact in fp16,
+    so the stored offset is exactly ``-zero * scale`` and a reader computing
+    ``(code - zero) * scale`` (ORT's uint8 zero points) gets the same weights. A significand
+    that is a multiple of 16 always qualifies (zero < 16), so 8 fp16 steps either way suffice."""
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    nearest = scale.to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+    steps = torch.arange(-8, 9, dtype=torch.int16)
+    candidates = (nearest.view(torch.int16)[..., None] + steps).view(torch.float16).float()
+    product = zero[..., None] * candidates
+    exact = (product.to(torch.float16).float() == product) & (candidates > 0) & torch.isfinite(product)
+    distance = torch.where(exact, (candidates - scale[..., None]).abs(), torch.inf)
+    return candidates.gather(-1, distance.argmin(-1, keepdim=True)).squeeze(-1).to(torch.float16)
+
+
+def _constant_groups(
+    scale: Tensor, offset: Tensor, low: Tensor, high: Tensor, levels: int
+) -> tuple[Tensor, Tensor]:
+    """(scale, zero code) per group; a group of one value v (no slope to fit) stores
+    scale |v| with zero 0 and code 1 (v > 0) or zero 1 and code 0 (v < 0): v to fp16's
+    rounding, with no product for the scale to fit."""
+    zero = _zero_codes(scale, offset, levels)
+    flat = high == low
+    scale = torch.where(flat, torch.where(low == 0, 1.0, low.abs()), scale)
+    zero = torch.where(flat, (low < 0).to(zero.dtype), zero)
+    return scale, zero
+
+
+def whole_zeros(offset: Tensor, scale: Tensor, levels: int) -> Tensor | None:
+    """The zero codes ``-offset / scale`` as uint8 when every one is exactly a whole code in
+    [0, levels] (as ``integer_zero`` grids store them), else None: a float-offset grid."""
+    zero = -offset.float() / scale.float()
+    nearest = zero.round()
+    if zero.numel() and not bool(torch.isfinite(zero).all()):
+        return None
+    if zero.numel() and not bool((zero == nearest).all()):
+        return None
+    if zero.numel() and (float(nearest.min()) < 0 or float(nearest.max()) > levels):
+        return None
+    return nearest.to(torch.uint8)
 
 
 def _codes(padded: Tensor, scale: Tensor, offset: Tensor, levels: int) -> Tensor:
@@ -218,13 +292,14 @@ class Grid:
     bits: int
     group: int
     symmetric: bool
+    integer_zero: bool = False
 
     @classmethod
-    def for_layer(cls, bits: int, cols: int, group: int = GROUP_SIZE) -> Grid:
+    def for_layer(cls, bits: int, cols: int, group: int = GROUP_SIZE, integer_zero: bool = False) -> Grid:
         if bits == 8:
             return cls(8, cols, True)
         _check_grouped(bits)
-        return cls(bits, group_size_for(cols, group), False)
+        return cls(bits, group_size_for(cols, group), False, integer_zero)
 
     def fit(
         self, w: Tensor, keep: Tensor | None = None, importance: Tensor | None = None
@@ -235,7 +310,7 @@ class Grid:
             limit = qmax(self.bits)
             chunks = w.detach().float().split(self.group, dim=1)
             return torch.stack([c.abs().amax(dim=1) for c in chunks], 1).clamp_min(1e-12) / limit, None
-        _, scale, offset = quantize_groups(w, self.bits, keep, self.group, importance)
+        _, scale, offset = quantize_groups(w, self.bits, keep, self.group, importance, self.integer_zero)
         return scale.float(), offset.float()
 
     def codes(self, w: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
@@ -254,7 +329,9 @@ class Grid:
     def round(self, w: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Round-to-nearest codes of the whole matrix with fitted scales (and offsets)."""
         if not self.symmetric:
-            codes, scale16, offset16 = quantize_groups(w, self.bits, keep, self.group)
+            codes, scale16, offset16 = quantize_groups(
+                w, self.bits, keep, self.group, integer_zero=self.integer_zero
+            )
             return codes.float(), scale16.float(), offset16.float()
         scale, offset = self.fit(w, keep)
         return self.codes_all(w, scale, offset), scale, offset
