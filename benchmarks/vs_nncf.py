@@ -111,6 +111,8 @@ def settings(pattern: str) -> list[tuple[str, str, Plan]]:
         ("4-bit awq + gptq, weighted fit", "4/g64", o(bits=4, awq=True, gptq="weighted=1")),
         ("4-bit awq + gptq, weighted fit", "4/g128", o(bits=4, group=128, awq=True, gptq="weighted=1")),
         ("3-bit gptq", "3/g32", o(bits=3, group=32, gptq=True)),
+        ("3-bit gptq, weighted fit, damp 0.05", "3/g64", o(bits=3, gptq="damp=0.05,weighted=1")),
+        ("3-bit gptq, weighted fit, damp 0.1", "3/g64", o(bits=3, gptq="damp=0.1,weighted=1")),
         ("2-bit least squares", "2/g64", o(bits=2)),
         ("2-bit gptq", "2/g64", o(bits=2, gptq=True)),
         ("2-bit awq + gptq", "2/g32", o(bits=2, group=32, awq=True, gptq=True)),
