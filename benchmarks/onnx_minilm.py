@@ -41,17 +41,21 @@ PLANS: dict[str, dict[str, Any]] = {
     "fp32": {},
     "int8 W8A8": {"bits": 8},
     "int8 W8A8 + table int8": {"bits": 8, "table": 8},
+    "int8 weight-only, fp32 activations in ORT": {"bits": 8, "weight_only": True, "int8_compute": False},
     "int8 weight-only": {"bits": 8, "weight_only": True},
-    "int4 g64": {"bits": 4},
+    "int4 g64 (float zero points)": {"bits": 4},
+    "int4 g64, integer_zero": {"bits": 4, "integer_zero": True},
+    "int4 g32, integer_zero": {"bits": 4, "group": 32, "integer_zero": True},
 }
 
 
-def _plan(model: nn.Module, settings: dict[str, Any]) -> CompressionPlan:
+def plan_for(model: nn.Module, settings: dict[str, Any], blocks: str = BLOCKS) -> CompressionPlan:
     settings = dict(settings)
     layers = {}
     table = settings.pop("table", None)
+    settings.pop("int8_compute", None)
     if settings:
-        layers[BLOCKS] = LayerSettings(**settings)
+        layers[blocks] = LayerSettings(**settings)
     if table:
         name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())  # type: ignore[operator]
         layers[name] = LayerSettings(bits=table)
@@ -62,9 +66,18 @@ def ort_ratio(sess: Any, base: Any, spec: LatencySpec, vocab: int) -> dict[str, 
     return time_sessions(sess, base, spec, vocab, (spec.batch_size, spec.seq_len), "bench-ort")
 
 
+NBITS_KINDS = (
+    "fp32 MatMul",
+    "MatMulNBits, uint8 zero points",
+    "MatMulNBits, uint8 zero points, int8 activations",
+    "MatMulNBits, float zero points",
+)
+
+
 def _nbits_graph(kind: str, k: int, n: int, rows: int, block: int = 64) -> Any:
     """One MatMul of MiniLM's FFN shape: fp32, or MatMulNBits 4-bit with integer (uint8) or
-    float zero points (random values: speed does not depend on them)."""
+    float zero points, on fp32 or (accuracy_level 4) int8 activations (random values: speed
+    does not depend on them)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -78,7 +91,7 @@ def _nbits_graph(kind: str, k: int, n: int, rows: int, block: int = 64) -> Any:
     else:
         zeros = (
             rng.integers(0, 255, (n, (blocks + 1) // 2), dtype=np.uint8)
-            if kind == "MatMulNBits, uint8 zero points"
+            if "uint8" in kind
             else (rng.random(n * blocks) * 15).astype(np.float32)
         )
         inits = [
@@ -95,6 +108,7 @@ def _nbits_graph(kind: str, k: int, n: int, rows: int, block: int = 64) -> Any:
             N=n,
             bits=4,
             block_size=block,
+            accuracy_level=4 if "int8 activations" in kind else 0,
         )
         domains.append(helper.make_opsetid("com.microsoft", 1))
     model = helper.make_model(helper.make_graph([node], "g", [x], [y], inits), opset_imports=domains)
@@ -118,7 +132,7 @@ def nbits_rows(threads: int, budget: float) -> list[dict[str, Any]]:
                 options,
                 providers=["CPUExecutionProvider"],
             )
-            for kind in ("fp32 MatMul", "MatMulNBits, uint8 zero points", "MatMulNBits, float zero points")
+            for kind in NBITS_KINDS
         }
         base = timed(partial(sessions["fp32 MatMul"].run, None, feeds))
         for kind, sess in sessions.items():
@@ -159,17 +173,17 @@ def main() -> None:
         fp32_path = Path(tmp) / "fp32.onnx"
         export_onnx(base, fp32_path, vocab)
         base_sess = session(fp32_path, args.threads)
-        candidates: list[tuple[str, nn.Module]] = []
+        candidates: list[tuple[str, nn.Module, bool]] = []
         for name, settings in PLANS.items():
-            model = apply_plan(copy.deepcopy(base), _plan(base, settings)).eval() if settings else base
-            candidates.append((name, model))
+            model = apply_plan(copy.deepcopy(base), plan_for(base, settings)).eval() if settings else base
+            candidates.append((name, model, settings.get("int8_compute", True)))
         for folder_name in [f for f in (args.exports or "").split(",") if f]:
             from slimsearch.search.export import load
 
-            candidates.append((f"export {Path(folder_name).name}", load(folder_name)[0].eval()))
-        for name, model in candidates:
+            candidates.append((f"export {Path(folder_name).name}", load(folder_name)[0].eval(), True))
+        for name, model, int8_compute in candidates:
             path = Path(tmp) / "plan.onnx"
-            ops = export_onnx(model, path, vocab)
+            ops = export_onnx(model, path, vocab, int8_compute=int8_compute)
             sess = session(path, args.threads)
             torch_lat = measure(model, latency, vocab, reference=base)
             ort_lat = ort_ratio(sess, base_sess, latency, vocab)

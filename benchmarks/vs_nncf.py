@@ -107,6 +107,8 @@ def settings(pattern: str) -> list[tuple[str, str, Plan]]:
         ("3-bit gptq, weighted fit, no act-order", "3/g64", o(bits=3, gptq="act_order=0,weighted=1")),
         ("4-bit gptq, weighted fit", "4/g64", o(bits=4, gptq="weighted=1")),
         ("4-bit gptq, weighted fit", "4/g128", o(bits=4, group=128, gptq="weighted=1")),
+        ("4-bit least squares, integer zero", "4/g64", o(bits=4, integer_zero=True)),
+        ("4-bit gptq, weighted fit, integer zero", "4/g64", o(bits=4, integer_zero=True, gptq="weighted=1")),
         ("3-bit awq + gptq, weighted fit", "3/g64", o(bits=3, awq=True, gptq="weighted=1")),
         ("4-bit awq + gptq, weighted fit", "4/g64", o(bits=4, awq=True, gptq="weighted=1")),
         ("4-bit awq + gptq, weighted fit", "4/g128", o(bits=4, group=128, awq=True, gptq="weighted=1")),
