@@ -31,6 +31,7 @@ from slimsearch.evaluators.latency import measure_timers, timed
 from slimsearch.evaluators.onnx_backend import time_sessions
 from slimsearch.search import models
 from slimsearch.search.onnx_check import accuracy
+from slimsearch.search.study_file import StudySpec
 from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
 from slimsearch.spaces.onnx import export_onnx, session
 
@@ -60,6 +61,22 @@ def plan_for(model: nn.Module, settings: dict[str, Any], blocks: str = BLOCKS) -
         name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())  # type: ignore[operator]
         layers[name] = LayerSettings(bits=table)
     return CompressionPlan(layers=layers)
+
+
+def baseline(
+    spec: StudySpec, kind: str, threads: int, budget: float, seq_len: int = 64
+) -> tuple[nn.Module, list[dict[str, Any]], int, LatencySpec]:
+    """The study's baseline model (eval mode), evaluation batches, vocabulary size, and the
+    latency protocol at batch 1 x ``seq_len`` tokens on ``threads`` threads."""
+    torch.set_num_threads(threads)
+    folder = models.prepare_baseline(spec)
+    base, tokenizer = models.load_baseline(folder, kind)
+    base.eval()
+    batches, _ = data(spec, tokenizer)
+    latency = LatencySpec(
+        batch_size=1, seq_len=seq_len, threads=threads, warmup=5, repeats=20, time_budget=budget
+    )
+    return base, batches, len(tokenizer), latency
 
 
 def ort_ratio(sess: Any, base: Any, spec: LatencySpec, vocab: int) -> dict[str, Any]:
@@ -158,16 +175,7 @@ def main() -> None:
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    torch.set_num_threads(args.threads)
-    spec = minilm_spec()
-    folder = models.prepare_baseline(spec)
-    base, tokenizer = models.load_baseline(folder, "classification")
-    base.eval()
-    batches, _ = data(spec, tokenizer)
-    vocab = len(tokenizer)
-    latency = LatencySpec(
-        batch_size=1, seq_len=64, threads=args.threads, warmup=5, repeats=20, time_budget=args.budget
-    )
+    base, batches, vocab, latency = baseline(minilm_spec(), "classification", args.threads, args.budget)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
@@ -232,10 +240,14 @@ def main() -> None:
         "rows": rows,
         "matmul_nbits": nbits_rows(args.threads, args.budget),
     }
-    out = Path(args.out)
+    write(result, Path(args.out), table(result))
+
+
+def write(result: dict[str, Any], out: Path, text: str) -> None:
+    """Write ``result`` as JSON to ``out`` and print its table ``text``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(table(result))
+    print(text)
     print(f"wrote {out}")
 
 

