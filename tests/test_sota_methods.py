@@ -147,7 +147,9 @@ def test_integer_zero_keeps_groups_of_one_value() -> None:
     assert torch.equal(back[2, :64], torch.zeros(64))
 
 
-def test_integer_zero_fake_quantization_is_the_stored_weight(layer: tuple[nn.Linear, Tensor, LayerStats]) -> None:
+def test_integer_zero_fake_quantization_is_the_stored_weight(
+    layer: tuple[nn.Linear, Tensor, LayerStats],
+) -> None:
     linear, _, stats = layer
     module = stored(linear, stats, bits=4, integer_zero=True)
     assert isinstance(module, PackedLinear)
