@@ -23,8 +23,15 @@ Batch = dict[str, Tensor]
 T = TypeVar("T")
 
 CALIBRATION_ROWS = 32
-CALIBRATION_BLOCKS = 2
+CALIBRATION_BLOCKS = 2  # enough for norms; Hessian methods warn on fewer than worker.HESSIAN_TOKENS
 LM_DISTILL_BLOCKS = 64
+
+
+def calibration_count(task: TaskSpec) -> int:
+    """How many training sentences (labelled tasks) or blocks of ``block_size`` tokens
+    (causal LM) the calibration statistics are captured on."""
+    default = CALIBRATION_ROWS if task.kind in LABELLED_KINDS else CALIBRATION_BLOCKS
+    return task.calibration_rows or default
 
 
 @dataclass
@@ -90,12 +97,12 @@ class TaskData:
             if task.kind in LABELLED_KINDS:
                 splits = self.splits()
                 train = splits.train or splits.test
-                wanted = task.calibration_rows or CALIBRATION_ROWS
+                wanted = calibration_count(task)
                 rows = random.Random(task.seed + 2).sample(train, min(wanted, len(train)))
                 batch = self.rows_batches(rows, len(rows))[0]
             else:
                 text = self.held_out_text() or self.text()
-                blocks = task.calibration_rows or CALIBRATION_BLOCKS
+                blocks = calibration_count(task)
                 batch = self.blocks(text, blocks, blocks)[0]
             return {k: v for k, v in batch.items() if k != "labels"}
 

@@ -98,7 +98,7 @@ class TaskSpec:
     eval_blocks: int = 32
     seed: int = 0
     # Rows the calibration statistics are captured on (training sentences, or blocks of
-    # block_size tokens); None: the defaults of search/worker.py (32 sentences, 2 blocks).
+    # block_size tokens); None: the defaults of search/data.py (32 sentences, 2 blocks).
     calibration_rows: int | None = None
     # How a `datasets` source is read (search/sources.py): its columns, the split rows come
     # from (None: its only split, or 'train') and, when set, the split the test rows come

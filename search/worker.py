@@ -30,7 +30,7 @@ from slimsearch.evaluators import Accuracy, EvalContext, LatencySpec, make_evalu
 from slimsearch.evaluators.device import check_device
 from slimsearch.evaluators.latency import remember_quiet
 from slimsearch.search import models
-from slimsearch.search.data import CALIBRATION_ROWS, TaskData
+from slimsearch.search.data import TaskData, calibration_count
 from slimsearch.search.locks import machine_lock
 from slimsearch.search.log import say
 from slimsearch.search.study_file import ObjectiveSpec, TaskSpec
@@ -216,6 +216,7 @@ def _screen(job: TrialJob, model: nn.Module, context: EvalContext) -> dict[str, 
 
 
 _STATS: dict[str, CalibrationStats] = {}
+HESSIAN_TOKENS = 4096
 
 
 def calibration_stats(
@@ -224,16 +225,33 @@ def calibration_stats(
     """The baseline's calibration statistics on the calibration batch: captured once, kept in
     memory and on disk under the cache folder (keyed by baseline, task, rows and kinds), so
     trials, sensitivity and export all read the same numbers."""
-    ident = json.dumps(
-        [baseline_dir, data.task.identity(), CALIBRATION_ROWS, sorted(needs), STATS_VERSION], default=str
-    )
+    count = calibration_count(data.task)
+    ident = json.dumps([baseline_dir, data.task.identity(), count, sorted(needs), STATS_VERSION], default=str)
     path = _cache_path(data.cache, "calibration", ident)
 
     def compute() -> CalibrationStats:
+        advice = few_calibration_tokens(data.task, needs)
+        if advice:
+            say(f"warning: {advice}")
         return capture(base, [data.calibration_batch()], needs, progress=say)
 
     stats: CalibrationStats = _disk_cached(_STATS, path, CalibrationStats.load, compute)
     return stats
+
+
+def few_calibration_tokens(task: TaskSpec, needs: frozenset[str]) -> str | None:
+    """Advice when Hessian-based methods (GPTQ, AWQ scaling, SparseGPT, whitened low-rank)
+    would calibrate a causal LM on fewer tokens than they need to estimate its Hessians."""
+    if task.kind != "causal-lm" or "hessian" not in needs:
+        return None
+    count = calibration_count(task)
+    if count * task.block_size >= HESSIAN_TOKENS:
+        return None
+    return (
+        f"the Hessian-based methods calibrate on {count} blocks of {task.block_size} tokens "
+        f"({count * task.block_size} tokens); they do better on {HESSIAN_TOKENS} or more: raise "
+        "task.calibration_rows (the SmolLM2 method study uses 64 blocks of 256)"
+    )
 
 
 def _cache_path(cache: Path, kind: str, ident: str) -> Path:

@@ -93,3 +93,23 @@ def test_codes_a_method_chose_store_like_rounded_ones(bits: int, sparse: bool) -
     assert stored.made_by == ("mine",)
     with pytest.raises(ValueError, match="codes have shape"):
         PackedLinear.from_codes(work, bits, codes[:, :8], scale, offset)
+
+
+def test_the_calibration_count_and_the_advice_on_too_few_tokens_for_hessians() -> None:
+    from slimsearch.search.data import CALIBRATION_BLOCKS, CALIBRATION_ROWS, calibration_count
+    from slimsearch.search.study_file import TaskSpec
+    from slimsearch.search.worker import HESSIAN_TOKENS, few_calibration_tokens
+
+    lm = TaskSpec(kind="causal-lm", data="builtin:oanc", block_size=256)
+    labelled = TaskSpec(kind="classification", data="builtin:movie-reviews")
+    assert calibration_count(lm) == CALIBRATION_BLOCKS and calibration_count(labelled) == CALIBRATION_ROWS
+    advice = few_calibration_tokens(lm, frozenset({"hessian"}))
+    assert (
+        advice is not None and "task.calibration_rows" in advice and f"{CALIBRATION_BLOCKS} blocks" in advice
+    )
+    assert few_calibration_tokens(lm, frozenset({"act_sq"})) is None  # Wanda-style norms need few
+    assert few_calibration_tokens(labelled, frozenset({"hessian"})) is None
+    enough = TaskSpec(
+        kind="causal-lm", data="builtin:oanc", block_size=256, calibration_rows=HESSIAN_TOKENS // 256
+    )
+    assert calibration_count(enough) == 16 and few_calibration_tokens(enough, frozenset({"hessian"})) is None
