@@ -17,8 +17,11 @@ AWQ's input scale becomes a ``Div`` before the matmul. Embedding tables are writ
 fp32 tables of their values. Low-rank layers are their two factors, each as above.
 
 Causal LMs (decoders) are written the same way, as ``input_ids``, ``attention_mask`` ->
-``logits`` of every position, without a KV cache. A tied output layer is a matmul on the
-table's stored codes: ``MatMulNBits`` for 8/4/2-bit tables, ``MatMul`` for fp32 and bf16.
+``logits`` of every position; with ``kv_cache`` also ``position_ids`` and each block's
+``past_key_values.N.key`` / ``.value`` in, ``present.N.key`` / ``.value`` out (the names
+Optimum's exports use), so a generation loop feeds one token a step (``generate``); an
+empty past (length 0) scores whole blocks. A tied output layer is a matmul on the table's
+stored codes: ``MatMulNBits`` for 8/4/2-bit tables, ``MatMul`` for fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -193,6 +196,49 @@ class _Logits(nn.Module):
         return logits
 
 
+class _Decoder(nn.Module):
+    """A causal LM with its KV cache as flat inputs and outputs (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, blocks: int) -> None:
+        super().__init__()
+        self.model = model
+        self.blocks = blocks
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=getattr(self.model, "config", None))
+        for i in range(self.blocks):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        present: list[Tensor] = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def _cache_shapes(model: nn.Module, ids: Tensor) -> list[tuple[int, ...]]:
+    """The shape of each block's key and value cache after ``ids`` (transformers' DynamicCache)."""
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    layers = getattr(out.past_key_values, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+        raise ValueError(
+            f"{type(model).__name__} does not return a DynamicCache of keys and values per block: "
+            "export it without the KV cache (kv_cache=False)"
+        )
+    return [tuple(t.shape) for layer in layers for t in (layer.keys, layer.values)]
+
+
+def _kv_names(blocks: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(blocks) for kind in ("key", "value")]
+
+
 def is_causal(model: nn.Module) -> bool:
     """Whether ``model`` is a decoder that generates (a transformers causal LM)."""
     can_generate = getattr(model, "can_generate", None)
@@ -214,6 +260,13 @@ def feeds(sess: Any, batch: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
     out = {n: batch[n].numpy() for n in names if n in batch}
     if "attention_mask" in names and "attention_mask" not in out:
         out["attention_mask"] = np.ones_like(out["input_ids"])
+    rows, length = out["input_ids"].shape
+    if "position_ids" in names and "position_ids" not in out:
+        out["position_ids"] = np.broadcast_to(np.arange(length, dtype=np.int64), (rows, length)).copy()
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values.") and i.name not in out:
+            _, heads, _, dim = i.shape  # an empty past: the whole block is scored
+            out[i.name] = np.zeros((rows, heads, 0, dim), dtype=np.float32)
     if "token_type_ids" in names and "token_type_ids" not in out:
         out["token_type_ids"] = np.zeros_like(out["input_ids"])
     return out
@@ -252,27 +305,58 @@ def _swapped(model: nn.Module) -> Iterator[dict[str, str]]:
 
 
 def export_onnx(
-    model: nn.Module, path: Path, vocab_size: int, seq_len: int = 16, int8_compute: bool = True
+    model: nn.Module,
+    path: Path,
+    vocab_size: int,
+    seq_len: int = 16,
+    int8_compute: bool = True,
+    kv_cache: bool = False,
 ) -> dict[str, str]:
     """Write a classifier or a causal LM (``input_ids``, ``attention_mask`` and, see
     ``input_names``, ``token_type_ids`` -> ``logits``; batch and sequence dynamic) to ``path``;
     returns the ONNX operator of each packed Linear (and tied output layer) by name.
     ``int8_compute`` lets MatMulNBits layers with integer zero points compute on int8
-    activations (ORT's fast path); off, they keep fp32 activations (exact, and slow)."""
+    activations (ORT's fast path); off, they keep fp32 activations (exact, and slow).
+    ``kv_cache`` (causal LMs) adds positions and the KV cache (see the module docstring)."""
     global _accuracy_level
+    if kv_cache and not is_causal(model):
+        raise ValueError(f"kv_cache=True is for causal LMs; {type(model).__name__} does not generate")
     _accuracy_level = INT8_COMPUTE if int8_compute else 0
     ids = torch.randint(1, max(vocab_size, 2), (1, seq_len), generator=torch.Generator().manual_seed(0))
-    names = input_names(model)
-    example = (ids, torch.ones_like(ids)) + ((torch.zeros_like(ids),) if len(names) > 2 else ())
+    names = list(input_names(model))
+    example: tuple[Tensor, ...] = (ids, torch.ones_like(ids)) + (
+        (torch.zeros_like(ids),) if len(names) > 2 else ()
+    )
+    outputs = ["logits"]
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    wrapper: nn.Module = _Logits(model)
+    if kv_cache:
+        with torch.no_grad():
+            shapes = _cache_shapes(model, ids[:, :2])
+        blocks = len(shapes) // 2
+        new = ids[:, 2:]  # traced with a past of 2 tokens, so no shape is fixed at 0
+        past = [torch.randn(shape, generator=torch.Generator().manual_seed(1)) for shape in shapes]
+        example = (new, torch.ones_like(ids), torch.arange(2, seq_len)[None], *past)
+        names = [*names, "position_ids", *_kv_names(blocks, "past_key_values")]
+        outputs = [*outputs, *_kv_names(blocks, "present")]
+        axes = {
+            "input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "total"},
+            "position_ids": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch", 1: "sequence"},
+            **{n: {0: "batch", 2: "past"} for n in names[3:]},
+            **{n: {0: "batch", 2: "total"} for n in outputs[1:]},
+        }
+        wrapper = _Decoder(model, blocks)
     with _swapped(model) as ops, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
-            _Logits(model).eval(),
+            wrapper.eval(),
             example,
             str(path),
-            input_names=list(names),
-            output_names=["logits"],
-            dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names},
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes=axes,
             opset_version=OPSET,
             custom_opsets={MS_DOMAIN: 1} if "MatMulNBits" in ops.values() else {},
             dynamo=False,
@@ -292,3 +376,40 @@ def session(path: Path, threads: int) -> Any:
     # in alternation with it (two sessions of one model timed 1.25x apart).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def generate(sess: Any, prompt: Tensor, new_tokens: int, kv_cache: bool = True) -> list[int]:
+    """Greedy continuation of one prompt (``[1, length]``) by a causal LM's ONNX session: with
+    ``kv_cache`` one token a step through the graph's cache (``export_onnx(kv_cache=True)``);
+    without, the whole sequence again each step (an empty past, or a graph without one)."""
+    names = {i.name for i in sess.get_inputs()}
+    if kv_cache and "past_key_values.0.key" not in names:
+        raise ValueError(
+            "this ONNX graph has no KV cache: export it with kv_cache=True, or pass kv_cache=False"
+        )
+    ids = prompt.numpy()
+    tokens: list[int] = []
+    past: dict[str, np.ndarray] = {}
+    seen = 0
+    for _ in range(new_tokens):
+        step = ids[:, seen:] if kv_cache else ids
+        feed = feeds(sess, {"input_ids": torch.from_numpy(step)})
+        if past:
+            feed.update(past)
+            feed["attention_mask"] = np.ones((1, ids.shape[1]), dtype=np.int64)
+            feed["position_ids"] = np.arange(seen, ids.shape[1], dtype=np.int64)[None]
+        out = sess.run(None, feed)
+        token = int(np.asarray(out[0])[0, -1].argmax())
+        tokens.append(token)
+        if kv_cache:
+            past = {
+                n.replace("present", "past_key_values"): v
+                for n, v in zip(_outputs(sess)[1:], out[1:], strict=True)
+            }
+            seen = ids.shape[1]
+        ids = np.concatenate([ids, np.array([[token]], dtype=ids.dtype)], axis=1)
+    return tokens
+
+
+def _outputs(sess: Any) -> list[str]:
+    return [o.name for o in sess.get_outputs()]

@@ -250,7 +250,10 @@ def test_export_format_onnx_writes_a_causal_lm_scored_in_onnx_runtime(tmp_path: 
     assert info["slimsearch_perplexity"] == pytest.approx(searched, rel=1e-6)
     assert info["perplexity"] == pytest.approx(searched, rel=1e-3)
     assert info["tokens"] == 2 * 7
-    assert "perplexity" in (out / "README.md").read_text()
+    # Written with its KV cache; greedy decoding through it agrees with recomputing the prefix.
+    assert info["decode"]["agree"] == info["decode"]["tokens"] == 32 and info["decode"]["tokens_per_s"] > 0
+    card = (out / "README.md").read_text()
+    assert "perplexity" in card and "carries the KV cache" in card and "on 32 of 32 tokens" in card
 
 
 def test_segment_ids_of_a_text_pair_reach_onnx_runtime(tmp_path: Path) -> None:
@@ -276,3 +279,42 @@ def test_segment_ids_of_a_text_pair_reach_onnx_runtime(tmp_path: Path) -> None:
         single = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits.numpy()
     assert np.abs(got - want).max() < 1e-4 * np.abs(want).max() + 1e-6
     assert np.abs(single - want).max() > 1e-2 * np.abs(want).max()
+
+
+def test_a_causal_lm_exported_with_its_kv_cache_decodes_as_it_scores(tmp_path: Path) -> None:
+    """With ``kv_cache``, one token a step through the cache gives the logits of a whole pass
+    over the same sequence, and the same greedy tokens as recomputing the prefix each step;
+    an empty past (what ``feeds`` gives) scores a whole block as the cacheless graph does."""
+    from slimsearch.spaces.onnx import generate
+
+    layers = {r"re:model\.layers\.\d+\..*": LayerSettings(bits=4, integer_zero=True)}
+    model = apply_plan(MODELS["llama"](0), CompressionPlan(layers=layers)).eval()
+    export_onnx(model, tmp_path / "kv.onnx", vocab_size=96, int8_compute=False, kv_cache=True)
+    export_onnx(model, tmp_path / "plain.onnx", vocab_size=96, int8_compute=False)
+    kv, plain = session(tmp_path / "kv.onnx", 1), session(tmp_path / "plain.onnx", 1)
+    outputs = [o.name for o in kv.get_outputs()]
+    assert outputs[0] == "logits" and outputs[1:3] == ["present.0.key", "present.0.value"]
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    whole = plain.run(None, feeds(plain, {"input_ids": ids}))[0]
+    scored = kv.run(None, feeds(kv, {"input_ids": ids}))[0]
+    assert np.abs(scored - whole).max() < 1e-4 * np.abs(whole).max()
+    # The first 9 tokens fill the cache; the last 3 go through it.
+    first = kv.run(None, feeds(kv, {"input_ids": ids[:, :9]}))
+    feed = dict(zip([n.replace("present", "past_key_values") for n in outputs[1:]], first[1:], strict=True))
+    feed.update(
+        input_ids=ids[:, 9:].numpy(),
+        attention_mask=np.ones((2, 12), dtype=np.int64),
+        position_ids=np.tile(np.arange(9, 12), (2, 1)),
+    )
+    step = kv.run(None, feed)
+    assert step[1].shape[2] == 12  # the cache grew by the 3 new tokens
+    assert np.abs(step[0] - whole[:, 9:]).max() < 1e-4 * np.abs(whole).max()
+    prompt = ids[:1, :5]
+    cached = generate(kv, prompt, 6)
+    assert cached == generate(kv, prompt, 6, kv_cache=False) == generate(plain, prompt, 6, kv_cache=False)
+    torch_tokens = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, 5:]
+    assert cached == torch_tokens.tolist()
+    with pytest.raises(ValueError, match="no KV cache"):
+        generate(plain, prompt, 2)
+    with pytest.raises(ValueError, match="causal LMs"):
+        export_onnx(tiny_bert(), tmp_path / "bert.onnx", vocab_size=96, kv_cache=True)
