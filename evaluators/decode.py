@@ -7,6 +7,8 @@ bootstrap interval, noise gates, the shared ``time_budget``):
 - time to first token: the prompt's forward pass and the first token's choice;
 - decode: ``latency.decode_tokens`` more tokens, one forward pass each on the growing cache,
   reported per token (the prompt is run again, untimed, before each pass).
+With ``latency.backend: onnxruntime`` both passes run in ONNX Runtime, on the candidate's and
+the baseline's graphs exported with their KV cache (evaluators/onnx_backend.py).
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ def prompt_ids(spec: LatencySpec, vocab_size: int, batches: list[dict[str, Tenso
     return latency_inputs(spec.batch_size, spec.seq_len, vocab_size)["input_ids"], "random tokens"
 
 
+Timers = tuple[Callable[[], float], Callable[[], float]]  # prompt pass (ms), decode (ms per token)
+
+
+def _torch_timers(model: nn.Module, ids: Tensor, steps: int, tokens: list[int]) -> Timers:
+    return timed(partial(first_token, model, ids), model_device(model)), _decode_timer(
+        model, ids, steps, tokens
+    )
+
+
 @torch.no_grad()
 def measure_decode(
     model: nn.Module,
@@ -94,22 +105,25 @@ def measure_decode(
     device = model_device(model)
     ids = ids.to(device)
     key = quiet_key(batch, seq, spec.threads, reference)
-    base_ttft = timed(partial(first_token, reference, ids), device) if reference is not None else None
-    run_ttft = timed(partial(first_token, model, ids), device)
-    ttft = measure_timers(run_ttft, base_ttft, spec, "ttft-" + key, deadline)
     steps = spec.decode_tokens
     cand_tokens: list[int] = []
     base_tokens: list[int] = []
-    base_decode = _decode_timer(reference, ids, steps, base_tokens) if reference is not None else None
+    env = environment(spec, device)
+    if spec.backend == "onnxruntime":
+        from slimsearch.evaluators.onnx_backend import backend_environment, decode_timers, sessions
+
+        cand_sess, base_sess, ops = sessions(model, reference, vocab_size, spec.threads)
+        run = decode_timers(cand_sess, ids.numpy(), steps, cand_tokens)
+        base = decode_timers(base_sess, ids.numpy(), steps, base_tokens) if base_sess is not None else None
+        env |= backend_environment(ops)
+        key = "ort-" + key
+    else:
+        run = _torch_timers(model, ids, steps, cand_tokens)
+        base = _torch_timers(reference, ids, steps, base_tokens) if reference is not None else None
+    ttft = measure_timers(run[0], base[0] if base else None, spec, "ttft-" + key, deadline)
     # One decode pass is ``steps`` forward passes: blocks of at most 5, one warm-up pass.
     long_passes = replace(spec, repeats=min(spec.repeats, 5), warmup=min(spec.warmup, 1))
-    decode = measure_timers(
-        _decode_timer(model, ids, steps, cand_tokens),
-        base_decode,
-        long_passes,
-        f"decode{steps}-" + key,
-        deadline,
-    )
+    decode = measure_timers(run[1], base[1] if base else None, long_passes, f"decode{steps}-" + key, deadline)
     record: dict[str, Any] = {
         "batch_size": batch,
         "prompt_tokens": seq,
@@ -119,7 +133,7 @@ def measure_decode(
         "decode": decode,
         "ttft_ms": ttft["median_ms"],
         "tokens_per_s": batch * 1000.0 / decode["median_ms"],
-        "environment": environment(spec, device),
+        "environment": env,
         "noisy": bool(ttft["noisy"] or decode["noisy"]),
     }
     if reference is not None:

