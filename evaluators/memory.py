@@ -11,7 +11,9 @@ every plan). The workload is the task's: a forward pass at the primary latency s
 classification, the prompt and ``decode_tokens`` greedy tokens with the KV cache for causal
 LMs. Where the kernel cannot reset the peak, the RSS at the end of the second run is used
 (``peak_reset: false`` in the record). On a GPU the CUDA allocator's peak is read instead of the
-RSS, by the same two runs (``counted_by`` in the record says which).
+RSS, by the same two runs (``counted_by`` in the record says which). With
+``latency.backend: onnxruntime`` the fresh process loads the model's ONNX export (a causal
+LM with its KV cache) into an ORT session and runs the same workload there.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def child(path: str, job_json: str) -> dict[str, Any]:
     import importlib
 
     job = json.loads(job_json)
+    if job.get("onnx"):
+        return _ort_child(path, job)
     for module in job["modules"]:
         importlib.import_module(module)
     torch.set_num_threads(job["threads"])
@@ -104,6 +108,50 @@ def child(path: str, job_json: str) -> dict[str, Any]:
         "runtime_bytes": floor - before,
         "peak_reset": peak_reset,
         "counted_by": "resident set size",
+    }
+
+
+def _ort_workload(sess: Any, task: str, spec: LatencySpec, vocab_size: int) -> None:
+    from slimsearch.spaces.onnx import feeds, prefill, step
+
+    inputs = latency_inputs(spec.batch_size, spec.seq_len, vocab_size)
+    if task != "causal-lm":
+        sess.run(None, feeds(sess, inputs))
+        return
+    token, past = prefill(sess, inputs["input_ids"].numpy())
+    for seen in range(spec.seq_len, spec.seq_len + spec.decode_tokens):
+        token, past = step(sess, token, past, seen)
+
+
+def _ort_child(path: str, job: dict[str, Any]) -> dict[str, Any]:
+    """The same two runs on an ONNX Runtime session of the exported file."""
+    import onnxruntime
+
+    from slimsearch.spaces.onnx import session
+
+    spec = LatencySpec(**job["latency"])
+    _settle()
+    before = _status("VmRSS")
+    sess = session(Path(path), job["threads"])
+    _settle()
+    loaded = _status("VmRSS") - before
+    _ort_workload(sess, job["task"], spec, job["vocab_size"])
+    _settle()
+    peak_reset = _reset_peak()
+    _ort_workload(sess, job["task"], spec, job["vocab_size"])
+    running = _status("VmRSS")
+    peak = _status("VmHWM") if peak_reset else running
+    del sess
+    _settle()
+    floor = _status("VmRSS")
+    return {
+        "resident_bytes": peak - floor,
+        "process_bytes": peak - before,
+        "loaded_bytes": loaded,
+        "runtime_bytes": floor - before,
+        "peak_reset": peak_reset,
+        "counted_by": "resident set size",
+        "runtime": f"onnxruntime {onnxruntime.__version__}",
     }
 
 
@@ -157,8 +205,14 @@ def measure_resident(model: nn.Module, context: EvalContext) -> dict[str, Any]:
     """Run the measurement in a fresh process; the record it returns (see the module doc)."""
     job = _job(model, context)
     with tempfile.TemporaryDirectory(prefix="slimsearch-memory-") as tmp:
-        path = Path(tmp) / "model.pt"
-        torch.save(model, path)
+        if context.latency.backend == "onnxruntime":
+            from slimsearch.evaluators.onnx_backend import onnx_file
+
+            path = onnx_file(model, context.vocab_size)
+            job["onnx"] = True
+        else:
+            path = Path(tmp) / "model.pt"
+            torch.save(model, path)
         proc = subprocess.run(
             [sys.executable, "-c", CHILD, str(path), json.dumps(job)],
             capture_output=True,

@@ -5,7 +5,7 @@ passes, bootstrap interval, noise gates), so a classifier's or a causal LM's fro
 the speed a user gets when deploying with ORT. A causal LM is exported with its KV cache:
 a forward pass is its prompt on an empty cache, and ``decode_timers`` time generation
 through the cache (evaluators/decode.py). A model's session is made once (the baseline's
-once per process), so a trial's forward pass and generation share one export.
+once per process), so a trial's forward pass, generation and memory share one export.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,23 +28,44 @@ from slimsearch.evaluators.base import LatencySpec
 from slimsearch.evaluators.latency import latency_inputs, measure_timers, quiet_key, timed
 from slimsearch.spaces.onnx import export_onnx, feeds, is_causal, prefill, session, step
 
-# Sessions by model and thread count: the baseline's for the process, a trial's while its
-# model lives (its forward pass and its generation are timed on one export).
-_SESSIONS: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[Any, dict[str, str]]]] = (
-    weakref.WeakKeyDictionary()
-)
+
+@dataclass
+class _Export:
+    folder: tempfile.TemporaryDirectory[str]  # removed with the entry
+    ops: dict[str, str]
+    sessions: dict[int, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder.name) / "model.onnx"
+
+
+# A model's export and its sessions by thread count: the baseline's for the process, a
+# trial's while its model lives (forward pass, generation and memory use one export).
+_EXPORTS: weakref.WeakKeyDictionary[nn.Module, _Export] = weakref.WeakKeyDictionary()
+
+
+def _export(model: nn.Module, vocab_size: int) -> _Export:
+    if model not in _EXPORTS:
+        folder = tempfile.TemporaryDirectory(prefix="slimsearch-onnx-")
+        ops = export_onnx(model, Path(folder.name) / "model.onnx", vocab_size, kv_cache=is_causal(model))
+        _EXPORTS[model] = _Export(folder, ops)
+    return _EXPORTS[model]
+
+
+def onnx_file(model: nn.Module, vocab_size: int) -> Path:
+    """``model`` exported to ONNX (a causal LM with its KV cache), once per model; the file
+    lives while the model does."""
+    return _export(model, vocab_size).path
 
 
 def onnx_session(model: nn.Module, vocab_size: int, threads: int) -> tuple[Any, dict[str, str]]:
-    """An ORT session of ``model`` (exported to a temporary file, gone once loaded; a causal
-    LM with its KV cache) and the ONNX operator of each packed Linear; made once per model."""
-    sessions = _SESSIONS.setdefault(model, {})
-    if threads not in sessions:
-        with tempfile.TemporaryDirectory(prefix="slimsearch-onnx-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            ops = export_onnx(model, path, vocab_size, kv_cache=is_causal(model))
-            sessions[threads] = session(path, threads), ops
-    return sessions[threads]
+    """An ORT session of ``model``'s export (``onnx_file``) and the ONNX operator of each
+    packed Linear; made once per model and thread count."""
+    export = _export(model, vocab_size)
+    if threads not in export.sessions:
+        export.sessions[threads] = session(export.path, threads)
+    return export.sessions[threads], export.ops
 
 
 def sessions(

@@ -35,10 +35,6 @@ EXECUTORS = ("ray", "inprocess")
 STORAGES = ("sqlite", "journal")
 
 
-# Measured by running the model in torch whatever latency.backend says.
-TORCH_ONLY_OBJECTIVES = ("memory_bytes",)
-
-
 class StudyError(ValueError):
     """A study file problem: names the field, the value and the fix."""
 
@@ -594,19 +590,12 @@ def _constraints(data: Mapping[str, Any], measured: tuple[ObjectiveSpec, ...]) -
     return out
 
 
-def _check_onnxruntime(kind: str, measured: tuple[ObjectiveSpec, ...]) -> None:
+def _check_onnxruntime(kind: str) -> None:
     import importlib.util
 
     if kind not in ONNX_TASKS:
         raise StudyError(
             f"latency.backend: onnxruntime times classifiers and causal LMs here, and task.kind is {kind!r}; "
-            "use backend torch"
-        )
-    torch_only = sorted({o.name for o in measured} & set(TORCH_ONLY_OBJECTIVES))
-    if torch_only:
-        raise StudyError(
-            f"latency.backend: onnxruntime times the model in ONNX Runtime, but this study also measures "
-            f"{torch_only}, the resident memory of the model running in torch, not in ORT. Drop it, or "
             "use backend torch"
         )
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
@@ -757,7 +746,7 @@ def study_from_mapping(data: Mapping[str, Any], base_dir: str | Path = ".") -> S
     except (TypeError, ValueError) as exc:
         raise StudyError(str(exc)) from None
     if latency.backend == "onnxruntime":
-        _check_onnxruntime(task.kind, objectives + metrics)
+        _check_onnxruntime(task.kind)
 
     smp = _section(data, "sampler", {"name", "seed", "population_size"})
     sampler = SamplerSpec(

@@ -9,7 +9,6 @@ from typing import Any
 import optuna
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import tiny_lm_study, tiny_study
 from slimsearch.evaluators import EvalContext, LatencySpec, make_evaluator, measure_decode
@@ -17,14 +16,11 @@ from slimsearch.evaluators.latency import quiet_times
 from slimsearch.search.driver import run_study
 from slimsearch.search.export import export_trial
 from slimsearch.search.study_file import StudyError, study_from_mapping
-from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
-from tiny import tiny_bert, tiny_llama
+from slimsearch.spaces import CompressionPlan, apply_plan
+from tiny import LLAMA_INT4, tiny_bert, tiny_llama, wide_llama
 
 SPEC = LatencySpec(
     batch_size=1, seq_len=8, warmup=1, repeats=5, threads=1, max_drift=0, decode_tokens=6, time_budget=10
-)
-INT4 = CompressionPlan(
-    layers={r"re:model\.layers\.\d+\..*": LayerSettings(bits=4), "model.embed_tokens": LayerSettings(bits=4)}
 )
 
 
@@ -32,22 +28,6 @@ def _context(task: Any, reference: torch.nn.Module | None, vocab: int = 96) -> E
     return EvalContext(
         task=task, batches=[], vocab_size=vocab, plan=CompressionPlan(), latency=SPEC, reference=reference
     )
-
-
-def _wide_llama() -> LlamaForCausalLM:
-    """Big enough (17 MB of fp32 weights) that its memory stands well above allocator noise."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=4096,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=768,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def test_decode_against_itself_generates_the_same_tokens_at_a_speedup_near_one() -> None:
@@ -89,9 +69,9 @@ def test_a_classification_study_with_a_decode_objective_is_refused_at_load(tmp_p
 
 
 def test_resident_memory_is_measured_and_falls_with_4_bit_weights() -> None:
-    base = _wide_llama()
+    base = wide_llama()
     weights = sum(p.numel() * p.element_size() for p in base.parameters())
-    packed = apply_plan(copy.deepcopy(base), INT4).eval()
+    packed = apply_plan(copy.deepcopy(base), LLAMA_INT4).eval()
     evaluator = make_evaluator("memory_bytes")
     records = {}
     for name, model in (("fp32", base), ("int4", packed)):

@@ -18,7 +18,7 @@ from slimsearch.search.driver import run_study
 from slimsearch.search.study_file import StudyError, study_from_mapping
 from slimsearch.spaces import CompressionPlan, LayerSettings, apply_plan
 from slimsearch.spaces.onnx import export_onnx, feeds, session
-from tiny import LM_TEXT, MODELS, sentiment_rows, tiny_bert, tiny_llama
+from tiny import LLAMA_INT4, MODELS, sentiment_rows, tiny_bert, tiny_llama, wide_llama
 
 pytest.importorskip("onnxruntime")
 
@@ -166,16 +166,31 @@ def test_the_onnxruntime_backend_is_checked_at_load(tmp_path: Path) -> None:
         StudyError, match=r"latency.backend='tensorrt': choose one of \['torch', 'onnxruntime'\]"
     ):
         study_from_mapping(tiny_study(tmp_path, latency={"backend": "tensorrt"}))
-    data = tiny_study(
-        tmp_path,
-        model={"config": {"model_type": "llama", "vocab_size": 96, "hidden_size": 32}},
-        task={"kind": "causal-lm", "text": LM_TEXT},
-        objectives=["perplexity", "latency_ratio", "memory_bytes"],
-        constraints={},
-        latency={"backend": "onnxruntime"},
-    )
-    with pytest.raises(StudyError, match=r"also measures \['memory_bytes'\].*running in torch"):
-        study_from_mapping(data)
+
+
+def test_resident_memory_in_onnx_runtime_falls_with_4_bit_weights() -> None:
+    base = wide_llama()
+    spec = LatencySpec(batch_size=1, seq_len=8, threads=1, decode_tokens=6, backend="onnxruntime")
+    records = {}
+    for name, model in (("fp32", base), ("int4", apply_plan(copy.deepcopy(base), LLAMA_INT4).eval())):
+        context = EvalContext(
+            task="causal-lm",
+            batches=[],
+            vocab_size=4096,
+            plan=CompressionPlan(),
+            latency=spec,
+            reference=base,
+        )
+        assert (
+            make_evaluator("memory_bytes").evaluate(model, context)
+            == context.records["memory"]["resident_bytes"]
+        )
+        records[name] = context.records["memory"]
+    weights = sum(p.numel() * p.element_size() for p in base.parameters())
+    fp32, int4 = records["fp32"]["resident_bytes"], records["int4"]["resident_bytes"]
+    assert records["int4"]["runtime"].startswith("onnxruntime ")
+    assert 0.8 * weights < fp32 < 3.0 * weights, records
+    assert int4 < 0.6 * fp32, records
 
 
 def test_a_causal_lm_study_times_its_forward_pass_in_onnx_runtime(tmp_path: Path) -> None:

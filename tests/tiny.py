@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from slimsearch.spaces import LayerSettings
+from slimsearch.spaces import CompressionPlan, LayerSettings
 from slimsearch.spaces.apply import compress_linear
 from slimsearch.spaces.methods import PackedLinear
 from slimsearch.spaces.testing import MethodConformance
@@ -60,6 +60,28 @@ def tiny_llama_untied(seed: int = 0) -> LlamaForCausalLM:
     cfg = {k: v for k, v in tiny_llama_config().items() if k != "model_type"}
     cfg["tie_word_embeddings"] = False
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def wide_llama() -> LlamaForCausalLM:
+    """Big enough (17 MB of fp32 weights) that its memory stands well above allocator noise."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=768,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+# Every block Linear and the tied table of a Llama at 4 bits.
+LLAMA_INT4 = CompressionPlan(
+    layers={r"re:model\.layers\.\d+\..*": LayerSettings(bits=4), "model.embed_tokens": LayerSettings(bits=4)}
+)
 
 
 # Every tiny architecture the method and export suites run over.
