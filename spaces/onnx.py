@@ -274,9 +274,11 @@ def feeds(sess: Any, batch: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
 
 @contextlib.contextmanager
 def _swapped(model: nn.Module) -> Iterator[dict[str, str]]:
-    """Packed Linears replaced by their exported form, tables by fp32 copies; restored after."""
+    """Packed Linears replaced by their exported form, tables by fp32 copies; restored after,
+    with no dense table left cached on the model (it would hold fp32 bytes while it lives)."""
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     ops: dict[str, str] = {}
+    uncached = [m for m in model.modules() if isinstance(m, PackedEmbedding) and "dense" not in m._cache]
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
@@ -302,6 +304,8 @@ def _swapped(model: nn.Module) -> Iterator[dict[str, str]]:
         for module, child_name, child in swaps:
             setattr(module, child_name, child)
             _LAYERS.pop(id(child), None)
+        for table in uncached:
+            table._cache.pop("dense", None)
 
 
 def export_onnx(

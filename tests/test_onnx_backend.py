@@ -390,3 +390,24 @@ def test_a_causal_lm_exported_with_its_kv_cache_decodes_as_it_scores(tmp_path: P
         generate(plain, prompt, 2)
     with pytest.raises(ValueError, match="causal LMs"):
         export_onnx(tiny_bert(), tmp_path / "bert.onnx", vocab_size=96, kv_cache=True)
+
+
+def test_exporting_leaves_no_dense_copy_on_the_model(tmp_path: Path) -> None:
+    """The export computes fp32 tables; the model must not keep them (a trial timed in ORT
+    would hold them while it lives, and pickle them into a memory measurement)."""
+    import io
+
+    def pickled(model: torch.nn.Module) -> int:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        return buffer.tell()
+
+    layers = {
+        r"re:model\.layers\.\d+\..*": LayerSettings(bits=4),
+        "model.embed_tokens": LayerSettings(bits=8),
+    }
+    model = apply_plan(tiny_llama(), CompressionPlan(layers=layers)).eval()
+    before = pickled(model)
+    export_onnx(model, tmp_path / "m.onnx", vocab_size=96, kv_cache=True)
+    assert pickled(model) <= before + 4096  # not the 12 KB fp32 table
+    assert "dense" not in model.model.embed_tokens._cache
