@@ -346,7 +346,7 @@ class SearchSpace:
             if layer in structured:
                 continue
             layers[layer] = LayerSettings(
-                **{n: registry.get(n).setting(v, shapes.get(layer)) for n, v in values.items()}
+                **{n: registry.get(n).setting(v, shapes.get(layer)) for n, v in _acting(values).items()}
             )
         return CompressionPlan(layers=layers, structured=structured)
 
@@ -457,6 +457,19 @@ class SearchSpace:
         layers = sorted({k.layer for k in self.knobs})
         dims = len(self.distributions())
         return f"{len(layers)} layers, {dims} searched parameters"
+
+
+def _acting(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A layer's chosen values less the options that do nothing at its host's width (e.g.
+    ``weight_only`` at 4 bits): the same model then gets the same plan, so a sampler's
+    proposal of it is answered as a repeat instead of spending a trial."""
+    out = {}
+    for name, value in values.items():
+        method = registry.get(name)
+        hosted = method.option_of is not None and all(h in values for h in method.option_base)
+        if not (hosted and method.option_base and not method.acts_with(values)):
+            out[name] = value
+    return out
 
 
 def _ordered(values: set[Any], reverse: bool = False) -> list[Any]:

@@ -338,6 +338,25 @@ def test_uniform_seeds_pair_options_only_with_the_widths_they_act_on() -> None:
     assert len(plans) == len(set(plans))
 
 
+def test_an_option_that_does_nothing_at_the_chosen_width_leaves_the_plan_as_without_it() -> None:
+    config = space_config(
+        {"default": {"bits": [32, 8, 4], "weight_only": [False, True], "integer_zero": [False, True]}}
+    )
+    space = SearchSpace(tiny_llama(), config)
+    layer = next(k.layer for k in space.knobs if k.knob == "weight_only")
+
+    def plan(**values: object) -> str:
+        params = {f"{layer}:{name}": value for name, value in values.items()}
+        return space.decode(params).to_json()
+
+    # weight_only acts at 8 bits only, integer_zero at 4: elsewhere they are the same model.
+    assert plan(bits=4, weight_only=True) == plan(bits=4, weight_only=False)
+    assert plan(bits=8, integer_zero=True) == plan(bits=8)
+    assert plan(bits=32, weight_only=True, integer_zero=True) == plan(bits=32)
+    assert plan(bits=8, weight_only=True) != plan(bits=8)
+    assert plan(bits=4, integer_zero=True) != plan(bits=4)
+
+
 def test_uniform_seeds_put_every_option_of_a_host_width_together() -> None:
     config = space_config(
         {"default": {"bits": [4, 3, 8], "gptq": [True], "awq": [False, True], "group": [64, 128, 32]}}
