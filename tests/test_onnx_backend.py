@@ -191,7 +191,7 @@ def test_resident_memory_in_onnx_runtime_falls_with_4_bit_weights() -> None:
     assert records["int4"]["runtime"].startswith("onnxruntime ")
     assert 0.8 * weights < fp32 < 3.0 * weights, records
     # The export keeps the 4-bit embedding's table dense fp32 (4 MB of the 17), so ORT's int4
-    # run holds that table on top of the packed Linears: about 0.61x of fp32, not torch's 0.3x.
+    # run holds that table on top of the packed Linears.
     assert int4 < 0.7 * fp32, records
 
 
