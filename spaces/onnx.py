@@ -13,8 +13,10 @@ Per packed Linear (what ``onnx_ops`` reports):
   (``accuracy_level`` 4, ORT's fast path); else they are float, on ORT's slow path;
 - anything else (fp32, bf16, sparse, a shape the kernel cannot take): ``MatMul`` on the fp32
   values the layer computes with (the same function; no speed claimed for it).
-AWQ's input scale becomes a ``Div`` before the matmul. Embedding tables are written as
-fp32 tables of their values. Low-rank layers are their two factors, each as above.
+AWQ's input scale becomes a ``Div`` before the matmul. A packed embedding table is written
+as its stored codes (bf16, int8 with row scales, 4- or 2-bit with group scales and offsets),
+gathered and then dequantized, so the runtime holds no fp32 copy of it. Low-rank layers are
+their two factors, each as above.
 
 Causal LMs (decoders) are written the same way, as ``input_ids``, ``attention_mask`` ->
 ``logits`` of every position; with ``kv_cache`` also ``position_ids`` and each block's
@@ -181,6 +183,53 @@ class _Exported(nn.Module):
         return out
 
 
+class _Lookup(nn.Module):
+    """A packed table's lookup written on its stored codes: ``Gather`` of the rows' bytes,
+    unpacked and scaled after the gather, so the runtime holds the codes, not fp32 values.
+    The arithmetic is ``PackedEmbedding``'s (codes * scale + offset in fp32); codes are
+    unpacked with division and floor, as opset 17 has no bitwise and."""
+
+    def __init__(self, table: PackedEmbedding) -> None:
+        super().__init__()
+        self.bits = table.bits
+        self.dim = table.embedding_dim
+        self.lookup_scale = table.lookup_scale
+        rows = table.num_embeddings
+        if table.bits == 16:
+            self.register_buffer("codes", table.values.view(rows, self.dim))
+        elif table.bits == 8:
+            self.register_buffer("codes", table.values.view(rows, self.dim))
+            self.register_buffer("scale", table.scale.float().view(rows, 1))
+        else:
+            self.register_buffer("codes", table.values.view(rows, table._row_bytes()))
+            self.register_buffer("scale", table.scale.float())
+            self.register_buffer("offset", table.offset.float())
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = F.embedding(ids, self.codes).float()
+        if self.bits == 8:
+            rows = rows * F.embedding(ids, self.scale)
+        elif self.bits != 16:
+            rows = self._dequantized(ids, rows)
+        return rows * self.lookup_scale if self.lookup_scale != 1.0 else rows
+
+    def _dequantized(self, ids: Tensor, packed: Tensor) -> Tensor:
+        base = float(2**self.bits)
+        parts = []
+        for _ in range(8 // self.bits - 1):
+            high = torch.floor(packed / base)
+            parts.append(packed - high * base)  # lowest bits first, as pack_codes stores them
+            packed = high
+        parts.append(packed)
+        codes = torch.stack(parts, dim=-1).flatten(-2)[..., : self.dim]
+        groups = self.scale.shape[1]
+        group = group_size_for(self.dim)
+        codes = F.pad(codes, (0, groups * group - self.dim)).unflatten(-1, (groups, group))
+        scale = F.embedding(ids, self.scale).unsqueeze(-1)
+        offset = F.embedding(ids, self.offset).unsqueeze(-1)
+        return (codes * scale + offset).flatten(-2)[..., : self.dim]
+
+
 class _Logits(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -287,9 +336,7 @@ def _swapped(model: nn.Module) -> Iterator[dict[str, str]]:
                 ops[full] = onnx_op(child)
                 replacement: nn.Module = _Exported(child)
             elif isinstance(child, PackedEmbedding):
-                table = nn.Embedding(child.num_embeddings, child.embedding_dim, child.padding_idx)
-                table.weight.data = child.dense_weight() * child.lookup_scale
-                replacement = table
+                replacement = _Lookup(child)
             elif isinstance(child, TiedHead):
                 _LAYERS[id(child)] = (child, child.table.dense_weight().detach())
                 ops[full] = onnx_op(child)
