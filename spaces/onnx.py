@@ -189,6 +189,10 @@ class _Lookup(nn.Module):
     The arithmetic is ``PackedEmbedding``'s (codes * scale + offset in fp32); codes are
     unpacked with division and floor, as opset 17 has no bitwise and."""
 
+    codes: Tensor
+    scale: Tensor
+    offset: Tensor
+
     def __init__(self, table: PackedEmbedding) -> None:
         super().__init__()
         self.bits = table.bits
