@@ -9,8 +9,19 @@
    objectives: time to first token and decode tokens/s against the fp32 model, interleaved
    (``evaluators/decode.py``), and resident memory in a fresh process
    (``evaluators/memory.py``: peak RSS while generating, minus the process without the model).
+3. torchao (``--torchao``, with ``pip install -e ".[bench]"``): torchao 0.18's CPU weight-only
+   layers on the same shapes, each timed in alternation with fp32 as above, beside the
+   packed layer of the same format: what a user would get from torchao instead. Its layers
+   take bf16 activations (what torchao feeds them); ours fp32 ones (what a model feeds them).
+   A torchao format whose CPU kernel is missing from its wheel is reported with the error.
+4. Where a decode step's time goes (``--profile``): SmolLM2 decoding as in 2, per plan, the
+   milliseconds per token in matmul kernels (torch's profiler, self time) and the rest
+   (everything else: attention, norms, the KV cache, Python), from an unprofiled timing
+   minus the kernels' share. fp32's time over a plan's rest is the decode speedup the plan
+   would reach if its matmuls cost nothing: a bound no faster kernel can pass.
 
-    .venv/bin/python benchmarks/kernels.py [--decode] [--decode-budget 90] [--threads 2] [--out PATH]
+    .venv/bin/python benchmarks/kernels.py [--decode] [--torchao] [--profile] [--decode-budget 90]
+        [--threads 2] [--out PATH]
 """
 
 from __future__ import annotations
@@ -100,6 +111,108 @@ def layer_rows(rounds: int) -> list[dict[str, Any]]:
                         f"{model} {out_f}x{in_f} {name} b{batch}: {packed.kernel} x{timing['ratio']:.2f}",
                         flush=True,
                     )
+    return rows
+
+
+# torchao config name -> (our format it competes with, config keyword arguments).
+TORCHAO: dict[str, tuple[str, dict[str, Any]]] = {
+    "PrototypeInt4WeightOnlyConfig": ("int4 g64", {"group_size": 64}),
+    "Int8WeightOnlyConfig": ("int8 weight-only", {}),
+    "Int8DynamicActivationInt4WeightConfig": ("int4 g64", {"group_size": 64}),
+}
+
+
+def _torchao_layer(linear: nn.Linear, config: str) -> nn.Module:
+    import torchao.prototype.quantization.int4.inference_workflow as int4
+    import torchao.quantization as quantization
+    from torchao.quantization import quantize_
+
+    factory = getattr(quantization, config, None) or getattr(int4, config)
+    layer = copy.deepcopy(linear).to(torch.bfloat16)
+    quantize_(layer, factory(**TORCHAO[config][1]))
+    return layer
+
+
+@torch.no_grad()
+def torchao_rows(rounds: int) -> list[dict[str, Any]]:
+    """torchao's weight-only layers and ours of the same format, each against fp32."""
+    import torchao
+
+    rows: list[dict[str, Any]] = []
+    for model, shapes in SHAPES.items():
+        for out_f, in_f in shapes:
+            gen = torch.Generator().manual_seed(0)
+            linear = nn.Linear(in_f, out_f)
+            linear.weight.copy_(torch.randn(out_f, in_f, generator=gen) * 0.05)
+            for config, (ours, _) in TORCHAO.items():
+                packed = compress_linear(linear, LayerSettings(**FORMATS[ours]), None)
+                base = {"model": model, "shape": f"{out_f}x{in_f}", "torchao": config, "format": ours}
+                try:
+                    layer = _torchao_layer(linear, config)
+                    layer(torch.randn(1, in_f, dtype=torch.bfloat16))
+                except Exception as err:  # a config whose CPU kernel the wheel lacks
+                    rows.append({**base, "error": f"{type(err).__name__}: {err}".splitlines()[0][:200]})
+                    print(f"{model} {out_f}x{in_f} torchao {config}: {rows[-1]['error']}", flush=True)
+                    continue
+                for batch in (1, 16):
+                    x = torch.randn(batch, in_f, generator=gen)
+                    theirs = _median_ratio(partial(layer, x.to(torch.bfloat16)), partial(linear, x), rounds)
+                    mine = _median_ratio(partial(packed, x), partial(linear, x), rounds)
+                    rows.append(
+                        {
+                            **base,
+                            "version": torchao.__version__,
+                            "batch": batch,
+                            "torchao_ratio": theirs["ratio"],
+                            "ours_ratio": mine["ratio"],
+                        }
+                    )
+                    print(
+                        f"{model} {out_f}x{in_f} b{batch}: torchao {config} x{theirs['ratio']:.2f}, "
+                        f"slimsearch {ours} x{mine['ratio']:.2f}",
+                        flush=True,
+                    )
+    return rows
+
+
+MATMULS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::_weight_int4pack_mm_for_cpu",
+    "aten::_weight_int8pack_mm",
+    "quantized::linear_dynamic",
+)
+
+
+@torch.no_grad()
+def profile_rows(rounds: int = 3, tokens: int = NEW_TOKENS) -> list[dict[str, Any]]:
+    """Per plan: ms per decoded token, the matmul kernels' share of it, and the rest."""
+    from slimsearch.evaluators.decode import first_token, greedy
+
+    base, ids = _smollm2()
+    rows: list[dict[str, Any]] = []
+    for name, settings in PLANS.items():
+        model = apply_plan(copy.deepcopy(base), _plan(base, settings)).eval() if settings else base
+        token, past = first_token(model, ids)
+        greedy(model, token, past, 8)  # warm up
+        times = []
+        for _ in range(rounds):
+            token, past = first_token(model, ids)
+            start = time.perf_counter()
+            greedy(model, token, past, tokens)
+            times.append((time.perf_counter() - start) / tokens)
+        token, past = first_token(model, ids)
+        with torch.profiler.profile() as prof:
+            greedy(model, token, past, tokens)
+        kernel_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMULS)
+        total = statistics.median(times) * 1e3
+        matmul = min(kernel_us / 1e3 / tokens, total)
+        rows.append({"plan": name, "ms_per_token": total, "matmul_ms": matmul, "rest_ms": total - matmul})
+        print(f"profile {name}: {total:.1f} ms/token, {matmul:.1f} in matmuls", flush=True)
+    fp32 = rows[0]["ms_per_token"]
+    for row in rows:
+        row["speedup"] = fp32 / row["ms_per_token"]
+        row["bound_if_matmuls_free"] = fp32 / row["rest_ms"]
     return rows
 
 
@@ -209,6 +322,46 @@ def table(result: dict[str, Any]) -> str:
                 f"{row['resident_bytes'] / 1e6:.0f} | "
                 f"{row['resident_ratio']:.2f}x | {row['same_tokens_as_fp32']}/{NEW_TOKENS + 1} |"
             )
+    if result.get("profile"):
+        lines += [
+            "",
+            f"Where a SmolLM2 decode step goes ({result['threads']} threads; ms per token):",
+            "",
+            "| plan | ms/token | in matmul kernels | the rest | decode vs fp32 "
+            "| bound if matmuls were free |",
+            "|---" * 6 + "|",
+        ]
+        for row in result["profile"]:
+            lines.append(
+                f"| {row['plan']} | {row['ms_per_token']:.1f} | {row['matmul_ms']:.1f} "
+                f"| {row['rest_ms']:.1f} | {row['speedup']:.2f}x | {row['bound_if_matmuls_free']:.2f}x |"
+            )
+    if result.get("torchao"):
+        lines += [
+            "",
+            f"torchao {result['torchao'][0].get('version', '')} against slimsearch, each vs fp32 "
+            "(lower is faster):",
+            "",
+            "| shape (out x in) | torchao config | slimsearch format | torchao b1 / b16 "
+            "| slimsearch b1 / b16 |",
+            "|---" * 5 + "|",
+        ]
+        for row in result["torchao"]:
+            if row.get("batch", 1) != 1:
+                continue
+            head = f"| {row['model']} {row['shape']} | {row['torchao']} | {row['format']} |"
+            if "error" in row:
+                lines.append(f"{head} not run: {row['error']} | |")
+                continue
+            b16 = next(
+                r
+                for r in result["torchao"]
+                if r.get("batch") == 16 and (r["shape"], r["torchao"]) == (row["shape"], row["torchao"])
+            )
+            lines.append(
+                f"{head} {row['torchao_ratio']:.2f} / {b16['torchao_ratio']:.2f} | "
+                f"{row['ours_ratio']:.2f} / {b16['ours_ratio']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -217,6 +370,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--decode", action="store_true", help="also time SmolLM2 decoding and its memory")
+    parser.add_argument(
+        "--torchao", action="store_true", help="also time torchao's CPU layers (the bench extra)"
+    )
+    parser.add_argument("--profile", action="store_true", help="also split SmolLM2 decode time (see 4.)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per layer and format")
     parser.add_argument(
@@ -224,6 +381,11 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kernels.json"))
     args = parser.parse_args()
+    if args.torchao:
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            parser.error('--torchao needs torchao: pip install -e ".[bench]"')
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {
         "torch": torch.__version__,
@@ -232,6 +394,10 @@ def main() -> None:
         "threads": args.threads,
         "layers": layer_rows(args.rounds),
     }
+    if args.profile:
+        result["profile"] = profile_rows()
+    if args.torchao:
+        result["torchao"] = torchao_rows(args.rounds)
     if args.decode:
         result["decode"] = decode_rows(args.threads, args.decode_budget)
     out = Path(args.out)
