@@ -97,9 +97,10 @@ def loopback_only() -> Iterator[None]:
         constants.ENABLE_RAY_CLUSTER = previous[1]
 
 
-# Unix socket paths are limited to 107 bytes; Ray puts sockets several levels below its
-# temp dir, so a deep run folder cannot hold them.
-_RAY_SOCKET_ROOM = 60
+# Unix socket paths are limited to 107 bytes; Ray puts its longest socket this far below
+# its temp dir (a 7-digit pid), so a deep run folder cannot hold them.
+_RAY_SOCKET_TAIL = "/session_2026-12-07_07-06-52_290303_1234567/sockets/plasma_store"
+_RAY_SOCKET_ROOM = 107 - len(_RAY_SOCKET_TAIL)
 
 
 def _ray_temp_dir(run_dir: Path) -> Path:
