@@ -249,7 +249,7 @@ def test_merging_split_parts_keeps_errors_and_screening() -> None:
 
 def test_ray_sockets_fit_below_a_deep_run_folder() -> None:
     """Ray's longest socket path under the chosen temp dir stays within the 107-byte limit
-    (a 47-character run folder once passed the check and failed in ray.init)."""
+    (a 46-character run folder once passed the check and failed in ray.init)."""
     from slimsearch.search.executors import _RAY_SOCKET_TAIL, _ray_temp_dir
 
     for run_dir in (Path("/r"), Path("/work/main/runs/minilm-onnxruntime-distill"), Path("/x" * 60)):
