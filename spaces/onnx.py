@@ -427,9 +427,11 @@ def session(path: Path, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # Idle threads of a session otherwise spin, taking the cores from the other session timed
-    # in alternation with it (two sessions of one model timed 1.25x apart).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Threads spin between a run's operators (waking sleeping ones costs more than a small
+    # operator), and stop when the run returns: left spinning, they take the cores from the
+    # other session timed in alternation with it (two sessions of one model 1.12x apart).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -144,6 +144,16 @@ def test_integer_zero_points_compute_on_int8_activations(
     assert np.abs(got - want_np).max() < tolerance * np.abs(want_np).max()
 
 
+def test_sessions_spin_within_a_run_and_stop_when_it_returns(tmp_path: Path) -> None:
+    """Spinning threads dispatch small operators faster than sleeping ones; left spinning after
+    a run they would take the cores from the session timed in alternation with it."""
+    path = tmp_path / "m.onnx"
+    export_onnx(tiny_bert().eval(), path, vocab_size=96)
+    options = session(path, 2).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
 def test_latency_in_onnx_runtime_is_timed_against_the_baseline_there() -> None:
     base = tiny_bert()
     model = apply_plan(copy.deepcopy(base), CompressionPlan(layers={BLOCKS: LayerSettings(bits=8)})).eval()
