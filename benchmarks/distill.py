@@ -14,7 +14,7 @@ neurons of every block, then int8). "4bit" alone lost no accuracy on this baseli
 trial run (81.0% vs 80.1%), so there is nothing to recover and it is not run by default.
 
     .venv/bin/python benchmarks/distill.py [--steps 100] [--plans s50-int8,4bit,...]
-        [--recipes logits,logits+hidden,...] [--out benchmarks/results/distill.json]
+        [--recipes logits,logits+hidden,...] [--seeds 0,1,2] [--out benchmarks/results/distill.json]
 
 A plan may also be a path to a plan JSON file (``CompressionPlan.to_json``, as a run's
 trials store it), such as those under benchmarks/plans/: uniform and per-layer plans from
@@ -96,7 +96,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     splits = tasks.classification_splits(spec.task, spec.cache)
     task = spec.task
     test = tasks.classification_batches(tokenizer, splits.test, task.max_length, task.eval_batch_size)
-    recipes = [DistillRecipe(kind=k, steps=args.steps, learning_rate=args.lr) for k in args.recipes]
+    recipes = [
+        DistillRecipe(kind=k, steps=args.steps, learning_rate=args.lr, seed=seed)
+        for k in args.recipes
+        for seed in args.seeds
+    ]
     batch_size = recipes[0].batch_size
     train = tasks.classification_batches(tokenizer, splits.train, task.max_length, batch_size)
     calibration = {k: train[len(train) // 2][k] for k in ("input_ids", "attention_mask")}
@@ -129,6 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "plan": plan_name,
                 "plan_summary": plan.summary(),
                 "recipe": recipe.kind,
+                "seed": recipe.seed,
                 "steps": recipe.steps,
                 "accuracy_before": before,
                 "accuracy_after": after,
@@ -155,8 +160,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 HEADER = (
-    f"{'plan':<20} {'recipe':<24} {'steps':>5} {'size':>6} {'before':>7} {'after':>7} {'recovered':>9}"
-    f" {'seconds':>8}"
+    f"{'plan':<20} {'recipe':<24} {'seed':>4} {'steps':>5} {'size':>6} {'before':>7} {'after':>7}"
+    f" {'recovered':>9} {'seconds':>8}"
 )
 
 
@@ -164,7 +169,8 @@ def print_row(row: dict[str, Any]) -> None:
     share = row["recovered"]
     share_text = f"{share:.0%}" if share is not None else "n/a"
     print(
-        f"{row['plan']:<20} {row['recipe']:<24} {row['steps']:>5} {row['size_ratio']:>6.3f} "
+        f"{row['plan']:<20} {row['recipe']:<24} {row.get('seed', 0):>4} {row['steps']:>5} "
+        f"{row['size_ratio']:>6.3f} "
         f"{row['accuracy_before']:>6.1f}% "
         f"{row['accuracy_after']:>6.1f}% {share_text:>9} {row['seconds']:>8.0f}",
         flush=True,
@@ -181,10 +187,17 @@ def main() -> None:
     parser.add_argument(
         "--recipes", default="logits,logits+hidden,logits+hidden+attention", help=f"from {DISTILL_KINDS[1:]}"
     )
+    parser.add_argument(
+        "--seeds", default="0", help="comma-separated recipe seeds (batch order): the spread of one recipe"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/distill.json", help="where to write the JSON")
     args = parser.parse_args()
     args.recipes = args.recipes.split(",")
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     kinds = DISTILL_KINDS[1:]
     unknown = [r for r in args.recipes if r not in kinds]
     if unknown:
