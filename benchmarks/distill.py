@@ -169,7 +169,7 @@ def print_row(row: dict[str, Any]) -> None:
     share = row["recovered"]
     share_text = f"{share:.0%}" if share is not None else "n/a"
     print(
-        f"{row['plan']:<20} {row['recipe']:<24} {row.get('seed', 0):>4} {row['steps']:>5} "
+        f"{row['plan']:<20} {row['recipe']:<24} {row['seed']:>4} {row['steps']:>5} "
         f"{row['size_ratio']:>6.3f} "
         f"{row['accuracy_before']:>6.1f}% "
         f"{row['accuracy_after']:>6.1f}% {share_text:>9} {row['seconds']:>8.0f}",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,40 +29,18 @@ from methods import minilm_spec, smollm2_spec  # benchmarks/methods.py
 from onnx_minilm import baseline, ort_ratio, plan_for, write  # benchmarks/onnx_minilm.py
 from onnx_smollm2 import BLOCKS, PLANS  # benchmarks/onnx_smollm2.py
 
+from slimsearch.evaluators.onnx_backend import decode_timers
 from slimsearch.spaces import apply_plan
-from slimsearch.spaces.onnx import export_onnx, prefill, step
+from slimsearch.spaces.onnx import SPIN_WITHIN_RUNS, export_onnx, session
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS: dict[str, dict[str, str]] = {
     "sleeping": {"session.intra_op.allow_spinning": "0"},
     "spinning": {"session.intra_op.allow_spinning": "1"},
-    "spinning, stopped after each run": {
-        "session.intra_op.allow_spinning": "1",
-        "session.force_spinning_stop": "1",
-    },
+    "spinning, stopped after each run": dict(SPIN_WITHIN_RUNS),
 }
 INT4 = "4-bit g64, integer_zero + table int8"
 MINILM_BLOCKS = r"re:.*\.layer\.\d+\..*"
-
-
-def make_session(path: Path, threads: int, entries: dict[str, str]) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    for key, value in entries.items():
-        options.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def decode_ms(sess: Any, ids: np.ndarray, tokens: int) -> float:
-    token, past = prefill(sess, ids)
-    start = time.perf_counter()
-    for seen in range(ids.shape[1], ids.shape[1] + tokens):
-        token, past = step(sess, token, past, seen)
-    return (time.perf_counter() - start) * 1000.0 / tokens
 
 
 def main() -> None:
@@ -88,21 +65,25 @@ def main() -> None:
         export_onnx(int4, paths["int4"], vocab, kv_cache=True)
         del lm, int4
         for name, entries in SETTINGS.items():
-            sessions = {k: make_session(p, args.threads, entries) for k, p in paths.items()}
-            times: dict[str, list[float]] = {k: [] for k in sessions}
+            # decode_timers' second timer: an untimed prompt, then ms per greedy token.
+            decoders = {
+                k: decode_timers(session(p, args.threads, entries), ids, args.tokens, [])[1]
+                for k, p in paths.items()
+            }
+            times: dict[str, list[float]] = {k: [] for k in decoders}
             for _ in range(args.passes):
-                for k, sess in sessions.items():
-                    times[k].append(decode_ms(sess, ids, args.tokens))
-            for k, values in times.items():
-                rows[name][f"decode_ms_{k}"] = float(np.median(values))
-            rows[name]["decode_speedup"] = rows[name]["decode_ms_fp32"] / rows[name]["decode_ms_int4"]
+                for k, decode in decoders.items():
+                    times[k].append(decode())
             row = rows[name]
+            for k, values in times.items():
+                row[f"decode_ms_{k}"] = float(np.median(values))
+            row["decode_speedup"] = row["decode_ms_fp32"] / row["decode_ms_int4"]
             print(
                 f"{name}: decode fp32 {row['decode_ms_fp32']:.2f} ms, 4-bit {row['decode_ms_int4']:.2f} ms "
                 f"a token ({row['decode_speedup']:.2f}x)",
                 flush=True,
             )
-            del sessions
+            del decoders
 
         enc, _, enc_vocab, latency = baseline(minilm_spec(), "classification", args.threads, args.budget)
         latency = replace(latency, repeats=30)
@@ -111,9 +92,9 @@ def main() -> None:
         int8 = apply_plan(copy.deepcopy(enc), plan_for(enc, {"bits": 8}, MINILM_BLOCKS)).eval()
         export_onnx(int8, int8_path, enc_vocab)
         for name, entries in SETTINGS.items():
-            base = make_session(fp32_path, args.threads, entries)
-            same = ort_ratio(make_session(fp32_path, args.threads, entries), base, latency, enc_vocab)
-            w8a8 = ort_ratio(make_session(int8_path, args.threads, entries), base, latency, enc_vocab)
+            base = session(fp32_path, args.threads, entries)
+            same = ort_ratio(session(fp32_path, args.threads, entries), base, latency, enc_vocab)
+            w8a8 = ort_ratio(session(int8_path, args.threads, entries), base, latency, enc_vocab)
             rows[name] |= {
                 "minilm_fp32_ms": same["baseline_median_ms"],
                 "same_model_ratio": same["ratio"],

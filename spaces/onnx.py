@@ -419,19 +419,26 @@ def export_onnx(
     return ops
 
 
-def session(path: Path, threads: int) -> Any:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads, all graph optimizations."""
+# Threads spin between a run's operators (waking sleeping ones costs more than a small
+# operator), and stop when the run returns: left spinning, they take the cores from the
+# other session timed in alternation with it (two sessions of one model 1.12x apart).
+SPIN_WITHIN_RUNS: Mapping[str, str] = {
+    "session.intra_op.allow_spinning": "1",
+    "session.force_spinning_stop": "1",
+}
+
+
+def session(path: Path, threads: int, config: Mapping[str, str] = SPIN_WITHIN_RUNS) -> Any:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads, all graph optimizations,
+    and the session ``config`` entries (how idle threads wait, by default ``SPIN_WITHIN_RUNS``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # Threads spin between a run's operators (waking sleeping ones costs more than a small
-    # operator), and stop when the run returns: left spinning, they take the cores from the
-    # other session timed in alternation with it (two sessions of one model 1.12x apart).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    options.add_session_config_entry("session.force_spinning_stop", "1")
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
