@@ -135,20 +135,12 @@ def _nbits_graph(kind: str, k: int, n: int, rows: int, block: int = 64) -> Any:
 
 def nbits_rows(threads: int, budget: float) -> list[dict[str, Any]]:
     """MatMulNBits' speed with integer and with float zero points, against fp32, 1536x384."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
     spec = LatencySpec(threads=threads, warmup=5, repeats=20, time_budget=budget)
     out = []
     for rows in (1, 64):
         feeds = {"x": np.random.default_rng(1).standard_normal((1, rows, 384)).astype(np.float32)}
         sessions = {
-            kind: onnxruntime.InferenceSession(
-                _nbits_graph(kind, 384, 1536, rows).SerializeToString(),
-                options,
-                providers=["CPUExecutionProvider"],
-            )
+            kind: session(_nbits_graph(kind, 384, 1536, rows).SerializeToString(), threads)
             for kind in NBITS_KINDS
         }
         base = timed(partial(sessions["fp32 MatMul"].run, None, feeds))

@@ -428,9 +428,10 @@ SPIN_WITHIN_RUNS: Mapping[str, str] = {
 }
 
 
-def session(path: Path, threads: int, config: Mapping[str, str] = SPIN_WITHIN_RUNS) -> Any:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads, all graph optimizations,
-    and the session ``config`` entries (how idle threads wait, by default ``SPIN_WITHIN_RUNS``)."""
+def session(path: Path | bytes, threads: int, config: Mapping[str, str] = SPIN_WITHIN_RUNS) -> Any:
+    """An ONNX Runtime CPU session of the model file ``path`` (or a serialized model) with
+    ``threads`` intra-op threads, all graph optimizations, and the session ``config`` entries
+    (how idle threads wait, by default ``SPIN_WITHIN_RUNS``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -439,7 +440,8 @@ def session(path: Path, threads: int, config: Mapping[str, str] = SPIN_WITHIN_RU
     options.log_severity_level = 3
     for key, value in config.items():
         options.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def prefill(sess: Any, ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
