@@ -23,7 +23,8 @@ Causal LMs (decoders) are written the same way, as ``input_ids``, ``attention_ma
 ``past_key_values.N.key`` / ``.value`` in, ``present.N.key`` / ``.value`` out (the names
 Optimum's exports use), so a generation loop feeds one token a step (``generate``); an
 empty past (length 0) scores whole blocks. A tied output layer is a matmul on the table's
-stored codes: ``MatMulNBits`` for 8/4/2-bit tables, ``MatMul`` for fp32 and bf16.
+stored codes: ``MatMulNBits`` for 8/4/2-bit tables, ``MatMul`` for fp32 and bf16. Llama-layout
+attention is written in its export form (``onnx_attention``: no shape arithmetic per block).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 from slimsearch.spaces.methods import PackedEmbedding, PackedLinear
 from slimsearch.spaces.methods.packed import TiedHead
 from slimsearch.spaces.methods.quantize import GROUP_SIZE, GROUPED_BITS, group_size_for, whole_zeros
+from slimsearch.spaces.onnx_attention import exportable
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -403,7 +405,7 @@ def export_onnx(
             **{n: {0: "batch", 2: "total"} for n in outputs[1:]},
         }
         wrapper = _Decoder(model, blocks)
-    with _swapped(model) as ops, torch.no_grad(), warnings.catch_warnings():
+    with _swapped(model) as ops, exportable(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
             wrapper.eval(),
