@@ -5,9 +5,11 @@ a decode step (``Shape``, ``Gather``, ``Unsqueeze``, ``Concat``: every ``view`` 
 sizes back from a tensor) and copies its grown key/value cache once per query-head group
 (``repeat_kv``). ``exportable(model)`` swaps, for the length of an export, the forward of
 every ``LlamaAttention`` (SmolLM2, Llama and models of its layout) for one that computes the
-same function with constant reshape targets (0 keeps a size, -1 infers it) and lets each
-key/value head serve its query heads by broadcasting (a 5-d matmul), so ORT runs no shape
-arithmetic and no copy of the cache there. Other attention classes keep their own forward.
+same function with constant reshape targets (0 keeps a size, -1 infers it), the rotary
+embedding of queries and keys as ORT's ``RotaryEmbedding`` operator on the model's cos and
+sin tables (where its frequencies do not change with the length), and each key/value head
+serving its query heads by broadcasting (a 5-d matmul), so ORT runs no shape arithmetic and
+no copy of the cache there. Other attention classes keep their own forward.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from torch import Tensor, nn
 SUPPORTED: frozenset[tuple[str, str]] = frozenset(
     {("transformers.models.llama.modeling_llama", "LlamaAttention")}
 )
+
+
+# The rotary cos and sin tables of the attention modules being exported, by id.
+_TABLES: dict[int, tuple[Tensor, Tensor]] = {}
 
 
 class _Reshape(torch.autograd.Function):
@@ -48,6 +54,44 @@ def _rotate_half(x: Tensor, half: int) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class _Rotary(torch.autograd.Function):
+    """Rotary embedding of ``x`` (batch, length, heads * d) at ``positions`` from the model's
+    cos and sin tables (max positions, d / 2), as transformers computes it; written as ORT's
+    one ``RotaryEmbedding`` operator (com.microsoft), where traced it is six."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, heads: int
+    ) -> Tensor:
+        half = cos.shape[-1]
+        c = torch.cat((cos, cos), dim=-1)[positions].unsqueeze(2)  # (batch, length, 1, d)
+        s = torch.cat((sin, sin), dim=-1)[positions].unsqueeze(2)
+        y = x.unflatten(-1, (heads, 2 * half))
+        return (y * c + _rotate_half(y, half) * s).flatten(-2)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, positions: Any, cos: Any, sin: Any, heads: int) -> Any:
+        y = g.op("com.microsoft::RotaryEmbedding", x, positions, cos, sin, interleaved_i=0, num_heads_i=heads)
+        y.setType(x.type())
+        return y
+
+
+def rotary_tables(model: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """The cos and sin of every position ``model``'s rotary embedding covers, (positions, d / 2),
+    or None where it has none or its frequencies change with the length (dynamic scaling)."""
+    rotary = next((m for m in model.modules() if type(m).__name__ == "LlamaRotaryEmbedding"), None)
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    rope_type = str(getattr(rotary, "rope_type", "default"))
+    if rotary is None or not isinstance(limit, int) or "dynamic" in rope_type or rope_type == "longrope":
+        return None
+    positions = torch.arange(limit)[None]
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    half = cos.shape[-1] // 2
+    return cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous()
+
+
 def attention_forward(
     self: Any,  # a transformers LlamaAttention
     hidden_states: Tensor,
@@ -65,12 +109,22 @@ def attention_forward(
     kv_heads = int(self.config.num_key_value_heads)
     heads = int(self.config.num_attention_heads)
     groups = heads // kv_heads
-    q = reshape(self.q_proj(hidden_states), (0, -1, heads, d)).transpose(1, 2)
-    k = reshape(self.k_proj(hidden_states), (0, -1, kv_heads, d)).transpose(1, 2)
+    q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
+    tables = _TABLES.get(id(self))
+    positions = kwargs.get("position_ids")
+    if tables is not None and positions is not None:
+        # ORT's operator wants a row of positions per sequence; transformers may give one for
+        # all. Sized from the mask, which every block shares, so ORT computes it once.
+        positions = positions.expand(attention_mask.shape[0], -1)
+        q = _Rotary.apply(q, positions, *tables, heads)
+        k = _Rotary.apply(k, positions, *tables, kv_heads)
+    q = reshape(q, (0, -1, heads, d)).transpose(1, 2)
+    k = reshape(k, (0, -1, kv_heads, d)).transpose(1, 2)
     v = reshape(self.v_proj(hidden_states), (0, -1, kv_heads, d)).transpose(1, 2)
-    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-    q = q * cos + _rotate_half(q, d // 2) * sin
-    k = k * cos + _rotate_half(k, d // 2) * sin
+    if tables is None or positions is None:
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        q = q * cos + _rotate_half(q, d // 2) * sin
+        k = k * cos + _rotate_half(k, d // 2) * sin
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, self.layer_idx)
     # Query heads grouped by the key/value head they share: (batch, kv_heads, groups, length, d).
@@ -98,10 +152,14 @@ def exportable(model: nn.Module) -> Iterator[int]:
     """Within the block, every supported attention module of ``model`` runs
     ``attention_forward``; yields how many were swapped. Restored after, on error too."""
     swapped = [m for m in model.modules() if _supported(m)]
+    tables = rotary_tables(model) if swapped else None
     for module in swapped:
         module.forward = attention_forward.__get__(module)  # type: ignore[method-assign]
+        if tables is not None:
+            _TABLES[id(module)] = tables
     try:
         yield len(swapped)
     finally:
         for module in swapped:
             del module.forward
+            _TABLES.pop(id(module), None)

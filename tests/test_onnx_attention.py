@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from slimsearch.spaces.onnx import export_onnx
-from slimsearch.spaces.onnx_attention import exportable
+from slimsearch.spaces.onnx_attention import exportable, rotary_tables
 from tiny import tiny_bert
 
 
@@ -59,10 +59,10 @@ def test_the_swap_is_undone_on_error_and_leaves_other_attention_alone() -> None:
         assert swapped == 0
 
 
-def _shape_ops(path: Path) -> int:
+def _ops(path: Path) -> Counter[str]:
     import onnx
 
-    return Counter(node.op_type for node in onnx.load(str(path)).graph.node)["Shape"]
+    return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
 
 
 def test_a_deeper_decoder_adds_no_shape_operators(tmp_path: Path) -> None:
@@ -73,5 +73,21 @@ def test_a_deeper_decoder_adds_no_shape_operators(tmp_path: Path) -> None:
     for blocks in (1, 3):
         path = tmp_path / f"d{blocks}.onnx"
         export_onnx(grouped_llama(blocks), path, vocab_size=96, kv_cache=True)
-        counts.append(_shape_ops(path))
+        ops = _ops(path)
+        assert ops["RotaryEmbedding"] == 2 * blocks  # queries and keys, one operator each
+        counts.append(ops["Shape"])
     assert counts[0] == counts[1]
+
+
+def test_rotary_tables_are_transformers_cos_and_sin_and_refuse_dynamic_scaling() -> None:
+    model = grouped_llama(1)
+    tables = rotary_tables(model)
+    assert tables is not None
+    cos, sin = tables
+    positions = torch.tensor([[0, 5, 63]])
+    want_cos, want_sin = model.model.rotary_emb(torch.zeros(1), positions)
+    half = cos.shape[1]
+    assert cos.shape == (64, 4) and torch.equal(cos[positions[0]], want_cos[0, :, :half])
+    assert torch.equal(sin[positions[0]], want_sin[0, :, half:])
+    model.model.rotary_emb.rope_type = "dynamic"  # frequencies that change with the length
+    assert rotary_tables(model) is None
