@@ -155,8 +155,8 @@ def exportable(model: nn.Module) -> Iterator[int]:
     tables = rotary_tables(model) if swapped else None
     for module in swapped:
         module.forward = attention_forward.__get__(module)  # type: ignore[method-assign]
-        if tables is not None:
-            _TABLES[id(module)] = tables
+        if tables is not None and 2 * tables[0].shape[1] == int(getattr(module, "head_dim", -1)):
+            _TABLES[id(module)] = tables  # the rotation covers the whole head (no partial rotary)
     try:
         yield len(swapped)
     finally:
