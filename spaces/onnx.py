@@ -24,14 +24,15 @@ Causal LMs (decoders) are written the same way, as ``input_ids``, ``attention_ma
 Optimum's exports use), so a generation loop feeds one token a step (``generate``); an
 empty past (length 0) scores whole blocks. A tied output layer is a matmul on the table's
 stored codes: ``MatMulNBits`` for 8/4/2-bit tables, ``MatMul`` for fp32 and bf16. Llama-layout
-attention is written in its export form (``onnx_attention``: no shape arithmetic per block).
+blocks are written in their export form (``onnx_llama``: no shape arithmetic per block, and
+Linears reading one input as one operator, ``fused_projections``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 from slimsearch.spaces.methods import PackedEmbedding, PackedLinear
 from slimsearch.spaces.methods.packed import TiedHead
 from slimsearch.spaces.methods.quantize import GROUP_SIZE, GROUPED_BITS, group_size_for, whole_zeros
-from slimsearch.spaces.onnx_attention import exportable
+from slimsearch.spaces.onnx_llama import exportable
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -173,6 +174,78 @@ class _PackedMatMul(torch.autograd.Function):
         if bias is not None:
             y = g.op("Add", y, _const(g, bias.detach().float()))
         return y
+
+
+class _FusedMatMul(torch.autograd.Function):
+    """Several exported layers reading one input, computed as one: their outputs concatenated
+    (for tracing), written as one ``MatMulNBits`` on their stacked codes or one ``MatMul`` on
+    their stacked fp32 weights (``symbolic``). Every output column is its layer's own sum, so
+    the values are the separate layers'."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, keys: tuple[int, ...]) -> Tensor:  # type: ignore[override]
+        return torch.cat([F.linear(x, _LAYERS[k][1]) for k in keys], dim=-1)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, keys: tuple[int, ...]) -> Any:
+        layers = [_LAYERS[k][0] for k in keys]
+        rows = sum(layer.out_features for layer in layers)
+        if onnx_op(layers[0]) == "MatMul":
+            weight = torch.cat([_LAYERS[k][1] for k in keys])
+            return g.op("MatMul", x, _const(g, weight.t()))
+        parts = [_nbits_inputs(layer) for layer in layers]
+        zeros = torch.cat([p[2] for p in parts])
+        y = g.op(
+            f"{MS_DOMAIN}::MatMulNBits",
+            x,
+            _const(g, torch.cat([p[0] for p in parts])),
+            _const(g, torch.cat([p[1] for p in parts])),
+            _const(g, zeros),
+            K_i=layers[0].in_features,
+            N_i=rows,
+            bits_i=int(parts[0][3]),
+            block_size_i=int(parts[0][4]),
+            accuracy_level_i=_accuracy_level if zeros.dtype == torch.uint8 else 0,
+        )
+        sizes = x.type().varyingSizes()
+        if sizes is not None:
+            y.setType(x.type().with_sizes([*sizes[:-1], rows]))
+        return y
+
+
+def _format(layer: PackedLinear) -> tuple[Any, ...] | None:
+    """What must match for layers to share one operator (None: this one shares with none)."""
+    op = onnx_op(layer)
+    if getattr(layer, "bias", None) is not None or layer.column_scale() is not None or op == "MatMulInteger":
+        return None
+    if op == "MatMul":
+        return (op,)
+    _, _, zeros, bits, block = _nbits_inputs(layer)
+    return (op, int(bits), int(block), zeros.dtype)  # sizes may be traced tensors: compare values
+
+
+def fused_projections(modules: Sequence[nn.Module], x: Tensor) -> list[Tensor] | None:
+    """The outputs of ``modules`` (Linears reading the same ``x``: a block's query, key and
+    value projections, or its gate and up projections) through one operator while exporting,
+    where all are exported packed layers of one format without bias or input scale; None
+    where they are not (each is then called on its own)."""
+    if all(type(m) is nn.Linear for m in modules):  # fp32 layers: one matmul on stacked weights
+        linears = [m for m in modules if isinstance(m, nn.Linear)]
+        if any(m.bias is not None for m in linears):
+            return None
+        weight = torch.cat([m.weight for m in linears])
+        return list(F.linear(x, weight).split([m.out_features for m in linears], dim=-1))
+    if not all(isinstance(m, _Exported) for m in modules):
+        return None
+    keys = tuple(m.key for m in modules if isinstance(m, _Exported))
+    layers = [_LAYERS[k][0] for k in keys]
+    if not all(isinstance(layer, PackedLinear) for layer in layers):
+        return None
+    formats = {_format(layer) for layer in layers if isinstance(layer, PackedLinear)}
+    if len(formats) != 1 or None in formats:
+        return None
+    out: Tensor = _FusedMatMul.apply(x, keys)
+    return list(out.split([layer.out_features for layer in layers], dim=-1))
 
 
 class _Exported(nn.Module):

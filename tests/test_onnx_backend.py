@@ -131,8 +131,9 @@ def test_integer_zero_points_compute_on_int8_activations(
     export_onnx(model, path, vocab_size=96, int8_compute=int8_compute)
     nodes = _nbits_nodes(path)
     fast = 4 if int8_compute else 0
-    # Per block: 4 attention Linears at 4 bits, then 3 MLP Linears at int8 weight-only.
-    want = ([(fast, "uint8")] if integer_zero else [(0, "float32")]) * 4 + [(fast, "uint8")] * 3
+    # Per block: q/k/v as one operator and o at 4 bits, then gate/up as one and down at int8
+    # weight-only (onnx_llama's export form).
+    want = ([(fast, "uint8")] if integer_zero else [(0, "float32")]) * 2 + [(fast, "uint8")] * 2
     assert nodes == want * 2
     ids = torch.randint(1, 96, (2, 20), generator=torch.Generator().manual_seed(0))
     sess = session(path, 1)

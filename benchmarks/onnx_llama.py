@@ -1,13 +1,14 @@
-"""SmolLM2 decoding in ONNX Runtime with attention exported as transformers traces it, and in
-the export form ``spaces.onnx_attention`` writes (constant reshapes, key/value heads shared by
-broadcasting), side by side in one process.
+"""SmolLM2 decoding in ONNX Runtime with its blocks exported as transformers traces them, and
+in the export form ``spaces.onnx_llama`` writes (constant reshapes, ORT's rotary operator,
+key/value heads shared by broadcasting, q/k/v and gate/up as one operator each), side by side
+in one process.
 
 fp32 and the 4-bit ``integer_zero`` plan (table int8), each exported both ways with its KV
 cache; a 64-token prompt, then ms per greedy token over ``--tokens`` tokens, median of
 ``--passes`` passes, the four sessions alternating. Also the number of graph nodes ORT runs
 after its optimizations. SmolLM2's weights come from a Q4_1 GGUF file, so 4-bit is at group 64.
 
-    .venv/bin/python benchmarks/onnx_attention.py [--threads 2] [--passes 6] [--tokens 32] [--out PATH]
+    .venv/bin/python benchmarks/onnx_llama.py [--threads 2] [--passes 6] [--tokens 32] [--out PATH]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from onnx_minilm import baseline, plan_for, write  # benchmarks/onnx_minilm.py
 from onnx_smollm2 import BLOCKS, PLANS  # benchmarks/onnx_smollm2.py
 
 from slimsearch.evaluators.onnx_backend import decode_timers
-from slimsearch.spaces import apply_plan, onnx_attention
+from slimsearch.spaces import apply_plan, onnx_llama
 from slimsearch.spaces.onnx import export_onnx, session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--passes", type=int, default=6, help="decode passes per model")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_attention.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_llama.json"))
     args = parser.parse_args()
     import onnxruntime
 
@@ -61,16 +62,16 @@ def main() -> None:
         ids = batches[0]["input_ids"][:1, :64].numpy()
         models = {"fp32": lm, "int4": apply_plan(copy.deepcopy(lm), plan_for(lm, PLANS[INT4], BLOCKS)).eval()}
         paths: dict[tuple[str, str], Path] = {}
-        supported = onnx_attention.SUPPORTED
+        supported = onnx_llama.SUPPORTED
         for form in FORMS:
             # An empty set of supported classes exports every block as transformers traces it.
-            onnx_attention.SUPPORTED = supported if form == "export form" else frozenset()
+            onnx_llama.SUPPORTED = supported if form == "export form" else frozenset()
             try:
                 for name, model in models.items():
                     paths[(name, form)] = Path(tmp) / f"{name}-{form.replace(' ', '-')}.onnx"
                     export_onnx(model, paths[(name, form)], vocab, kv_cache=True)
             finally:
-                onnx_attention.SUPPORTED = supported
+                onnx_llama.SUPPORTED = supported
         del lm, models
         nodes = {key: optimized_nodes(path, args.threads) for key, path in paths.items()}
         # decode_timers' second timer: an untimed prompt, then ms per greedy token.
@@ -86,7 +87,7 @@ def main() -> None:
         fp32, int4 = (float(np.median(times[(m, form)])) for m in ("fp32", "int4"))
         rows.append(
             {
-                "attention": form,
+                "blocks": form,
                 "nodes_fp32": nodes[("fp32", form)],
                 "nodes_int4": nodes[("int4", form)],
                 "decode_ms_fp32": fp32,
@@ -109,13 +110,13 @@ def main() -> None:
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        "| attention exported | nodes ORT runs (fp32 / 4-bit) | decode fp32 ms/token "
+        "| blocks exported | nodes ORT runs (fp32 / 4-bit) | decode fp32 ms/token "
         "| decode 4-bit ms/token | 4-bit vs fp32 |",
         "|---" * 5 + "|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['attention']} | {r['nodes_fp32']} / {r['nodes_int4']} | {r['decode_ms_fp32']:.2f} | "
+            f"| {r['blocks']} | {r['nodes_fp32']} / {r['nodes_int4']} | {r['decode_ms_fp32']:.2f} | "
             f"{r['decode_ms_int4']:.2f} | {r['decode_speedup']:.2f}x |"
         )
     return "\n".join(lines)

@@ -1,15 +1,16 @@
-"""Llama-layout attention in the form ONNX Runtime runs fastest, for export only.
+"""Llama-layout blocks in the form ONNX Runtime runs fastest, for export only.
 
 Traced as transformers writes it, each attention block costs ORT about fifty shape operators
 a decode step (``Shape``, ``Gather``, ``Unsqueeze``, ``Concat``: every ``view`` reads its
 sizes back from a tensor) and copies its grown key/value cache once per query-head group
 (``repeat_kv``). ``exportable(model)`` swaps, for the length of an export, the forward of
-every ``LlamaAttention`` (SmolLM2, Llama and models of its layout) for one that computes the
-same function with constant reshape targets (0 keeps a size, -1 infers it), the rotary
-embedding of queries and keys as ORT's ``RotaryEmbedding`` operator on the model's cos and
-sin tables (where its frequencies do not change with the length), and each key/value head
-serving its query heads by broadcasting (a 5-d matmul), so ORT runs no shape arithmetic and
-no copy of the cache there. Other attention classes keep their own forward.
+every ``LlamaAttention`` and ``LlamaMLP`` (SmolLM2, Llama and models of its layout) for one
+that computes the same function with constant reshape targets (0 keeps a size, -1 infers
+it), the rotary embedding of queries and keys as ORT's ``RotaryEmbedding`` operator on the
+model's cos and sin tables (where its frequencies do not change with the length), each
+key/value head serving its query heads by broadcasting (a 5-d matmul), and the Linears that
+read one input (query, key and value; gate and up) as one operator where they share a format
+(``onnx.fused_projections``). Other attention and MLP classes keep their own forward.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# Attention classes whose forward is transformers' Llama one (checked by name and module).
-SUPPORTED: frozenset[tuple[str, str]] = frozenset(
-    {("transformers.models.llama.modeling_llama", "LlamaAttention")}
-)
+# Classes whose forward is transformers' Llama one (checked by module and name).
+LLAMA = "transformers.models.llama.modeling_llama"
+SUPPORTED: frozenset[tuple[str, str]] = frozenset({(LLAMA, "LlamaAttention"), (LLAMA, "LlamaMLP")})
 
 
 # The rotary cos and sin tables of the attention modules being exported, by id.
@@ -109,7 +109,10 @@ def attention_forward(
     kv_heads = int(self.config.num_key_value_heads)
     heads = int(self.config.num_attention_heads)
     groups = heads // kv_heads
-    q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
+    from slimsearch.spaces.onnx import fused_projections  # it imports this module
+
+    projections = [self.q_proj, self.k_proj, self.v_proj]
+    q, k, v = fused_projections(projections, hidden_states) or [p(hidden_states) for p in projections]
     tables = _TABLES.get(id(self))
     positions = kwargs.get("position_ids")
     if tables is not None and positions is not None:
@@ -120,7 +123,7 @@ def attention_forward(
         k = _Rotary.apply(k, positions, *tables, kv_heads)
     q = reshape(q, (0, -1, heads, d)).transpose(1, 2)
     k = reshape(k, (0, -1, kv_heads, d)).transpose(1, 2)
-    v = reshape(self.v_proj(hidden_states), (0, -1, kv_heads, d)).transpose(1, 2)
+    v = reshape(v, (0, -1, kv_heads, d)).transpose(1, 2)
     if tables is None or positions is None:
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)
         q = q * cos + _rotate_half(q, d // 2) * sin
@@ -142,6 +145,16 @@ def attention_forward(
     return self.o_proj(reshape(out, (0, -1, heads * d))), None
 
 
+def mlp_forward(self: Any, x: Tensor) -> Tensor:  # a transformers LlamaMLP
+    """``LlamaMLP.forward``, its gate and up projections through one operator where they can."""
+    from slimsearch.spaces.onnx import fused_projections
+
+    projections = [self.gate_proj, self.up_proj]
+    gate, up = fused_projections(projections, x) or [p(x) for p in projections]
+    out: Tensor = self.down_proj(self.act_fn(gate) * up)
+    return out
+
+
 def _supported(module: nn.Module) -> bool:
     cls = type(module)
     return (cls.__module__, cls.__name__) in SUPPORTED
@@ -150,11 +163,13 @@ def _supported(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def exportable(model: nn.Module) -> Iterator[int]:
     """Within the block, every supported attention module of ``model`` runs
-    ``attention_forward``; yields how many were swapped. Restored after, on error too."""
+    ``attention_forward`` and every MLP ``mlp_forward``; yields how many modules were swapped.
+    Restored after, on error too."""
     swapped = [m for m in model.modules() if _supported(m)]
     tables = rotary_tables(model) if swapped else None
     for module in swapped:
-        module.forward = attention_forward.__get__(module)  # type: ignore[method-assign]
+        forward = mlp_forward if type(module).__name__ == "LlamaMLP" else attention_forward
+        module.forward = forward.__get__(module)  # type: ignore[method-assign]
         if tables is not None and 2 * tables[0].shape[1] == int(getattr(module, "head_dim", -1)):
             _TABLES[id(module)] = tables  # the rotation covers the whole head (no partial rotary)
     try:
