@@ -55,6 +55,8 @@ INT8_COMPUTE = 4
 _accuracy_level = INT8_COMPUTE
 # The layers being exported, by id, with the fp32 weight they compute with (symbolic reads them).
 _LAYERS: dict[int, tuple[PackedLinear | TiedHead, Tensor]] = {}
+# Their MatMulNBits inputs, packed once per export (``_packed``).
+_PACKED: dict[int, tuple[Tensor, Tensor, Tensor, int, int]] = {}
 
 
 def onnx_op(layer: PackedLinear | TiedHead) -> str:
@@ -151,23 +153,7 @@ class _PackedMatMul(torch.autograd.Function):
             y = g.op("Cast", y, to_i=1)  # float
             y = g.op("Mul", y, g.op("Mul", xs, _const(g, layer.scale.float())))
         elif op == "MatMulNBits":
-            b, scales, zeros, bits, block = _nbits_inputs(layer)
-            y = g.op(
-                f"{MS_DOMAIN}::MatMulNBits",
-                x,
-                _const(g, b),
-                _const(g, scales),
-                _const(g, zeros),
-                K_i=weight.shape[1],
-                N_i=weight.shape[0],
-                bits_i=bits,
-                block_size_i=block,
-                accuracy_level_i=_accuracy_level if zeros.dtype == torch.uint8 else 0,
-            )
-            # ORT's operator has no shape function in the exporter: give the output's type.
-            sizes = x.type().varyingSizes()
-            if sizes is not None:
-                y.setType(x.type().with_sizes([*sizes[:-1], weight.shape[0]]))
+            y = _nbits_op(g, x, _packed(layer), weight.shape[1], weight.shape[0])
         else:
             y = g.op("MatMul", x, _const(g, weight.t()))
         bias = getattr(layer, "bias", None)
@@ -193,24 +179,42 @@ class _FusedMatMul(torch.autograd.Function):
         if onnx_op(layers[0]) == "MatMul":
             weight = torch.cat([_LAYERS[k][1] for k in keys])
             return g.op("MatMul", x, _const(g, weight.t()))
-        parts = [_nbits_inputs(layer) for layer in layers]
+        parts = [_packed(layer) for layer in layers]
+        b = torch.cat([p[0] for p in parts])
+        scales = torch.cat([p[1] for p in parts])
         zeros = torch.cat([p[2] for p in parts])
-        y = g.op(
-            f"{MS_DOMAIN}::MatMulNBits",
-            x,
-            _const(g, torch.cat([p[0] for p in parts])),
-            _const(g, torch.cat([p[1] for p in parts])),
-            _const(g, zeros),
-            K_i=layers[0].in_features,
-            N_i=rows,
-            bits_i=int(parts[0][3]),
-            block_size_i=int(parts[0][4]),
-            accuracy_level_i=_accuracy_level if zeros.dtype == torch.uint8 else 0,
-        )
-        sizes = x.type().varyingSizes()
-        if sizes is not None:
-            y.setType(x.type().with_sizes([*sizes[:-1], rows]))
-        return y
+        return _nbits_op(g, x, (b, scales, zeros, parts[0][3], parts[0][4]), layers[0].in_features, rows)
+
+
+def _packed(layer: PackedLinear | TiedHead) -> tuple[Tensor, Tensor, Tensor, int, int]:
+    """``_nbits_inputs`` of a layer being exported, packed once per export (the format check of
+    ``fused_projections`` and the operator's constants both read it)."""
+    key = id(layer)
+    if key not in _PACKED:
+        _PACKED[key] = _nbits_inputs(layer)
+    return _PACKED[key]
+
+
+def _nbits_op(g: Any, x: Any, inputs: tuple[Tensor, Tensor, Tensor, int, int], k: int, n: int) -> Any:
+    """One ``MatMulNBits`` of ``x`` (..., k) on packed ``inputs`` (``_nbits_inputs``) -> (..., n)."""
+    b, scales, zeros, bits, block = inputs
+    y = g.op(
+        f"{MS_DOMAIN}::MatMulNBits",
+        x,
+        _const(g, b),
+        _const(g, scales),
+        _const(g, zeros),
+        K_i=k,
+        N_i=n,
+        bits_i=int(bits),  # sizes may be traced tensors
+        block_size_i=int(block),
+        accuracy_level_i=_accuracy_level if zeros.dtype == torch.uint8 else 0,
+    )
+    # ORT's operator has no shape function in the exporter: give the output's type.
+    sizes = x.type().varyingSizes()
+    if sizes is not None:
+        y.setType(x.type().with_sizes([*sizes[:-1], n]))
+    return y
 
 
 def _format(layer: PackedLinear) -> tuple[Any, ...] | None:
@@ -220,7 +224,7 @@ def _format(layer: PackedLinear) -> tuple[Any, ...] | None:
         return None
     if op == "MatMul":
         return (op,)
-    _, _, zeros, bits, block = _nbits_inputs(layer)
+    _, _, zeros, bits, block = _packed(layer)
     return (op, int(bits), int(block), zeros.dtype)  # sizes may be traced tensors: compare values
 
 
@@ -430,6 +434,7 @@ def _swapped(model: nn.Module) -> Iterator[dict[str, str]]:
         for module, child_name, child in swaps:
             setattr(module, child_name, child)
             _LAYERS.pop(id(child), None)
+            _PACKED.pop(id(child), None)
         for table in uncached:
             table._cache.pop("dense", None)
 
