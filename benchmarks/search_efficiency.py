@@ -159,6 +159,9 @@ class Bench:
     baseline: dict[str, float]
     cache: EvalCache
     jobs: Jobs
+    # The ground truth's reference when latency is an axis: quantized layers can run slower
+    # than fp32, so a fixed latency reference of 1.0 would give most plans no volume.
+    reference_override: tuple[float, ...] | None = None
 
     def evaluate(self, plan: CompressionPlan) -> Entry:
         hit = self.cache.get(plan)
@@ -200,6 +203,8 @@ class Bench:
 
     @property
     def reference(self) -> tuple[float, ...]:
+        if self.reference_override is not None:
+            return self.reference_override
         return (REFERENCE_LIMITS * self.quality_limit, 1.0, 1.0)[: 3 if self.timed else 2]
 
     def losses(self, entry: Entry, credit_gains: bool = False) -> tuple[float, ...] | None:
@@ -500,24 +505,42 @@ def tpe_sampler(seed: int) -> optuna.samplers.BaseSampler:
 GT_BUDGETS = (10, 20, 40, 80)
 GT_SEEDS = (0, 1, 2)
 GT_BITS = [32, 8, 4]
+# With latency as an axis, the reference is this much past the worst feasible plan's value
+# on each of size and latency (the nadir), so every feasible plan can add volume.
+GT_NADIR_MARGIN = 1.1
 
 
-def ground_truth_overrides(study: Path) -> dict[str, Any]:
-    """The study with a small space: bits 32/8/4 on three of the model's Linears (its first,
-    middle and last: on MiniLM the last is the classifier head) and on the embedding table
-    (3^4 = 81 plans); accuracy (or perplexity) and size only, so every plan's values are
-    exact."""
+def picked_layers(names: Sequence[str], count: int) -> list[str]:
+    """``count`` of the model's Linears spread over it: the first, the last and evenly
+    spaced ones between (for 3: the first, the middle and the last)."""
+    if count < 2 or count > len(names):
+        raise ValueError(f"--gt-layers {count}: give 2 to {len(names)} (the space's searched Linears)")
+    n = len(names)
+    return [names[0]] + [names[i * n // (count - 1)] for i in range(1, count - 1)] + [names[-1]]
+
+
+def ground_truth_overrides(study: Path, layers: int = 3, timed: bool = False) -> dict[str, Any]:
+    """The study with a small space: bits 32/8/4 on ``layers`` of the model's Linears
+    (``picked_layers``: on MiniLM the last is the classifier head) and on the embedding
+    table (3 layers: 3^4 = 81 plans; 5: 729); accuracy (or perplexity) and size, plus the
+    study's latency ratio when ``timed``."""
     spec = load_study(study)
+    objectives = [o.name for o in spec.objectives]
+    if timed and "latency_ratio" not in objectives:
+        raise ValueError(
+            f"--gt-latency: {study} has no latency_ratio objective (it has {objectives}); "
+            "use a study that times trials, e.g. studies/minilm-size.yaml"
+        )
     baseline_dir = models.prepare_baseline(spec)
     model, _ = models.load_baseline(baseline_dir, spec.task.kind, spec.model.trust_remote_code)
     names = list(SearchSpace(model, spec.space).shapes)
     del model
-    picked = [names[0], names[len(names) // 2], names[-1]]
+    picked = picked_layers(names, layers)
     quality = "perplexity" if spec.task.kind == "causal-lm" else "accuracy"
     pattern = "re:(" + "|".join(re.escape(n) for n in picked) + ")"
     return {
         "space": {"layers": pattern, "default": {"bits": GT_BITS}, "embeddings": GT_BITS},
-        "objectives": [quality, "size_bytes"],
+        "objectives": [quality, "size_bytes"] + (["latency_ratio"] if timed else []),
     }
 
 
@@ -538,40 +561,57 @@ def front_of(points: Sequence[tuple[float, ...]]) -> set[tuple[float, ...]]:
     }
 
 
-GT_METHODS = ("slimsearch", "evolution", "tpe", "nsga2", "random")
+# slimsearch: the driver's proposers (seeds, refinement) over multivariate TPE; evolution:
+# the same with evolve_front on; slimsearch+nsga2 / slimsearch+random: the driver's
+# proposers over that sampler (a study's `sampler:` line); the rest: the bare sampler.
+GT_METHODS = ("slimsearch", "evolution", "slimsearch+nsga2", "slimsearch+random", "tpe", "nsga2", "random")
 
 
 def gt_method(bench: Bench, name: str, seed: int, budget: int) -> MethodRun:
     distributions = bench.space.distributions()
-    if name in ("slimsearch", "evolution"):
-        # evolution: slimsearch's defaults with evolve_front on (evolution steps from the front).
-        spec = dataclasses.replace(bench.spec, evolve_front=name == "evolution")
+    driver, _, kind = name.partition("+")
+    if driver in ("slimsearch", "evolution"):
+        spec = dataclasses.replace(bench.spec, evolve_front=driver == "evolution")
         proposers = default_proposers(spec, bench.space, distributions, bench.baseline_dir)
-        return run_loop(bench, f"{name} seed {seed}", tpe_sampler(seed), budget, proposers, verbose=False)
+        sampler = make_sampler(SamplerSpec(kind or "tpe", seed, population_size=10))
+        return run_loop(bench, f"{name} seed {seed}", sampler, budget, proposers, verbose=False)
     sampler = make_sampler(SamplerSpec(name, seed, population_size=10))
     return run_loop(bench, f"{name} seed {seed}", sampler, budget, verbose=False)
 
 
 def run_ground_truth(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    bench = setup(args.study, args.cache_file, args.threads, ground_truth_overrides(args.study))
+    overrides = ground_truth_overrides(args.study, args.gt_layers, args.gt_latency)
+    bench = setup(args.study, args.cache_file, args.threads, overrides)
     plans = all_params(bench.space)
-    say(f"ground truth: {len(plans)} plans over {bench.space.describe()}")
+    budgets = sorted(set(args.gt_budgets))
+    say(f"ground truth: {len(plans)} plans over {bench.space.describe()}; budgets {budgets}")
     truth: list[Entry] = []
+    cached = sum(bench.cache.get(bench.space.decode(p)) is not None for p in plans)
     for i, params in enumerate(plans):
         truth.append(bench.evaluate(bench.space.decode(params)))
         if (i + 1) % 10 == 0 or i + 1 == len(plans):
-            say(f"enumerated {i + 1}/{len(plans)}: {_show(bench, truth[-1])}")
+            spent = time.monotonic() - started
+            new = max(1, i + 1 - cached)
+            left = max(0, len(plans) - i - 1) * spent / new if i + 1 > cached else 0.0
+            say(f"enumerated {i + 1}/{len(plans)} (~{fmt_seconds(left)} left): {_show(bench, truth[-1])}")
+    feasible_points = [x for e in truth if (x := bench.losses(e, credit_gains=True))]
+    if bench.timed and feasible_points:
+        nadir = np.max(np.asarray(feasible_points), axis=0)
+        bench.reference_override = (
+            bench.reference[0],
+            *(GT_NADIR_MARGIN * float(v) for v in nadir[1:]),
+        )
     # The study's own front: over raw values, a gain in accuracy counts (it is what the
     # search's front ranks by).
-    true_front = front_of([x for e in truth if (x := bench.losses(e, credit_gains=True))])
+    true_front = front_of(feasible_points)
     true_hv = normalized_hypervolume(sorted(true_front), bench.reference)
     enumerated = time.monotonic() - started
     rows = []
     for name in GT_METHODS:
         for seed in GT_SEEDS:
-            run = gt_method(bench, name, seed, max(GT_BUDGETS))
-            for budget in GT_BUDGETS:
+            run = gt_method(bench, name, seed, max(budgets))
+            for budget in budgets:
                 feasible = {x for e in run.entries[:budget] if (x := bench.losses(e, credit_gains=True))}
                 rows.append(
                     {
@@ -586,9 +626,12 @@ def run_ground_truth(args: argparse.Namespace) -> int:
                     }
                 )
     table = ground_truth_table(rows)
+    goals = ground_truth_targets(rows)
     wall = time.monotonic() - started
     print(f"true front: {len(true_front)} points from {len(plans)} plans; hypervolume {true_hv:.4f}")
     print(table)
+    for g in goals:
+        print(f"[{'MET' if g['met'] else 'NOT MET'}] {g['target']}: {g['value']}")
     print(f"wall time {fmt_seconds(wall)} (enumeration {fmt_seconds(enumerated)}); load average {_load()}")
     out = args.out if args.out != RESULTS / "search_efficiency.json" else RESULTS / "ground_truth.json"
     report = {
@@ -599,9 +642,12 @@ def run_ground_truth(args: argparse.Namespace) -> int:
         "true_front": sorted(true_front),
         "true_hypervolume": true_hv,
         "reference": list(bench.reference),
+        "objectives": [o.name for o in bench.spec.objectives],
         "baseline": bench.baseline,
         "rows": rows,
+        "targets": goals,
         "wall_s": round(wall, 1),
+        "enumeration_s": round(enumerated, 1),
         "new_evaluations": bench.cache.new,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -610,10 +656,51 @@ def run_ground_truth(args: argparse.Namespace) -> int:
     return 0
 
 
+def ground_truth_targets(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets over the rows that exist: every method's whole front at 40 trials;
+    slimsearch's hypervolume fraction at 40 (>= 0.9) and against random at 4x the budget."""
+
+    def picks(method: str, budget: int) -> list[Mapping[str, Any]]:
+        return [r for r in rows if r["method"] == method and r["budget"] == budget]
+
+    out: list[dict[str, Any]] = []
+    at40 = {m: picks(m, 40) for m in dict.fromkeys(r["method"] for r in rows)}
+    if all(at40.values()):
+        missed = [m for m, rs in at40.items() if min(r["found"] for r in rs) < 1.0]
+        out.append(
+            {
+                "target": "every method finds 100% of the true front at 40 trials (every seed)",
+                "value": "missed by " + ", ".join(missed) if missed else "all",
+                "met": not missed,
+            }
+        )
+    ours = picks("slimsearch", 40)
+    if ours:
+        hv = float(np.mean([r["hv_fraction"] for r in ours]))
+        out.append(
+            {
+                "target": "slimsearch at 40 trials >= 90% of the true front's hypervolume (mean of seeds)",
+                "value": f"{hv:.3f} (worst seed {min(r['hv_fraction'] for r in ours):.3f})",
+                "met": hv >= 0.9,
+            }
+        )
+        rnd = picks("random", 160)
+        if rnd:
+            theirs = float(np.mean([r["hv_fraction"] for r in rnd]))
+            out.append(
+                {
+                    "target": "slimsearch at 40 trials above random at 160 (mean hypervolume fraction)",
+                    "value": f"{hv:.3f} vs {theirs:.3f}",
+                    "met": hv > theirs,
+                }
+            )
+    return out
+
+
 def ground_truth_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Per method and budget: mean fraction of the true front found (min over seeds), mean
     hypervolume fraction, and how many seeds found all of it."""
-    head = f"{'method':<12}{'budget':>7}{'trials':>7}{'front found':>13}{'(worst)':>9}"
+    head = f"{'method':<19}{'budget':>7}{'trials':>7}{'front found':>13}{'(worst)':>9}"
     head += f"{'HV frac':>9}{'all found':>11}"
     lines = [head, "-" * len(head)]
     for name in dict.fromkeys(r["method"] for r in rows):
@@ -624,7 +711,7 @@ def ground_truth_table(rows: Sequence[Mapping[str, Any]]) -> str:
             trials = min(r["trials"] for r in picks)
             full = sum(f >= 1.0 for f in found)
             lines.append(
-                f"{name:<12}{budget:>7}{trials:>7}{np.mean(found):>13.0%}{min(found):>9.0%}"
+                f"{name:<19}{budget:>7}{trials:>7}{np.mean(found):>13.0%}{min(found):>9.0%}"
                 f"{np.mean(hv):>9.3f}{f'{full}/{len(picks)}':>11}"
             )
     return "\n".join(lines)
@@ -665,8 +752,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="enumerate an 81-plan space of the study and score each method against its true front",
     )
+    parser.add_argument(
+        "--gt-layers",
+        type=int,
+        default=3,
+        help="ground truth: Linears searched beside the table (3: 81 plans; 5: 729)",
+    )
+    parser.add_argument(
+        "--gt-latency",
+        action="store_true",
+        help="ground truth: keep the study's latency ratio as a third objective",
+    )
+    parser.add_argument(
+        "--gt-budgets",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=list(GT_BUDGETS),
+        help="ground truth: trial budgets to score, comma-separated (default 10,20,40,80)",
+    )
     args = parser.parse_args(argv)
     if args.ground_truth:
+        if args.gt_layers < 2:
+            parser.error(f"--gt-layers {args.gt_layers}: give at least 2 (3: 81 plans; 5: 729)")
+        if not args.gt_budgets or min(args.gt_budgets) < 1:
+            parser.error(f"--gt-budgets {args.gt_budgets}: give positive trial counts, e.g. 10,20,40,80")
         return run_ground_truth(args)
     if args.quick and args.full:
         parser.error("--quick and --full exclude each other; give one")

@@ -365,6 +365,35 @@ def test_benchmark_credits_no_quality_beyond_the_baseline() -> None:
     assert b.hypervolume([lucky]) == pytest.approx(0.25)
 
 
+def test_ground_truth_spreads_its_layers_and_keeps_the_81_plan_pick() -> None:
+    pick = _bench_module().picked_layers
+    names = [f"l{i}" for i in range(38)]
+    # 3 layers: first, middle (n // 2) and last, as the recorded 81-plan runs used.
+    assert pick(names, 3) == ["l0", "l19", "l37"]
+    assert pick(names, 5) == ["l0", "l9", "l19", "l28", "l37"]
+    assert len(set(pick(names, 38))) == 38
+    with pytest.raises(ValueError, match="--gt-layers 39"):
+        pick(names, 39)
+
+
+def test_ground_truth_front_and_targets() -> None:
+    bench = _bench_module()
+    points = [(0.0, 1.0, 1.0), (0.5, 0.5, 1.1), (0.6, 0.6, 1.2), (1.0, 0.2, 1.0), (1.0, 0.2, 1.0)]
+    assert bench.front_of(points) == {(0.0, 1.0, 1.0), (0.5, 0.5, 1.1), (1.0, 0.2, 1.0)}
+
+    def row(method: str, budget: int, found: float, hv: float) -> dict[str, Any]:
+        return {"method": method, "seed": 0, "budget": budget, "found": found, "hv_fraction": hv}
+
+    rows = [row("slimsearch", 40, 1.0, 0.95), row("random", 40, 0.5, 0.7), row("random", 160, 1.0, 0.97)]
+    goals = {g["target"].split(" ")[0] + str(i): g for i, g in enumerate(bench.ground_truth_targets(rows))}
+    every, ours, versus = goals["every0"], goals["slimsearch1"], goals["slimsearch2"]
+    assert not every["met"] and every["value"] == "missed by random"
+    assert ours["met"] and ours["value"].startswith("0.950")
+    assert not versus["met"] and versus["value"] == "0.950 vs 0.970"
+    # Without a 160-trial random run there is no 4x comparison to make.
+    assert len(bench.ground_truth_targets(rows[:2])) == 2
+
+
 def test_profile_and_trials_read_the_same_calibration_statistics(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
