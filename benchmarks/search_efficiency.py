@@ -39,6 +39,15 @@ Cold, on 2 shared cores at load ~3: the sensitivity profile ~8 min (once, cached
 slimsearch cache), the baseline and grid ~4 min, then 2-15 s per new plan (screened ones
 ~2 s); --quick ~16 min cold, ~4 min with the evaluation cache warm; --full 1h03m cold
 (profile cached), most of it random search's 400 trials.
+
+--ground-truth enumerates a small space of the study (bits 32/8/4 on --gt-layers Linears and
+the table: 3 -> 81 plans, 5 -> 729) through the same cache, takes its true front, and runs
+every method (slimsearch's proposers over TPE, NSGA-II and random; evolution; the bare
+samplers) for 3 seeds, scoring the share of the front found and the hypervolume fraction at
+each of --gt-budgets. --gt-latency keeps the study's latency ratio as a third axis:
+
+    .venv/bin/python benchmarks/search_efficiency.py --ground-truth --gt-layers 5 --gt-latency \
+        --threads 2 --gt-budgets 10,20,40,80,160   # MiniLM: ~70 min cold on 2 cores
 """
 
 from __future__ import annotations
