@@ -444,6 +444,11 @@ def targets(
     return out
 
 
+def print_targets(goals: Sequence[Mapping[str, Any]]) -> None:
+    for g in goals:
+        print(f"[{'MET' if g['met'] else 'NOT MET'}] {g['target']}: {g['value']}")
+
+
 def _gain(grid_best: float | None, ours: float | None) -> float:
     if grid_best is None or ours is None:
         return 0.0 if ours is None else float("inf")
@@ -639,8 +644,7 @@ def run_ground_truth(args: argparse.Namespace) -> int:
     wall = time.monotonic() - started
     print(f"true front: {len(true_front)} points from {len(plans)} plans; hypervolume {true_hv:.4f}")
     print(table)
-    for g in goals:
-        print(f"[{'MET' if g['met'] else 'NOT MET'}] {g['target']}: {g['value']}")
+    print_targets(goals)
     print(f"wall time {fmt_seconds(wall)} (enumeration {fmt_seconds(enumerated)}); load average {_load()}")
     out = args.out if args.out != RESULTS / "search_efficiency.json" else RESULTS / "ground_truth.json"
     report = {
@@ -836,8 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"slimsearch rows include the sensitivity profile's {profile.seconds:.0f} s in 'eval s' "
             f"(this run: {profile_wall:.0f} s, cached when ~0)"
         )
-    for g in goals:
-        print(f"[{'MET' if g['met'] else 'NOT MET'}] {g['target']}: {g['value']}")
+    print_targets(goals)
     print(
         f"wall time {fmt_seconds(wall)}; {bench.cache.new} new evaluations; "
         f"load average before {load_before}, after {_load()} (2 cores shared)"
