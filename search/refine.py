@@ -12,7 +12,10 @@ twice the step that made it, so the front walks down in size while the constrain
 A step that broke the constraint rules out the longer ones from the same parent (they hold
 its moves), and screening rejects an overlong step in seconds. When a parent's prefixes
 are spent, each lower-ranked move is tried by itself (a ranking is an estimate: the second
-move alone may keep the constraint where the first broke it).
+move alone may keep the constraint where the first broke it). When every front parent's
+ranked steps are spent, each knob's milder values (int8 where the ranking took 4 bits) and
+then its next larger value are tried one at a time: on a small space refinement walks the
+front's whole single-knob neighbourhood before it gives its turns to the sampler.
 
     step = propose(study, space, profile)   # params of one new plan, or None
     # the Refinement proposer (search/proposers/refinement.py) hands it to the loop
@@ -57,8 +60,12 @@ class Proposal:
         return attrs | ({ALONE: True} if self.alone else {})
 
 
-def moves(profile: Profile, params: Mapping[str, Any], off: Mapping[str, Any]) -> list[Move]:
-    """For each searched knob, its best value that makes the unit smaller, best ratio first."""
+def _single_moves(
+    profile: Profile, params: Mapping[str, Any], off: Mapping[str, Any], larger: bool = False
+) -> list[list[Move]]:
+    """Per searched knob, every value that makes its unit smaller (``larger``: bigger) by
+    changing that knob alone, best ratio first: bytes saved per loss added (``larger``:
+    estimated loss taken back per byte added, ``saved`` then negative)."""
     floor = cost_floor(profile)
     out = []
     for options in profile.options.values():
@@ -66,20 +73,41 @@ def moves(profile: Profile, params: Mapping[str, Any], off: Mapping[str, Any]) -
         if current is None:
             continue
         cost = option_cost(profile, current, off)
-        best: Move | None = None
+        unit: list[Move] = []
         for param in current.params:
             for o in options:
                 changed = [p for p, v in o.params.items() if v != current.params[p]]
-                if changed != [param] or o.bytes >= current.bytes:
+                if changed != [param] or (o.bytes > current.bytes) != larger or o.bytes == current.bytes:
                     continue
-                added = max(option_cost(profile, o, off) - cost, 0.0)
                 saved = current.bytes - o.bytes
-                move = Move(param, o.params[param], saved, saved / (added + floor))
-                if best is None or move.ratio > best.ratio:
-                    best = move
-        if best is not None:
-            out.append(best)
-    return sorted(out, key=lambda m: (-m.ratio, m.param))
+                if larger:
+                    ratio = (max(cost - option_cost(profile, o, off), 0.0) + floor) / -saved
+                else:
+                    ratio = saved / (max(option_cost(profile, o, off) - cost, 0.0) + floor)
+                unit.append(Move(param, o.params[param], saved, ratio))
+        if unit:
+            out.append(sorted(unit, key=lambda m: -m.ratio))
+    return out
+
+
+def moves(profile: Profile, params: Mapping[str, Any], off: Mapping[str, Any]) -> list[Move]:
+    """For each searched knob, its best value that makes the unit smaller, best ratio first."""
+    best = [unit[0] for unit in _single_moves(profile, params, off)]
+    return sorted(best, key=lambda m: (-m.ratio, m.param))
+
+
+def alternatives(profile: Profile, params: Mapping[str, Any], off: Mapping[str, Any]) -> list[Move]:
+    """The single-knob steps ``moves`` passes over, best ratio first: each knob's milder
+    values (int8 where 4 bits ranked first; a harsher one is reached from the child the
+    best move makes), then each knob's next larger value (a front point more accurate than
+    its neighbour may sit one level up from it)."""
+    milder = [m for unit in _single_moves(profile, params, off) for m in unit[1:] if m.saved < unit[0].saved]
+    up = [max(unit, key=lambda m: m.saved) for unit in _single_moves(profile, params, off, larger=True)]
+    return sorted(milder, key=_by_ratio) + sorted(up, key=_by_ratio)
+
+
+def _by_ratio(move: Move) -> tuple[float, str, str]:
+    return (-move.ratio, move.param, str(move.value))
 
 
 def _key(params: Mapping[str, Any]) -> str:
@@ -124,12 +152,28 @@ def propose(study: optuna.Study, space: SearchSpace, profile: Profile) -> Propos
         # move is reachable even when the prefixes holding it broke the constraint.
         steps = [(ranked[:count], False) for count in step_sizes(start, len(ranked)) if count < limit]
         steps += [([move], True) for move in ranked[1:]]
-        for chosen, alone in steps:
-            child = dict(params)
-            for move in chosen:
-                child[move.param] = move.value
-            if _key(child) not in tried:
-                return Proposal(child, parent.number, len(chosen), alone)
+        if (step := _untried(params, steps, tried)) is not None:
+            return Proposal(step[0], parent.number, len(step[1]), step[2])
+    # Every ranked step of every parent is tried: the milder values the ranking passed over
+    # and one level up, one knob at a time (on a small space, the front's neighbourhood).
+    for parent in front:
+        params = off | {k: v for k, v in parent.params.items() if k in names}
+        others = [([move], True) for move in alternatives(profile, params, off)]
+        if (step := _untried(params, others, tried)) is not None:
+            return Proposal(step[0], parent.number, 1, True)
+    return None
+
+
+def _untried(
+    params: Mapping[str, Any], steps: list[tuple[list[Move], bool]], tried: set[str]
+) -> tuple[dict[str, Any], list[Move], bool] | None:
+    """The first step whose child plan no trial holds: (child params, its moves, alone)."""
+    for chosen, alone in steps:
+        child = dict(params)
+        for move in chosen:
+            child[move.param] = move.value
+        if _key(child) not in tried:
+            return child, chosen, alone
     return None
 
 

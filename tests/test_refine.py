@@ -179,10 +179,40 @@ def test_parents_come_from_the_feasible_front_fewest_children_first() -> None:
     assert parents[:2] == [0, 1] and set(parents) == {0, 1}
 
 
-def test_refinement_stops_when_no_new_step_is_left() -> None:
+def _walk(study: optuna.Study, prof: Profile) -> list[dict[str, Any]]:
+    """Every proposal until refinement has none left, each claimed (asked) but not told."""
+    out = []
+    while (proposal := refine.propose(study, FakeSpace(), prof)) is not None:  # type: ignore[arg-type]
+        out.append(proposal.params)
+        study.enqueue_trial(proposal.params, user_attrs=proposal.user_attrs())
+        study.ask()
+        assert len(out) < 30
+    return out
+
+
+def test_from_the_smallest_plan_each_knob_steps_one_level_up_then_refinement_stops() -> None:
     smallest = {f"{u}:bits": 4 for u in UNITS}
     study = study_with([smallest])
+    # Loss taken back per byte added: "a" 0.4 / 125, "b" 0.19 / 125, "c" 0.29 / 250.
+    assert _walk(study, profile()) == [
+        smallest | {"a:bits": 8},
+        smallest | {"b:bits": 8},
+        smallest | {"c:bits": 8},
+    ]
     assert refine.propose(study, FakeSpace(), profile()) is None  # type: ignore[arg-type]
+
+
+def test_milder_values_the_ranking_passed_over_come_after_the_ranked_steps() -> None:
+    # "b" at 4 bits costs what int8 does, so its ranked move is 4 bits and int8 is passed over.
+    loss = LOSS | {"b:bits": [(8, 0.01), (4, 0.01)]}
+    prof = Profile("k", "cross-entropy", 8, 0.3, loss, profile().options)
+    off = {f"{u}:bits": 32 for u in UNITS}
+    assert ("b:bits", 4) in [(m.param, m.value) for m in refine.moves(prof, off, off)]
+    assert [(m.param, m.value) for m in refine.alternatives(prof, off, off)] == [("b:bits", 8)]
+    proposed = _walk(study_with([off]), prof)
+    ranked = len(refine.step_sizes(1, 3)) + 2  # the prefixes, then the 2nd and 3rd moves alone
+    assert off | {"b:bits": 8} not in proposed[:ranked]
+    assert off | {"b:bits": 8} in proposed[ranked:]
 
 
 def test_refinement_takes_every_other_trial_after_the_seeds() -> None:
