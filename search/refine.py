@@ -77,7 +77,7 @@ def _single_moves(
         for param in current.params:
             for o in options:
                 changed = [p for p, v in o.params.items() if v != current.params[p]]
-                if changed != [param] or (o.bytes > current.bytes) != larger or o.bytes == current.bytes:
+                if changed != [param] or o.bytes == current.bytes or (o.bytes > current.bytes) != larger:
                     continue
                 saved = current.bytes - o.bytes
                 if larger:
@@ -141,40 +141,40 @@ def propose(study: optuna.Study, space: SearchSpace, profile: Profile) -> Propos
             broke[parent_number] = min(size, broke.get(parent_number, size))
     front: list[FrozenTrial] = [t for t in study.best_trials if not TrialRecord.of(t).distilled]
     front.sort(key=lambda t: (children.get(t.number, 0), t.number))
-    for parent in front:
-        params = off | {k: v for k, v in parent.params.items() if k in names}
-        ranked = moves(profile, params, off)
-        # A step that kept its child feasible is doubled from there on: a walk down the
-        # front grows geometrically instead of one knob per trial.
-        start = 2 * int(parent.user_attrs.get(REFINE_MOVES, 0)) or 1
-        limit = broke.get(parent.number, len(ranked) + 1)
-        # The ranking's prefixes first; then each lower-ranked move by itself, so every ranked
-        # move is reachable even when the prefixes holding it broke the constraint.
-        steps = [(ranked[:count], False) for count in step_sizes(start, len(ranked)) if count < limit]
-        steps += [([move], True) for move in ranked[1:]]
-        if (step := _untried(params, steps, tried)) is not None:
-            return Proposal(step[0], parent.number, len(step[1]), step[2])
-    # Every ranked step of every parent is tried: the milder values the ranking passed over
-    # and one level up, one knob at a time (on a small space, the front's neighbourhood).
-    for parent in front:
-        params = off | {k: v for k, v in parent.params.items() if k in names}
-        others = [([move], True) for move in alternatives(profile, params, off)]
-        if (step := _untried(params, others, tried)) is not None:
-            return Proposal(step[0], parent.number, 1, True)
+    # Every parent's ranked steps first; only when all of them are tried, the milder values
+    # the ranking passed over and one level up, one knob at a time (on a small space, the
+    # front's whole neighbourhood).
+    for ranked_pass in (True, False):
+        for parent in front:
+            params = off | {k: v for k, v in parent.params.items() if k in names}
+            if ranked_pass:
+                steps = _ranked_steps(profile, parent, params, off, broke)
+            else:
+                steps = [([move], True) for move in alternatives(profile, params, off)]
+            for chosen, alone in steps:
+                child = dict(params) | {move.param: move.value for move in chosen}
+                if _key(child) not in tried:
+                    return Proposal(child, parent.number, len(chosen), alone)
     return None
 
 
-def _untried(
-    params: Mapping[str, Any], steps: list[tuple[list[Move], bool]], tried: set[str]
-) -> tuple[dict[str, Any], list[Move], bool] | None:
-    """The first step whose child plan no trial holds: (child params, its moves, alone)."""
-    for chosen, alone in steps:
-        child = dict(params)
-        for move in chosen:
-            child[move.param] = move.value
-        if _key(child) not in tried:
-            return child, chosen, alone
-    return None
+def _ranked_steps(
+    profile: Profile,
+    parent: FrozenTrial,
+    params: Mapping[str, Any],
+    off: Mapping[str, Any],
+    broke: Mapping[int, int],
+) -> list[tuple[list[Move], bool]]:
+    """A parent's steps in the order its children try them: (moves, taken alone)."""
+    ranked = moves(profile, params, off)
+    # A step that kept its child feasible is doubled from there on: a walk down the
+    # front grows geometrically instead of one knob per trial.
+    start = 2 * int(parent.user_attrs.get(REFINE_MOVES, 0)) or 1
+    limit = broke.get(parent.number, len(ranked) + 1)
+    # The ranking's prefixes first; then each lower-ranked move by itself, so every ranked
+    # move is reachable even when the prefixes holding it broke the constraint.
+    steps = [(ranked[:count], False) for count in step_sizes(start, len(ranked)) if count < limit]
+    return steps + [([move], True) for move in ranked[1:]]
 
 
 def _infeasible(trial: FrozenTrial) -> bool:
