@@ -394,6 +394,71 @@ def test_ground_truth_front_and_targets() -> None:
     assert len(bench.ground_truth_targets(rows[:2])) == 2
 
 
+def test_ground_truth_retimes_its_front_until_no_lucky_pass_holds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan whose one pass ran fast is re-timed, takes its median and leaves the front; the
+    plan it hid joins the front and is re-timed in turn; infeasible plans are never timed
+    again; the re-timings are in the cache, so a rerun redoes none."""
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from slimsearch.search.study_file import load_study
+    from slimsearch.spaces import CompressionPlan, LayerSettings
+
+    bench = _bench_module()
+
+    @dataclass
+    class Job:
+        plan_json: str
+        objectives: tuple[Any, ...] = ()
+        screen: Any = None
+
+    # name -> (accuracy, size, first latency ratio, the ratios re-timing measures)
+    plans = {
+        "lucky": (80.0, 50.0, 0.80, [1.05, 1.06]),
+        "hidden": (80.0, 50.0, 1.00, [1.00, 1.01]),
+        "accurate": (80.5, 60.0, 0.95, [0.95, 0.96]),
+        "broken": (70.0, 10.0, 0.50, [0.50, 0.50]),  # 10.5 points lost: infeasible
+    }
+    left = {name: list(plans[name][3]) for name in plans}
+    timed_jobs: list[Job] = []
+
+    def fake_run_trial(job: Job) -> SimpleNamespace:
+        assert job.screen is None and [o.name for o in job.objectives] == ["latency_ratio"]
+        timed_jobs.append(job)
+        name = next(iter(CompressionPlan.from_json(job.plan_json).layers))
+        return SimpleNamespace(values={"latency_ratio": left[name].pop(0)}, error=None)
+
+    monkeypatch.setattr(bench, "run_trial", fake_run_trial)
+    plan_of = {name: CompressionPlan({name: LayerSettings(bits=8)}) for name in plans}
+    cache = bench.EvalCache(tmp_path / "cache.json", {"format": 2})
+    jobs = SimpleNamespace(baseline={}, job=lambda number, plan: Job(plan.to_json(), ("all",), "screen"))
+    space = SimpleNamespace(decode=lambda params: plan_of[params["name"]])
+    baseline = {"accuracy": 80.5, "size_bytes": 100.0, "latency_ratio": 1.0}
+    b = bench.Bench(load_study(ROOT / "studies" / "minilm-size.yaml"), space, Path(), baseline, cache, jobs)
+    truth = [
+        bench.Entry({"accuracy": acc, "size_bytes": size, "latency_ratio": first}, 1.0, "complete", name)
+        for name, (acc, size, first, _) in plans.items()
+    ]
+    params = [{"name": name} for name in plans]
+
+    assert bench.settle_front(b, params, truth) == 3  # lucky and accurate, then hidden
+    by_name = {e.summary: e for e in truth}
+    assert by_name["lucky"].latency_runs == [0.80, 1.05, 1.06]
+    assert by_name["lucky"].values["latency_ratio"] == pytest.approx(1.05)
+    assert by_name["hidden"].values["latency_ratio"] == pytest.approx(1.00)
+    assert by_name["broken"].latency_runs is None and left["broken"] == [0.50, 0.50]
+    front = bench.front_of([x for e in truth if (x := b.losses(e, credit_gains=True))])
+    assert front == {(0.5, 0.5, 1.0), (0.0, 0.6, 0.95)}  # hidden and accurate; lucky is gone
+    assert len(timed_jobs) == 6
+
+    again = bench.EvalCache(tmp_path / "cache.json", {"format": 2})
+    assert again.get(plan_of["lucky"]).latency_runs == [0.80, 1.05, 1.06]
+    reread = [again.get(plan_of[name]) or e for name, e in zip(plans, truth, strict=True)]
+    assert bench.settle_front(b, params, reread) == 0
+
+
 def test_profile_and_trials_read_the_same_calibration_statistics(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
